@@ -1,0 +1,139 @@
+"""Seeded NumPy initialisation of parameters and feedback matrices.
+
+Both backends start from these NumPy arrays (``backend.asarray``), so a seed gives
+the same network on torch and on JAX.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Optional, Sequence, Tuple
+
+import numpy as np
+
+from dfa_core.spec import MLPSpec
+
+PARAM_INITS = ("default", "zeros")
+FEEDBACK_DISTS = ("normal", "uniform")
+DEFAULT_FEEDBACK_SCALE = 1.9
+"""The report draws B_l from N(0, 1.9^2)."""
+
+Params = Tuple[Tuple[np.ndarray, np.ndarray], ...]
+Feedback = Tuple[np.ndarray, ...]
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise TypeError(f"seed must be a non-negative int, got {seed!r}")
+    return int(seed)
+
+
+def _check_spec(spec) -> None:
+    if not isinstance(spec, MLPSpec):
+        raise TypeError(f"spec must be a dfa_core.MLPSpec, got {type(spec).__name__}")
+
+
+def init_params(spec: MLPSpec, seed: int = 0, init: str = "default") -> Params:
+    """Draws the weights and biases of every layer.
+
+    Args:
+      spec: the network.
+      seed: seed of a NumPy ``default_rng``; layers are drawn in order W_1, b_1, W_2, ...
+      init: ``"default"`` draws W_l and b_l from U(-1/sqrt(n_{l-1}), 1/sqrt(n_{l-1})),
+        the distribution of torch.nn.Linear's default initialisation;
+        ``"zeros"`` sets everything to 0 (DFA can still learn from zero weights).
+
+    Returns:
+      ((W_1, b_1), ..., (W_L, b_L)) with W_l of shape (n_l, n_{l-1}) and b_l of shape
+      (n_l,), all of ``spec.dtype``.
+
+    Raises:
+      ValueError: unknown ``init``.
+      TypeError: ``spec`` is not an MLPSpec or ``seed`` is not a non-negative int.
+    """
+    _check_spec(spec)
+    seed = _check_seed(seed)
+    if init not in PARAM_INITS:
+        raise ValueError(f"init must be one of {list(PARAM_INITS)}, got {init!r}")
+    rng = np.random.default_rng(seed)
+    params = []
+    for (w_shape, b_shape) in spec.param_shapes:
+        if init == "zeros":
+            w, b = np.zeros(w_shape), np.zeros(b_shape)
+        else:
+            bound = 1.0 / np.sqrt(w_shape[1])
+            w = rng.uniform(-bound, bound, size=w_shape)
+            b = rng.uniform(-bound, bound, size=b_shape)
+        params.append((w.astype(spec.dtype), b.astype(spec.dtype)))
+    return tuple(params)
+
+
+def init_feedback(
+    spec: MLPSpec,
+    seed: int = 1,
+    dist: str = "normal",
+    scale: float = DEFAULT_FEEDBACK_SCALE,
+    transform: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    matrices: Optional[Sequence[np.ndarray]] = None,
+) -> Feedback:
+    """Draws (or checks) the fixed random feedback matrices B_1..B_{L-1}.
+
+    Args:
+      spec: the network.
+      seed: seed of a NumPy ``default_rng``; matrices are drawn in layer order.
+      dist: ``"normal"`` draws N(0, scale^2) (the report's default, scale 1.9);
+        ``"uniform"`` draws U(-scale, scale).
+      scale: standard deviation (normal) or half-width (uniform), > 0.
+      transform: optional function applied to each drawn float64 matrix (the report's
+        ``matrix_transfo``); it must return an array of the same shape, all finite.
+      matrices: user-supplied matrices instead of a draw, one per hidden layer, each
+        of shape (n_l, n_L); they are copied, never modified. ``transform`` applies
+        to them too.
+
+    Returns:
+      (B_1, ..., B_{L-1}), B_l of shape (n_l, n_L) and ``spec.dtype``; () for a network
+      without hidden layers.
+
+    Raises:
+      ValueError: unknown ``dist``, non-positive ``scale``, wrong number or shape of
+        ``matrices`` or of a transformed matrix, non-finite values.
+      TypeError: bad ``spec``, ``seed``, ``transform``.
+    """
+    _check_spec(spec)
+    seed = _check_seed(seed)
+    if dist not in FEEDBACK_DISTS:
+        raise ValueError(f"dist must be one of {list(FEEDBACK_DISTS)}, got {dist!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform must be callable or None, got {type(transform).__name__}")
+    shapes = spec.feedback_shapes
+    if matrices is not None:
+        matrices = tuple(matrices)
+        if len(matrices) != len(shapes):
+            raise ValueError(
+                f"matrices: expected {len(shapes)} feedback matrices (one per hidden layer, "
+                f"shapes {list(shapes)}), got {len(matrices)}"
+            )
+        drawn = []
+        for l, (m, shape) in enumerate(zip(matrices, shapes), start=1):
+            m = np.array(m, dtype=np.float64, copy=True)
+            if m.shape != shape:
+                raise ValueError(f"matrices: B_{l} must have shape {shape}, got {m.shape}")
+            drawn.append(m)
+    else:
+        rng = np.random.default_rng(seed)
+        if dist == "normal":
+            drawn = [rng.normal(0.0, scale, size=shape) for shape in shapes]
+        else:
+            drawn = [rng.uniform(-scale, scale, size=shape) for shape in shapes]
+    out = []
+    for l, (m, shape) in enumerate(zip(drawn, shapes), start=1):
+        if transform is not None:
+            m = np.asarray(transform(m), dtype=np.float64)
+            if m.shape != shape:
+                raise ValueError(f"transform returned shape {m.shape} for B_{l}, expected {shape}")
+        if not np.all(np.isfinite(m)):
+            raise ValueError(f"B_{l} has non-finite values")
+        out.append(m.astype(spec.dtype))
+    return tuple(out)

@@ -1,0 +1,45 @@
+"""JAX backend of the DFA framework: pure functions, jitted once per spec.
+
+Mirrors ``dfa_torch`` name for name; choose it with ``dfa_core.get_backend("jax")``.
+"""
+
+from dfa_jax.arrays import NAME, asarray, precision_scope, to_numpy
+from dfa_jax.dfa import (
+    TRACE_COUNTS,
+    Grouped,
+    bp_grads,
+    bp_grads_unchecked,
+    dfa_grads,
+    dfa_grads_unchecked,
+    dfa_layer_grads,
+    feedback_projection,
+    group,
+)
+from dfa_jax.mlp import Activations, forward, forward_with_activations, logits, loss
+from dfa_jax.optim import apply_updates, make_optimizer
+from dfa_jax.train import METHODS, train_step
+
+__all__ = [
+    "NAME",
+    "TRACE_COUNTS",
+    "Activations",
+    "Grouped",
+    "METHODS",
+    "apply_updates",
+    "asarray",
+    "bp_grads",
+    "bp_grads_unchecked",
+    "dfa_grads",
+    "dfa_grads_unchecked",
+    "dfa_layer_grads",
+    "feedback_projection",
+    "forward",
+    "forward_with_activations",
+    "group",
+    "logits",
+    "loss",
+    "make_optimizer",
+    "precision_scope",
+    "to_numpy",
+    "train_step",
+]

@@ -1,0 +1,205 @@
+"""DFA and BP gradients (JAX): grouping, feedback projection, layer gradients, checked entry points.
+
+The pure building blocks (``group``, ``feedback_projection``, ``dfa_layer_grads``)
+take JAX arrays and can be composed under ``jax.jit``. ``dfa_grads`` and
+``bp_grads`` validate their arguments in Python, then run one function jitted once
+per (spec, mode).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+from typing import NamedTuple, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from dfa_core import validation
+from dfa_core.spec import MLPSpec
+from dfa_jax import nn
+from dfa_jax.arrays import as_input, precision_scope
+from dfa_jax.mlp import Activations, Params, forward_with_activations, loss
+
+Array = jax.Array
+Grads = Tuple[Tuple[Array, Array], ...]
+
+TRACE_COUNTS = collections.Counter()
+"""How many times each jitted entry point was traced (compiled); tests read it."""
+
+
+class Grouped(NamedTuple):
+    """Activations and error after the batch is grouped into K rows (see ``group``)."""
+
+    a: Tuple[Array, ...]  # hidden pre-activations a'_1..a'_{L-1}, each (K, n_l)
+    f_a: Tuple[Array, ...]  # f(a'_l) for the hidden layers, each (K, n_l)
+    h: Tuple[Array, ...]  # post-activations h'_0..h'_{L-1}, each (K, n_l)
+    e: Array  # error e' = G y_hat - G y, (K, n_L)
+    count: Array  # K, the number of non-empty groups, () of the compute dtype
+
+
+def _class_grouping(y_BxC: Array) -> Array:
+    """G for 'class_mean': row c averages the samples whose argmax label is c; (C, batch).
+
+    Rows of classes absent from the batch are all zero, so they add nothing to the
+    sum-reduced gradients; shapes stay static under jit.
+    """
+    members_BxC = jax.nn.one_hot(jnp.argmax(y_BxC, axis=1), y_BxC.shape[1], dtype=y_BxC.dtype)
+    counts_C = jnp.sum(members_BxC, axis=0)
+    return members_BxC.T / jnp.maximum(counts_C, 1)[:, None]
+
+
+def group(spec: MLPSpec, acts: Activations, y: Array, mode: str) -> Grouped:
+    """Groups a batch as the report's three training loops do.
+
+    ``sample``: G = identity (K = batch). ``batch_mean``: one row of 1/batch (K = 1).
+    ``class_mean``: one row per class present in y, averaging that class's samples.
+    a and h are averaged separately, so f' is later evaluated at the averaged a.
+
+    Args:
+      spec: the network.
+      acts: ``forward_with_activations`` of the batch.
+      y: targets, (batch, n_L); one-hot for ``class_mean``.
+      mode: one of dfa_core.MODES.
+
+    Returns:
+      Grouped(a, f_a, h, e, count).
+    """
+    f = nn.activation(spec.activation).fn
+    hidden_a = acts.a[:-1]
+    if mode == "sample":
+        count = jnp.asarray(y.shape[0], dtype=y.dtype)
+        return Grouped(hidden_a, acts.h[1:], acts.h, acts.y_hat - y, count)
+    if mode == "batch_mean":
+        avg = lambda t: jnp.mean(t, axis=0, keepdims=True)
+        count = jnp.asarray(1, dtype=y.dtype)
+    elif mode == "class_mean":
+        g_CxB = _class_grouping(y)
+        avg = lambda t: g_CxB @ t
+        count = jnp.sum(jnp.any(g_CxB > 0, axis=1)).astype(y.dtype)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    a = tuple(avg(t) for t in hidden_a)
+    return Grouped(a, tuple(f(t) for t in a), tuple(avg(t) for t in acts.h), avg(acts.y_hat) - avg(y), count)
+
+
+def feedback_projection(spec: MLPSpec, feedback: Tuple[Array, ...], e: Array) -> Tuple[Array, ...]:
+    """e B_l^T for every hidden layer, as one matmul against [B_1; ...; B_{L-1}].
+
+    Args:
+      spec: the network.
+      feedback: (B_1, ..., B_{L-1}), B_l: (n_l, n_L).
+      e: error, (K, n_L).
+
+    Returns:
+      (e B_1^T, ..., e B_{L-1}^T), each (K, n_l); () without hidden layers.
+    """
+    if not feedback:
+        return ()
+    if len(feedback) == 1:
+        return (e @ feedback[0].T,)
+    b_HxO = jnp.concatenate(feedback, axis=0)  # H = n_1 + ... + n_{L-1}
+    p_KxH = e @ b_HxO.T
+    splits = list(itertools.accumulate(spec.hidden_sizes))[:-1]
+    return tuple(jnp.split(p_KxH, splits, axis=1))
+
+
+def dfa_layer_grads(spec: MLPSpec, grouped: Grouped, projections: Tuple[Array, ...]) -> Grads:
+    """DFA gradients of every layer from grouped activations and projected errors.
+
+    delta_l = (e' B_l^T) * f'(a'_l); gW_l = delta_l^T h'_{l-1}; gb_l = sum_rows delta_l.
+    Output layer: gW_L = e'^T h'_{L-1}; gb_L = sum_rows e'. Reduction 'mean' divides by K.
+
+    Returns:
+      ((gW_1, gb_1), ..., (gW_L, gb_L)), shaped like params.
+    """
+    df = nn.activation(spec.activation).derivative
+    scale = 1 / grouped.count if spec.reduction == "mean" else None
+    deltas = [p * df(a, fa) for p, a, fa in zip(projections, grouped.a, grouped.f_a)]
+    deltas.append(grouped.e)
+    grads = []
+    for delta_KxO, h_KxI in zip(deltas, grouped.h):
+        if scale is not None:
+            delta_KxO = delta_KxO * scale
+        grads.append((delta_KxO.T @ h_KxI, jnp.sum(delta_KxO, axis=0)))
+    return tuple(grads)
+
+
+def _dfa_grads(spec: MLPSpec, params: Params, feedback, x: Array, y: Array, mode: str) -> Grads:
+    TRACE_COUNTS["dfa_grads"] += 1
+    grouped = group(spec, forward_with_activations(spec, params, x), y, mode)
+    return dfa_layer_grads(spec, grouped, feedback_projection(spec, feedback, grouped.e))
+
+
+def _bp_grads(spec: MLPSpec, params: Params, x: Array, y: Array) -> Grads:
+    TRACE_COUNTS["bp_grads"] += 1
+    return jax.grad(loss, argnums=1)(spec, params, x, y)
+
+
+dfa_grads_unchecked = jax.jit(_dfa_grads, static_argnames=("spec", "mode"))
+"""``dfa_grads`` on JAX arrays of spec.dtype, without validation (the fast path); jitted."""
+bp_grads_unchecked = jax.jit(_bp_grads, static_argnames=("spec",))
+"""``bp_grads`` on JAX arrays of spec.dtype, without validation (the fast path); jitted."""
+
+
+@functools.lru_cache(maxsize=None)
+def _value_flags_fn(needs_one_hot: bool):
+    def flags(x, y):
+        x_ok = jnp.all(jnp.isfinite(x))
+        y_ok = jnp.all(jnp.isfinite(y))
+        if not needs_one_hot:
+            return x_ok, y_ok, jnp.asarray(True)
+        binary = jnp.all((y == 0) | (y == 1))
+        return x_ok, y_ok, binary & jnp.all(jnp.sum(y, axis=1) == 1)
+
+    return jax.jit(flags)
+
+
+def prepare(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check_values: bool = True):
+    """Validates a call and converts its arrays; must be called inside precision_scope(spec.dtype)."""
+    validation.check_spec(spec)
+    validation.check_mode(mode)
+    validation.check_params(spec, params)
+    if feedback is not None:
+        validation.check_feedback(spec, feedback)
+    validation.check_batch(spec, x, y)
+    x, y = as_input(x, spec.dtype), as_input(y, spec.dtype)
+    if check_values:
+        flags = _value_flags_fn(validation.needs_one_hot(mode))(x, y)
+        validation.raise_for_values(*(bool(f) for f in flags), mode=mode)
+    params = tuple((as_input(w, spec.dtype), as_input(b, spec.dtype)) for w, b in params)
+    if feedback is not None:
+        feedback = tuple(as_input(b, spec.dtype) for b in feedback)
+    return params, feedback, x, y
+
+
+def dfa_grads(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check_values: bool = True) -> Grads:
+    """DFA gradients of the loss for one batch (signs as gradients: SGD does W -= lr * g).
+
+    Args:
+      spec: the network.
+      params: ((W_l, b_l), ...) NumPy or JAX arrays of spec.dtype, W_l: (n_l, n_{l-1}).
+      feedback: (B_1, ..., B_{L-1}), B_l: (n_l, n_L), spec.dtype.
+      x: inputs, (batch, n_0), any real dtype (cast to spec.dtype).
+      y: targets, (batch, n_L); one-hot rows for mode 'class_mean'.
+      mode: 'sample', 'batch_mean' or 'class_mean'.
+      check_values: reject non-finite x or y (and non-one-hot y for 'class_mean');
+        costs one reduction over the batch.
+
+    Returns:
+      ((gW_1, gb_1), ..., (gW_L, gb_L)) JAX arrays shaped like params.
+
+    Raises:
+      ValueError, TypeError: bad spec, mode, shapes, dtypes or values, before any tracing.
+    """
+    with precision_scope(getattr(spec, "dtype", "float32")):
+        params, feedback, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
+        return dfa_grads_unchecked(spec, params, feedback, x, y, mode)
+
+
+def bp_grads(spec: MLPSpec, params, x, y, check_values: bool = True) -> Grads:
+    """Backprop gradients of the same loss (jax.grad), shaped like params; see ``dfa_grads``."""
+    with precision_scope(getattr(spec, "dtype", "float32")):
+        params, _, x, y = prepare(spec, params, None, x, y, "sample", check_values)
+        return bp_grads_unchecked(spec, params, x, y)

@@ -1,0 +1,75 @@
+"""Forward passes and the loss of an MLP over ((W, b), ...) parameters (JAX, pure functions).
+
+These take native arrays of ``spec.dtype`` and do no validation, so they can be
+called inside ``jax.jit``; the checked entry points are in ``dfa_jax.dfa``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from dfa_core.spec import MLPSpec
+from dfa_jax import nn
+
+Array = jax.Array
+Params = Tuple[Tuple[Array, Array], ...]
+
+
+class Activations(NamedTuple):
+    """What a training forward pass keeps (the report's ``forward_pass_train``)."""
+
+    a: Tuple[Array, ...]  # pre-activations a_1..a_L, a_l: (batch, n_l); a_L are the logits
+    h: Tuple[Array, ...]  # post-activations h_0..h_{L-1}, h_0 = x, h_l: (batch, n_l)
+    y_hat: Array  # g(a_L): (batch, n_L)
+
+
+def _linear(h_BxI: Array, w_OxI: Array, b_O: Array) -> Array:
+    return h_BxI @ w_OxI.T + b_O[None, :]
+
+
+def forward_with_activations(spec: MLPSpec, params: Params, x: Array) -> Activations:
+    """a_l = h_{l-1} W_l^T + b_l, h_l = f(a_l) for hidden layers, y_hat = g(a_L).
+
+    Args:
+      spec: the network.
+      params: ((W_1, b_1), ..., (W_L, b_L)), W_l: (n_l, n_{l-1}), b_l: (n_l,).
+      x: inputs, (batch, n_0).
+
+    Returns:
+      Activations(a, h, y_hat).
+    """
+    f = nn.activation(spec.activation).fn
+    h, a = [x], []
+    for w, b in params[:-1]:
+        a.append(_linear(h[-1], w, b))
+        h.append(f(a[-1]))
+    a.append(_linear(h[-1], *params[-1]))
+    return Activations(tuple(a), tuple(h), nn.output_function(spec.output)(a[-1]))
+
+
+def logits(spec: MLPSpec, params: Params, x: Array) -> Array:
+    """a_L, (batch, n_L), without keeping the hidden activations."""
+    f = nn.activation(spec.activation).fn
+    h = x
+    for w, b in params[:-1]:
+        h = f(_linear(h, w, b))
+    return _linear(h, *params[-1])
+
+
+def forward(spec: MLPSpec, params: Params, x: Array) -> Array:
+    """y_hat = g(a_L), (batch, n_L) (the report's ``forward``)."""
+    return nn.output_function(spec.output)(logits(spec, params, x))
+
+
+def reduce_loss(spec: MLPSpec, logits_BxO: Array, y_BxO: Array) -> Array:
+    """Per-sample losses summed (reduction 'sum') or averaged ('mean') over the batch: ()."""
+    per_sample = nn.per_sample_loss(spec.output, logits_BxO, y_BxO)
+    return jnp.sum(per_sample) if spec.reduction == "sum" else jnp.mean(per_sample)
+
+
+def loss(spec: MLPSpec, params: Params, x: Array, y: Array) -> Array:
+    """The loss paired with ``spec.output``, computed from logits, reduced by ``spec.reduction``."""
+    return reduce_loss(spec, logits(spec, params, x), y)

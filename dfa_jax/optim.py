@@ -1,0 +1,48 @@
+"""Optimizers (JAX): optax transformations built from a dfa_core.OptimizerSpec."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from dfa_core.spec import OptimizerSpec
+from dfa_jax.arrays import precision_scope
+
+
+def make_optimizer(opt: OptimizerSpec, dtype: str = "float32") -> optax.GradientTransformation:
+    """optax.sgd / sgd with momentum / adam for ``opt``.
+
+    Args:
+      opt: the optimizer and its hyper-parameters.
+      dtype: 'float64' scopes init and update in jax.enable_x64 so the state keeps
+        float64 without changing JAX's global default.
+
+    Returns:
+      An optax.GradientTransformation (init, update); update returns updates to add
+      to params (``apply_updates``), i.e. already scaled by -learning_rate.
+    """
+    if not isinstance(opt, OptimizerSpec):
+        raise TypeError(f"opt must be a dfa_core.OptimizerSpec, got {type(opt).__name__}")
+    if opt.name == "sgd":
+        tx = optax.sgd(opt.learning_rate)
+    elif opt.name == "momentum":
+        tx = optax.sgd(opt.learning_rate, momentum=opt.momentum, nesterov=opt.nesterov)
+    else:
+        tx = optax.adam(opt.learning_rate, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+    if dtype != "float64":
+        return tx
+
+    def init(params):
+        with precision_scope(dtype):
+            return tx.init(params)
+
+    def update(updates, state, params=None):
+        with precision_scope(dtype):
+            return tx.update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
+def apply_updates(params, updates):
+    """params + updates, leaf by leaf (a new tuple; nothing is modified)."""
+    return jax.tree_util.tree_map(lambda p, u: p + u.astype(p.dtype), params, updates)

@@ -1,0 +1,74 @@
+"""One jitted training step (DFA or BP) per (spec, optimizer, method, mode) (JAX)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from dfa_core import validation
+from dfa_core.spec import MLPSpec, OptimizerSpec
+from dfa_jax.arrays import precision_scope
+from dfa_jax.dfa import TRACE_COUNTS, dfa_layer_grads, feedback_projection, group
+from dfa_jax.mlp import forward_with_activations, loss, reduce_loss
+from dfa_jax.optim import apply_updates, make_optimizer
+
+METHODS = ("dfa", "bp")
+
+
+def _check_step_args(spec, opt, method, mode):
+    validation.check_spec(spec)
+    if not isinstance(opt, OptimizerSpec):
+        raise TypeError(f"opt must be a dfa_core.OptimizerSpec, got {type(opt).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    validation.check_mode(mode)
+
+
+def train_step(spec: MLPSpec, opt: OptimizerSpec, method: str = "dfa", mode: str = "sample", donate: bool = False):
+    """Builds step(params, feedback, opt_state, x, y) -> (params, opt_state, loss).
+
+    The step is jitted once per argument combination (cached); it takes JAX arrays of
+    spec.dtype, unchecked (check a dataset once, not every batch). ``loss`` is the
+    batch's loss before the update. For method 'bp', ``feedback`` is ignored and mode
+    must be 'sample'.
+
+    Args:
+      spec: the network.
+      opt: the optimizer; its state comes from ``make_optimizer(opt, spec.dtype).init(params)``.
+      method: 'dfa' or 'bp'.
+      mode: DFA grouping, one of dfa_core.MODES.
+      donate: let XLA reuse the params and opt_state buffers passed in (they become
+        invalid after the call); for training loops that own their arrays.
+    """
+    _check_step_args(spec, opt, method, mode)
+    if method == "bp" and mode != "sample":
+        raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {mode!r}")
+    return _build_step(spec, opt, method, mode, donate)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_step(spec, opt, method, mode, donate):
+    tx = make_optimizer(opt, spec.dtype)
+
+    def step(params, feedback, opt_state, x, y):
+        TRACE_COUNTS[f"train_step_{method}"] += 1
+        if method == "dfa":
+            acts = forward_with_activations(spec, params, x)
+            batch_loss = reduce_loss(spec, acts.a[-1], y)
+            grouped = group(spec, acts, y, mode)
+            grads = dfa_layer_grads(spec, grouped, feedback_projection(spec, feedback, grouped.e))
+        else:
+            batch_loss, grads = jax.value_and_grad(loss, argnums=1)(spec, params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return apply_updates(params, updates), opt_state, batch_loss
+
+    jitted = jax.jit(step, donate_argnums=(0, 2) if donate else ())
+
+    @functools.wraps(step)
+    def run(params, feedback, opt_state, x, y):
+        with precision_scope(spec.dtype):
+            return jitted(params, feedback, opt_state, x, y)
+
+    run.jitted = jitted
+    return run

@@ -1,0 +1,45 @@
+"""PyTorch backend of the DFA framework: pure functions over tensors, no autograd for DFA.
+
+Mirrors ``dfa_jax`` name for name; choose it with ``dfa_core.get_backend("torch")``.
+"""
+
+from dfa_torch.arrays import NAME, asarray, precision_scope, to_numpy
+from dfa_torch.dfa import (
+    TRACE_COUNTS,
+    Grouped,
+    bp_grads,
+    bp_grads_unchecked,
+    dfa_grads,
+    dfa_grads_unchecked,
+    dfa_layer_grads,
+    feedback_projection,
+    group,
+)
+from dfa_torch.mlp import Activations, forward, forward_with_activations, logits, loss
+from dfa_torch.optim import apply_updates, make_optimizer
+from dfa_torch.train import METHODS, train_step
+
+__all__ = [
+    "NAME",
+    "TRACE_COUNTS",
+    "Activations",
+    "Grouped",
+    "METHODS",
+    "apply_updates",
+    "asarray",
+    "bp_grads",
+    "bp_grads_unchecked",
+    "dfa_grads",
+    "dfa_grads_unchecked",
+    "dfa_layer_grads",
+    "feedback_projection",
+    "forward",
+    "forward_with_activations",
+    "group",
+    "logits",
+    "loss",
+    "make_optimizer",
+    "precision_scope",
+    "to_numpy",
+    "train_step",
+]

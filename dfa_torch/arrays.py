@@ -1,0 +1,60 @@
+"""Conversion between NumPy trees and torch tensors (the torch twin of dfa_jax.arrays)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+NAME = "torch"
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def precision_scope(dtype: str):
+    """No-op on torch (float64 needs no switch); kept so both backends read alike."""
+    del dtype
+    return contextlib.nullcontext()
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    return _DTYPES[dtype]
+
+
+def _map(fn, tree):
+    if isinstance(tree, (tuple, list)):
+        return tuple(_map(fn, t) for t in tree)
+    return fn(tree)
+
+
+def asarray(tree, device=None):
+    """NumPy (or JAX/torch) arrays in nested tuples -> torch tensors, dtypes kept.
+
+    Args:
+      tree: an array or nested tuples/lists of arrays (params, feedback, a batch).
+      device: optional torch device (default: CPU).
+
+    Returns:
+      The same structure (lists become tuples) of tensors; inputs are copied, never
+      aliased, so later changes to them do not reach the result.
+    """
+
+    def convert(leaf):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.detach().clone().to(device)
+        return torch.from_numpy(np.array(leaf, copy=True)).to(device)
+
+    return _map(convert, tree)
+
+
+def to_numpy(tree):
+    """Tensors in nested tuples -> NumPy arrays, same structure."""
+    return _map(lambda leaf: leaf.detach().cpu().numpy(), tree)
+
+
+def as_input(x, dtype: str, device=None) -> torch.Tensor:
+    """One batch array (NumPy or native) -> a tensor of ``dtype`` on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device=device, dtype=torch_dtype(dtype))
+    return torch.as_tensor(np.asarray(x), dtype=torch_dtype(dtype), device=device)

@@ -1,0 +1,194 @@
+"""DFA and BP gradients (torch): grouping, feedback projection, layer gradients, checked entry points.
+
+The pure building blocks (``group``, ``feedback_projection``, ``dfa_layer_grads``)
+take tensors and build no autograd graph. ``dfa_grads`` and ``bp_grads`` validate
+their arguments in Python first; DFA runs under ``torch.no_grad`` and BP uses
+``torch.func.grad``.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import NamedTuple, Tuple
+
+import torch
+import torch.func
+
+from dfa_core import validation
+from dfa_core.spec import MLPSpec
+from dfa_torch import nn
+from dfa_torch.arrays import as_input, precision_scope
+from dfa_torch.mlp import Activations, Params, forward_with_activations, loss
+
+Tensor = torch.Tensor
+Grads = Tuple[Tuple[Tensor, Tensor], ...]
+
+TRACE_COUNTS = collections.Counter()
+"""Kept for symmetry with dfa_jax (torch eager code is never traced)."""
+
+
+class Grouped(NamedTuple):
+    """Activations and error after the batch is grouped into K rows (see ``group``)."""
+
+    a: Tuple[Tensor, ...]  # hidden pre-activations a'_1..a'_{L-1}, each (K, n_l)
+    f_a: Tuple[Tensor, ...]  # f(a'_l) for the hidden layers, each (K, n_l)
+    h: Tuple[Tensor, ...]  # post-activations h'_0..h'_{L-1}, each (K, n_l)
+    e: Tensor  # error e' = G y_hat - G y, (K, n_L)
+    count: Tensor  # K, the number of non-empty groups, () of the compute dtype
+
+
+def _class_grouping(y_BxC: Tensor) -> Tensor:
+    """G for 'class_mean': row c averages the samples whose argmax label is c; (C, batch).
+
+    Rows of classes absent from the batch are all zero, so they add nothing to the
+    sum-reduced gradients; shapes stay fixed, as on JAX.
+    """
+    members_BxC = torch.nn.functional.one_hot(torch.argmax(y_BxC, dim=1), y_BxC.shape[1]).to(y_BxC.dtype)
+    counts_C = torch.sum(members_BxC, dim=0)
+    return members_BxC.T / torch.clamp_min(counts_C, 1)[:, None]
+
+
+def group(spec: MLPSpec, acts: Activations, y: Tensor, mode: str) -> Grouped:
+    """Groups a batch as the report's three training loops do.
+
+    ``sample``: G = identity (K = batch). ``batch_mean``: one row of 1/batch (K = 1).
+    ``class_mean``: one row per class present in y, averaging that class's samples.
+    a and h are averaged separately, so f' is later evaluated at the averaged a.
+
+    Args:
+      spec: the network.
+      acts: ``forward_with_activations`` of the batch.
+      y: targets, (batch, n_L); one-hot for ``class_mean``.
+      mode: one of dfa_core.MODES.
+
+    Returns:
+      Grouped(a, f_a, h, e, count).
+    """
+    f = nn.activation(spec.activation).fn
+    hidden_a = acts.a[:-1]
+    if mode == "sample":
+        count = torch.tensor(y.shape[0], dtype=y.dtype, device=y.device)
+        return Grouped(hidden_a, acts.h[1:], acts.h, acts.y_hat - y, count)
+    if mode == "batch_mean":
+        avg = lambda t: torch.mean(t, dim=0, keepdim=True)
+        count = torch.tensor(1, dtype=y.dtype, device=y.device)
+    elif mode == "class_mean":
+        g_CxB = _class_grouping(y)
+        avg = lambda t: g_CxB @ t
+        count = torch.sum(torch.any(g_CxB > 0, dim=1)).to(y.dtype)
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    a = tuple(avg(t) for t in hidden_a)
+    return Grouped(a, tuple(f(t) for t in a), tuple(avg(t) for t in acts.h), avg(acts.y_hat) - avg(y), count)
+
+
+def feedback_projection(spec: MLPSpec, feedback: Tuple[Tensor, ...], e: Tensor) -> Tuple[Tensor, ...]:
+    """e B_l^T for every hidden layer, as one matmul against [B_1; ...; B_{L-1}].
+
+    Args:
+      spec: the network.
+      feedback: (B_1, ..., B_{L-1}), B_l: (n_l, n_L).
+      e: error, (K, n_L).
+
+    Returns:
+      (e B_1^T, ..., e B_{L-1}^T), each (K, n_l); () without hidden layers.
+    """
+    if not feedback:
+        return ()
+    if len(feedback) == 1:
+        return (e @ feedback[0].T,)
+    b_HxO = torch.cat(tuple(feedback), dim=0)  # H = n_1 + ... + n_{L-1}
+    p_KxH = e @ b_HxO.T
+    return tuple(torch.split(p_KxH, list(spec.hidden_sizes), dim=1))
+
+
+def dfa_layer_grads(spec: MLPSpec, grouped: Grouped, projections: Tuple[Tensor, ...]) -> Grads:
+    """DFA gradients of every layer from grouped activations and projected errors.
+
+    delta_l = (e' B_l^T) * f'(a'_l); gW_l = delta_l^T h'_{l-1}; gb_l = sum_rows delta_l.
+    Output layer: gW_L = e'^T h'_{L-1}; gb_L = sum_rows e'. Reduction 'mean' divides by K.
+
+    Returns:
+      ((gW_1, gb_1), ..., (gW_L, gb_L)), shaped like params.
+    """
+    df = nn.activation(spec.activation).derivative
+    scale = 1 / grouped.count if spec.reduction == "mean" else None
+    deltas = [p * df(a, fa) for p, a, fa in zip(projections, grouped.a, grouped.f_a)]
+    deltas.append(grouped.e)
+    grads = []
+    for delta_KxO, h_KxI in zip(deltas, grouped.h):
+        if scale is not None:
+            delta_KxO = delta_KxO * scale
+        grads.append((delta_KxO.T @ h_KxI, torch.sum(delta_KxO, dim=0)))
+    return tuple(grads)
+
+
+@torch.no_grad()
+def dfa_grads_unchecked(spec: MLPSpec, params: Params, feedback, x: Tensor, y: Tensor, mode: str) -> Grads:
+    """``dfa_grads`` on tensors of spec.dtype, without validation (the fast path)."""
+    grouped = group(spec, forward_with_activations(spec, params, x), y, mode)
+    return dfa_layer_grads(spec, grouped, feedback_projection(spec, feedback, grouped.e))
+
+
+def bp_grads_unchecked(spec: MLPSpec, params: Params, x: Tensor, y: Tensor) -> Grads:
+    """``bp_grads`` on tensors of spec.dtype, without validation (the fast path)."""
+    return torch.func.grad(loss, argnums=1)(spec, params, x, y)
+
+
+def _value_flags(x, y, needs_one_hot: bool):
+    x_ok = bool(torch.isfinite(x).all())
+    y_ok = bool(torch.isfinite(y).all())
+    if not needs_one_hot:
+        return x_ok, y_ok, True
+    binary = bool(((y == 0) | (y == 1)).all())
+    return x_ok, y_ok, binary and bool((torch.sum(y, dim=1) == 1).all())
+
+
+def prepare(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check_values: bool = True):
+    """Validates a call and converts its arrays to tensors on the params' device."""
+    validation.check_spec(spec)
+    validation.check_mode(mode)
+    validation.check_params(spec, params)
+    if feedback is not None:
+        validation.check_feedback(spec, feedback)
+    validation.check_batch(spec, x, y)
+    w0 = params[0][0]
+    device = w0.device if isinstance(w0, torch.Tensor) else None
+    x, y = as_input(x, spec.dtype, device), as_input(y, spec.dtype, device)
+    if check_values:
+        validation.raise_for_values(*_value_flags(x, y, validation.needs_one_hot(mode)), mode=mode)
+    params = tuple((as_input(w, spec.dtype, device), as_input(b, spec.dtype, device)) for w, b in params)
+    if feedback is not None:
+        feedback = tuple(as_input(b, spec.dtype, device) for b in feedback)
+    return params, feedback, x, y
+
+
+def dfa_grads(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check_values: bool = True) -> Grads:
+    """DFA gradients of the loss for one batch (signs as gradients: SGD does W -= lr * g).
+
+    Args:
+      spec: the network.
+      params: ((W_l, b_l), ...) NumPy arrays or tensors of spec.dtype, W_l: (n_l, n_{l-1}).
+      feedback: (B_1, ..., B_{L-1}), B_l: (n_l, n_L), spec.dtype.
+      x: inputs, (batch, n_0), any real dtype (cast to spec.dtype).
+      y: targets, (batch, n_L); one-hot rows for mode 'class_mean'.
+      mode: 'sample', 'batch_mean' or 'class_mean'.
+      check_values: reject non-finite x or y (and non-one-hot y for 'class_mean');
+        costs one reduction over the batch.
+
+    Returns:
+      ((gW_1, gb_1), ..., (gW_L, gb_L)) tensors shaped like params.
+
+    Raises:
+      ValueError, TypeError: bad spec, mode, shapes, dtypes or values, before any compute.
+    """
+    with precision_scope(getattr(spec, "dtype", "float32")):
+        params, feedback, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
+        return dfa_grads_unchecked(spec, params, feedback, x, y, mode)
+
+
+def bp_grads(spec: MLPSpec, params, x, y, check_values: bool = True) -> Grads:
+    """Backprop gradients of the same loss (torch.func.grad), shaped like params; see ``dfa_grads``."""
+    with precision_scope(getattr(spec, "dtype", "float32")):
+        params, _, x, y = prepare(spec, params, None, x, y, "sample", check_values)
+        return bp_grads_unchecked(spec, params, x, y)

@@ -1,0 +1,72 @@
+"""Hidden activations with closed-form derivatives, output functions and their losses (torch)."""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from dfa_core.spec import LEAKY_RELU_SLOPE
+
+Tensor = torch.Tensor
+
+
+class Activation(NamedTuple):
+    """f and f'. ``derivative(a, h)`` takes h = f(a) too, so f' reuses it where it can."""
+
+    fn: Callable[[Tensor], Tensor]
+    derivative: Callable[[Tensor, Tensor], Tensor]
+
+
+def _leaky_relu(a):
+    return torch.where(a > 0, a, LEAKY_RELU_SLOPE * a)
+
+
+_ACTIVATIONS = {
+    "tanh": Activation(torch.tanh, lambda a, h: 1 - h * h),
+    "relu": Activation(torch.relu, lambda a, h: (a > 0).to(a.dtype)),
+    "leaky_relu": Activation(
+        _leaky_relu, lambda a, h: torch.where(a > 0, torch.ones_like(a), torch.full_like(a, LEAKY_RELU_SLOPE))
+    ),
+    "sigmoid": Activation(torch.sigmoid, lambda a, h: h * (1 - h)),
+    "identity": Activation(lambda a: a, lambda a, h: torch.ones_like(a)),
+}
+
+
+def activation(name: str) -> Activation:
+    return _ACTIVATIONS[name]
+
+
+def _softplus(z):
+    # log(1 + exp(z)) without overflow; written out so both backends round alike.
+    return torch.clamp_min(z, 0) + torch.log1p(torch.exp(-torch.abs(z)))
+
+
+def _bce_from_logits(z_BxO, y_BxO):
+    return torch.sum(_softplus(z_BxO) - y_BxO * z_BxO, dim=-1)
+
+
+def _ce_from_logits(z_BxO, y_BxO):
+    return -torch.sum(y_BxO * torch.log_softmax(z_BxO, dim=-1), dim=-1)
+
+
+def _half_squared_error(z_BxO, y_BxO):
+    d = z_BxO - y_BxO
+    return 0.5 * torch.sum(d * d, dim=-1)
+
+
+_OUTPUTS = {
+    # name: (g, per-sample loss from logits, with dLoss/dz = g(z) - y)
+    "sigmoid": (torch.sigmoid, _bce_from_logits),
+    "softmax": (lambda z: torch.softmax(z, dim=-1), _ce_from_logits),
+    "identity": (lambda z: z, _half_squared_error),
+}
+
+
+def output_function(name: str) -> Callable[[Tensor], Tensor]:
+    return _OUTPUTS[name][0]
+
+
+def per_sample_loss(name: str, logits_BxO: Tensor, y_BxO: Tensor) -> Tensor:
+    """Loss paired with output ``name``, one value per sample: shape (batch,)."""
+    return _OUTPUTS[name][1](logits_BxO, y_BxO)

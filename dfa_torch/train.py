@@ -1,0 +1,77 @@
+"""One training step (DFA or BP) per (spec, optimizer, method, mode) (torch)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.func
+
+from dfa_core import validation
+from dfa_core.spec import MLPSpec, OptimizerSpec
+from dfa_torch.dfa import dfa_layer_grads, feedback_projection, group
+from dfa_torch.mlp import forward_with_activations, loss, reduce_loss
+from dfa_torch.optim import apply_updates, make_optimizer
+
+METHODS = ("dfa", "bp")
+
+
+def _check_step_args(spec, opt, method, mode):
+    validation.check_spec(spec)
+    if not isinstance(opt, OptimizerSpec):
+        raise TypeError(f"opt must be a dfa_core.OptimizerSpec, got {type(opt).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    validation.check_mode(mode)
+
+
+def train_step(spec: MLPSpec, opt: OptimizerSpec, method: str = "dfa", mode: str = "sample", donate: bool = False):
+    """Builds step(params, feedback, opt_state, x, y) -> (params, opt_state, loss).
+
+    The torch twin of dfa_jax.train_step (cached per argument combination); it takes
+    tensors of spec.dtype, unchecked (check a dataset once, not every batch). ``loss``
+    is the batch's loss before the update. For method 'bp', ``feedback`` is ignored and
+    mode must be 'sample'. DFA builds no autograd graph.
+
+    Args:
+      spec: the network.
+      opt: the optimizer; its state comes from ``make_optimizer(opt, spec.dtype).init(params)``.
+      method: 'dfa' or 'bp'.
+      mode: DFA grouping, one of dfa_core.MODES.
+      donate: let the step write the new params into the tensors passed in (in place),
+        as XLA's buffer donation does on JAX; for training loops that own their arrays.
+    """
+    _check_step_args(spec, opt, method, mode)
+    if method == "bp" and mode != "sample":
+        raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {mode!r}")
+    return _build_step(spec, opt, method, mode, donate)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_step(spec, opt, method, mode, donate):
+    tx = make_optimizer(opt, spec.dtype)
+    grad_and_loss = torch.func.grad_and_value(loss, argnums=1)
+
+    @torch.no_grad()
+    def _apply(params, updates):
+        if not donate:
+            return apply_updates(params, updates)
+        for (w, b), (uw, ub) in zip(params, updates):
+            w.add_(uw)
+            b.add_(ub)
+        return params
+
+    def step(params, feedback, opt_state, x, y):
+        if method == "dfa":
+            with torch.no_grad():
+                acts = forward_with_activations(spec, params, x)
+                batch_loss = reduce_loss(spec, acts.a[-1], y)
+                grouped = group(spec, acts, y, mode)
+                grads = dfa_layer_grads(spec, grouped, feedback_projection(spec, feedback, grouped.e))
+        else:
+            grads, batch_loss = grad_and_loss(spec, params, x, y)
+        with torch.no_grad():
+            updates, opt_state = tx.update(grads, opt_state, params)
+        return _apply(params, updates), opt_state, batch_loss
+
+    return step
