@@ -1,0 +1,50 @@
+"""get_backend: lookup by name, clear errors, lazy imports."""
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+
+from dfa_core import BACKEND_NAMES, get_backend
+
+MIRRORED = [
+    "asarray", "to_numpy", "precision_scope", "forward", "forward_with_activations", "logits", "loss",
+    "group", "feedback_projection", "dfa_layer_grads", "dfa_grads", "bp_grads", "dfa_grads_unchecked",
+    "bp_grads_unchecked", "make_optimizer", "apply_updates", "train_step", "Activations", "Grouped",
+]
+
+
+def test_unknown_backend_lists_the_choices():
+    with pytest.raises(ValueError) as info:
+        get_backend("tensorflow")
+    assert "'tensorflow'" in str(info.value) and "['torch', 'jax']" in str(info.value)
+
+
+def test_missing_framework_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "jax" else real(n, *a))
+    with pytest.raises(ImportError) as info:
+        get_backend("jax")
+    assert "dfa-framework[jax]" in str(info.value)
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_backends_mirror_each_other(name):
+    """Both backends export the same names with the same argument names."""
+    import inspect
+
+    be, other = get_backend(name), get_backend("jax" if name == "torch" else "torch")
+    assert be.NAME == name
+    for attr in MIRRORED:
+        assert hasattr(be, attr), f"{name} lacks {attr}"
+        fn, twin = getattr(be, attr), getattr(other, attr)
+        if inspect.isfunction(fn) and inspect.isfunction(twin):
+            assert list(inspect.signature(fn).parameters) == list(inspect.signature(twin).parameters), attr
+
+
+def test_core_imports_neither_framework():
+    """dfa_core imports only NumPy at import time."""
+    code = "import sys, dfa_core; print(sorted(m for m in ('torch', 'jax') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
