@@ -20,7 +20,7 @@ from dfa_core import validation
 from dfa_core.spec import MLPSpec
 from dfa_jax import nn
 from dfa_jax.arrays import as_input, precision_scope
-from dfa_jax.mlp import Activations, Params, forward_with_activations, loss
+from dfa_jax.mlp import Activations, Params, loss, reduce_loss
 
 Array = jax.Array
 Grads = Tuple[Tuple[Array, Array], ...]
@@ -126,10 +126,56 @@ def dfa_layer_grads(spec: MLPSpec, grouped: Grouped, projections: Tuple[Array, .
     return tuple(grads)
 
 
+def _grouping(mode: str, y: Array):
+    """(avg, K): the function t -> G t of ``mode`` (None for 'sample') and the group count K."""
+    if mode == "sample":
+        return None, y.shape[0]
+    if mode == "batch_mean":
+        return (lambda t: jnp.mean(t, axis=0, keepdims=True)), 1
+    g_CxB = _class_grouping(y)
+    return (lambda t: g_CxB @ t), jnp.sum(jnp.any(g_CxB > 0, axis=1)).astype(y.dtype)
+
+
+def dfa_grads_and_loss(spec: MLPSpec, params: Params, feedback, x: Array, y: Array, mode: str):
+    """DFA gradients and the batch loss in one memory-lean pass (the training fast path).
+
+    Computes exactly what ``group`` + ``feedback_projection`` + ``dfa_layer_grads``
+    compute, while keeping only what the update needs: h_0..h_{L-1} in 'sample' mode
+    (f' is read off h = f(a), which determines it for every activation offered), or
+    only the grouped a' and h' (K rows) in the averaged modes. 'mean' scales e' by 1/K.
+
+    Returns:
+      (((gW_1, gb_1), ..., (gW_L, gb_L)), loss ()).
+    """
+    act = nn.activation(spec.activation)
+    avg, count = _grouping(mode, y)
+    keep = (lambda t: t) if avg is None else avg
+    h, kept_h, kept_a = x, [], []
+    for w, b in params[:-1]:
+        kept_h.append(keep(h))
+        a = h @ w.T + b[None, :]
+        h = act.fn(a)
+        kept_a.append(h if avg is None else avg(a))
+    kept_h.append(keep(h))
+    z = h @ params[-1][0].T + params[-1][1][None, :]
+    batch_loss = reduce_loss(spec, z, y)
+    y_hat = nn.output_function(spec.output)(z)
+    e = y_hat - y if avg is None else avg(y_hat) - avg(y)
+    if spec.reduction == "mean":
+        e = e / count
+    projections = feedback_projection(spec, feedback, e)
+    grads = []
+    for p, a, h_in in zip(projections, kept_a, kept_h):
+        fa = a if avg is None else act.fn(a)  # in 'sample' mode a holds h, which stands in for a in f'
+        delta = p * act.derivative(a, fa)
+        grads.append((delta.T @ h_in, jnp.sum(delta, axis=0)))
+    grads.append((e.T @ kept_h[-1], jnp.sum(e, axis=0)))
+    return tuple(grads), batch_loss
+
+
 def _dfa_grads(spec: MLPSpec, params: Params, feedback, x: Array, y: Array, mode: str) -> Grads:
     TRACE_COUNTS["dfa_grads"] += 1
-    grouped = group(spec, forward_with_activations(spec, params, x), y, mode)
-    return dfa_layer_grads(spec, grouped, feedback_projection(spec, feedback, grouped.e))
+    return dfa_grads_and_loss(spec, params, feedback, x, y, mode)[0]
 
 
 def _bp_grads(spec: MLPSpec, params: Params, x: Array, y: Array) -> Grads:

@@ -9,8 +9,8 @@ import jax
 from dfa_core import validation
 from dfa_core.spec import MLPSpec, OptimizerSpec
 from dfa_jax.arrays import precision_scope
-from dfa_jax.dfa import TRACE_COUNTS, dfa_layer_grads, feedback_projection, group
-from dfa_jax.mlp import forward_with_activations, loss, reduce_loss
+from dfa_jax.dfa import TRACE_COUNTS, dfa_grads_and_loss
+from dfa_jax.mlp import loss
 from dfa_jax.optim import apply_updates, make_optimizer
 
 METHODS = ("dfa", "bp")
@@ -54,10 +54,7 @@ def _build_step(spec, opt, method, mode, donate):
     def step(params, feedback, opt_state, x, y):
         TRACE_COUNTS[f"train_step_{method}"] += 1
         if method == "dfa":
-            acts = forward_with_activations(spec, params, x)
-            batch_loss = reduce_loss(spec, acts.a[-1], y)
-            grouped = group(spec, acts, y, mode)
-            grads = dfa_layer_grads(spec, grouped, feedback_projection(spec, feedback, grouped.e))
+            grads, batch_loss = dfa_grads_and_loss(spec, params, feedback, x, y, mode)
         else:
             batch_loss, grads = jax.value_and_grad(loss, argnums=1)(spec, params, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)

@@ -33,12 +33,14 @@ def asarray(tree, device=None):
 
     Args:
       tree: an array or nested tuples/lists of arrays (params, feedback, a batch).
-      device: optional torch device (default: CPU).
+      device: optional torch device (default: torch.get_default_device()).
 
     Returns:
       The same structure (lists become tuples) of tensors; inputs are copied, never
       aliased, so later changes to them do not reach the result.
     """
+
+    device = torch.get_default_device() if device is None else device
 
     def convert(leaf):
         if isinstance(leaf, torch.Tensor):

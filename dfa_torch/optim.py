@@ -51,6 +51,8 @@ def make_optimizer(opt: OptimizerSpec, dtype: str = "float32") -> GradientTransf
     if not isinstance(opt, OptimizerSpec):
         raise TypeError(f"opt must be a dfa_core.OptimizerSpec, got {type(opt).__name__}")
     lr = opt.learning_rate
+    # Updates run on flat lists with torch._foreach_* (one fused kernel per op, as in
+    # torch.optim), in optax's order of operations so both backends round alike.
 
     if opt.name == "sgd":
 
@@ -60,7 +62,7 @@ def make_optimizer(opt: OptimizerSpec, dtype: str = "float32") -> GradientTransf
 
         def update(grads, state, params=None):
             del params
-            return _map(lambda g: -lr * g, grads), state
+            return _unflatten(torch._foreach_mul(_flatten(grads), -lr), grads), state
 
     elif opt.name == "momentum":
         m = opt.momentum
@@ -70,9 +72,10 @@ def make_optimizer(opt: OptimizerSpec, dtype: str = "float32") -> GradientTransf
 
         def update(grads, state, params=None):
             del params
-            trace = _map(lambda g, t: g + m * t, grads, state.trace)
-            direction = _map(lambda g, t: g + m * t, grads, trace) if opt.nesterov else trace
-            return _map(lambda d: -lr * d, direction), TraceState(trace)
+            g = _flatten(grads)
+            trace = torch._foreach_add(g, torch._foreach_mul(_flatten(state.trace), m))
+            direction = torch._foreach_add(g, torch._foreach_mul(trace, m)) if opt.nesterov else trace
+            return _unflatten(torch._foreach_mul(direction, -lr), grads), TraceState(_unflatten(trace, grads))
 
     else:
         b1, b2, eps = opt.b1, opt.b2, opt.eps
@@ -84,15 +87,33 @@ def make_optimizer(opt: OptimizerSpec, dtype: str = "float32") -> GradientTransf
 
         def update(grads, state, params=None):
             del params
-            mu = _map(lambda g, t: (1 - b1) * g + b1 * t, grads, state.mu)
-            nu = _map(lambda g, t: (1 - b2) * (g * g) + b2 * t, grads, state.nu)
+            g = _flatten(grads)
+            mu = torch._foreach_add(torch._foreach_mul(g, 1 - b1), torch._foreach_mul(_flatten(state.mu), b1))
+            nu = torch._foreach_add(
+                torch._foreach_mul(torch._foreach_mul(g, g), 1 - b2), torch._foreach_mul(_flatten(state.nu), b2)
+            )
             count = state.count + 1
-            bc1 = 1 - b1 ** count.to(_leaf(grads).dtype)
-            bc2 = 1 - b2 ** count.to(_leaf(grads).dtype)
-            step = _map(lambda m_, v: -lr * ((m_ / bc1) / (torch.sqrt(v / bc2) + eps)), mu, nu)
-            return step, AdamState(count, mu, nu)
+            bc1 = 1 - b1 ** count.to(g[0].dtype)
+            bc2 = 1 - b2 ** count.to(g[0].dtype)
+            denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(nu, bc2)), eps)
+            step = torch._foreach_mul(torch._foreach_div(torch._foreach_div(mu, bc1), denom), -lr)
+            return _unflatten(step, grads), AdamState(count, _unflatten(mu, grads), _unflatten(nu, grads))
 
     return GradientTransformation(init, update)
+
+
+def _flatten(tree):
+    """((W_1, b_1), ...) -> [W_1, b_1, ...]."""
+    return [t for pair in tree for t in pair]
+
+
+def _unflatten(flat, like):
+    """Inverse of ``_flatten`` for the structure of ``like``."""
+    out, i = [], 0
+    for pair in like:
+        out.append(tuple(flat[i : i + len(pair)]))
+        i += len(pair)
+    return tuple(out)
 
 
 def _leaf(tree) -> torch.Tensor:
@@ -103,4 +124,10 @@ def _leaf(tree) -> torch.Tensor:
 
 def apply_updates(params, updates) -> Tuple:
     """params + updates, leaf by leaf (a new tuple; nothing is modified)."""
-    return _map(lambda p, u: p + u.to(p.dtype), params, updates)
+    return _unflatten(torch._foreach_add(_flatten(params), _flatten(updates)), params)
+
+
+def apply_updates_(params, updates):
+    """params += updates in place (for loops that own params, ``donate=True``); returns params."""
+    torch._foreach_add_(_flatten(params), _flatten(updates))
+    return params

@@ -9,9 +9,9 @@ import torch.func
 
 from dfa_core import validation
 from dfa_core.spec import MLPSpec, OptimizerSpec
-from dfa_torch.dfa import dfa_layer_grads, feedback_projection, group
-from dfa_torch.mlp import forward_with_activations, loss, reduce_loss
-from dfa_torch.optim import apply_updates, make_optimizer
+from dfa_torch.dfa import dfa_grads_and_loss
+from dfa_torch.mlp import loss
+from dfa_torch.optim import apply_updates, apply_updates_, make_optimizer
 
 METHODS = ("dfa", "bp")
 
@@ -52,26 +52,16 @@ def _build_step(spec, opt, method, mode, donate):
     tx = make_optimizer(opt, spec.dtype)
     grad_and_loss = torch.func.grad_and_value(loss, argnums=1)
 
-    @torch.no_grad()
-    def _apply(params, updates):
-        if not donate:
-            return apply_updates(params, updates)
-        for (w, b), (uw, ub) in zip(params, updates):
-            w.add_(uw)
-            b.add_(ub)
-        return params
+    _apply = apply_updates_ if donate else apply_updates
 
     def step(params, feedback, opt_state, x, y):
         if method == "dfa":
-            with torch.no_grad():
-                acts = forward_with_activations(spec, params, x)
-                batch_loss = reduce_loss(spec, acts.a[-1], y)
-                grouped = group(spec, acts, y, mode)
-                grads = dfa_layer_grads(spec, grouped, feedback_projection(spec, feedback, grouped.e))
+            grads, batch_loss = dfa_grads_and_loss(spec, params, feedback, x, y, mode)
         else:
             grads, batch_loss = grad_and_loss(spec, params, x, y)
         with torch.no_grad():
             updates, opt_state = tx.update(grads, opt_state, params)
-        return _apply(params, updates), opt_state, batch_loss
+            params = _apply(params, updates)
+        return params, opt_state, batch_loss
 
     return step

@@ -97,3 +97,23 @@ def test_train_step_equals_sgd_on_dfa_grads(name, mode):
         new, _, _ = be.train_step(spec, opt, "dfa", mode)(P, F, be.make_optimizer(opt, "float64").init(P), be.asarray(x), be.asarray(y))
     want = [(w - lr * gw, b - lr * gb) for (w, b), (gw, gb) in zip(params, g)]
     assert_tree_close(be.to_numpy(new), want, 1e-13, 1e-14, name)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_donating_step_gives_the_same_trajectory(name, opt_name):
+    """donate=True (in-place on torch, buffer donation on JAX) changes speed, not results."""
+    spec, params, feedback, x, y = make_case(3, dtype="float64")
+    be = backend(name)
+    opt = OptimizerSpec(opt_name, learning_rate=0.05)
+    results = []
+    for donate in (False, True):
+        P, F = be.asarray(params), be.asarray(feedback)
+        S = be.make_optimizer(opt, "float64").init(P)
+        step = be.train_step(spec, opt, "dfa", "sample", donate=donate)
+        with be.precision_scope("float64"):
+            X, Y = be.asarray(x), be.asarray(y)
+            for _ in range(5):
+                P, S, _ = step(P, F, S, X, Y)
+        results.append(be.to_numpy(P))
+    assert_tree_close(results[1], results[0], 0, 0, f"{name} donate")
