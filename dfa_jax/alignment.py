@@ -1,0 +1,110 @@
+"""Alignment of DFA updates with backprop (JAX): angles per layer, jitted once per (spec, mode).
+
+Mirrors ``dfa_torch.alignment`` name for name.
+
+For layer l the DFA teaching signal is delta_l = (e' B_l^T) * f'(a'_l) (delta_L = e')
+and the BP one is dLoss/da_l, obtained by autodiff through zero perturbations of the
+pre-activations. Both are compared after the batch is grouped by the same mode (the
+BP deltas are averaged with the same grouping matrix G), so in 'sample' mode they are
+compared sample by sample. Weight angles compare gW_l of DFA with gW_l of BP (the
+biases are left out). An angle is 2 * atan2(|u - v|, |u + v|) for the unit vectors
+u, v, which stays accurate near 0 degrees; it is NaN where either vector is zero.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dfa_core.spec import MLPSpec
+from dfa_jax import nn
+from dfa_jax.arrays import precision_scope
+from dfa_jax.dfa import TRACE_COUNTS, _class_grouping, dfa_layer_grads, feedback_projection, group, prepare
+from dfa_jax.mlp import Params, forward_with_activations, reduce_loss
+
+Array = jax.Array
+
+
+class Angles(NamedTuple):
+    """Angles in degrees between DFA and BP, index l - 1 for layer l (the last is the output layer)."""
+
+    weights: Array  # (L,): angle between DFA's and BP's gradient of W_l
+    deltas: Array  # (L,): angle between DFA's and BP's (grouped) teaching signal of layer l
+
+
+def angle_degrees(u: Array, v: Array) -> Array:
+    """Angle in degrees between two arrays of the same shape, flattened: (); NaN if one is zero."""
+    u, v = jnp.ravel(u), jnp.ravel(v)
+    nu, nv = jnp.linalg.norm(u), jnp.linalg.norm(v)
+    un, vn = u / nu, v / nv
+    angle = 2 * jnp.arctan2(jnp.linalg.norm(un - vn), jnp.linalg.norm(un + vn))
+    return jnp.where((nu > 0) & (nv > 0), jnp.degrees(angle), jnp.nan)
+
+
+def _bp_grads_and_deltas(spec: MLPSpec, params: Params, x: Array, y: Array):
+    """BP gradients of the params and dLoss/da_l for l = 1..L, each (batch, n_l)."""
+    f = nn.activation(spec.activation).fn
+
+    def perturbed_loss(params, eps):
+        h = x
+        for (w, b), e in zip(params[:-1], eps[:-1]):
+            h = f(h @ w.T + b[None, :] + e)
+        w, b = params[-1]
+        return reduce_loss(spec, h @ w.T + b[None, :] + eps[-1], y)
+
+    zeros = tuple(jnp.zeros((x.shape[0], n), dtype=x.dtype) for n in spec.layer_sizes[1:])
+    return jax.grad(perturbed_loss, argnums=(0, 1))(params, zeros)
+
+
+def _alignment_angles(spec: MLPSpec, params: Params, feedback, x: Array, y: Array, mode: str) -> Angles:
+    TRACE_COUNTS["alignment_angles"] += 1
+    bp_grads, bp_deltas = _bp_grads_and_deltas(spec, params, x, y)
+    grouped = group(spec, forward_with_activations(spec, params, x), y, mode)
+    projections = feedback_projection(spec, feedback, grouped.e)
+    dfa_grads = dfa_layer_grads(spec, grouped, projections)
+    df = nn.activation(spec.activation).derivative
+    dfa_deltas = [p * df(a, fa) for p, a, fa in zip(projections, grouped.a, grouped.f_a)] + [grouped.e]
+    if mode == "sample":
+        regroup = lambda t: t
+    elif mode == "batch_mean":
+        regroup = lambda t: jnp.mean(t, axis=0, keepdims=True)
+    else:
+        g_CxB = _class_grouping(y)
+        regroup = lambda t: g_CxB @ t
+    weights = jnp.stack([angle_degrees(d[0], b[0]) for d, b in zip(dfa_grads, bp_grads)])
+    deltas = jnp.stack([angle_degrees(d, regroup(b)) for d, b in zip(dfa_deltas, bp_deltas)])
+    return Angles(weights, deltas)
+
+
+alignment_angles_unchecked = jax.jit(_alignment_angles, static_argnames=("spec", "mode"))
+"""``alignment_angles`` on JAX arrays of spec.dtype, without validation; jitted per (spec, mode)."""
+
+
+def alignment_angles(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check_values: bool = True) -> Angles:
+    """Angles between the DFA update and the BP gradient of every layer, for one batch.
+
+    Args:
+      spec: the network.
+      params: ((W_l, b_l), ...) NumPy or JAX arrays of spec.dtype, W_l: (n_l, n_{l-1}).
+      feedback: (B_1, ..., B_{L-1}), B_l: (n_l, n_L), spec.dtype.
+      x: inputs, (batch, n_0).
+      y: targets, (batch, n_L); one-hot rows for mode 'class_mean'.
+      mode: the DFA grouping, one of dfa_core.MODES.
+      check_values: reject non-finite x or y (and non-one-hot y for 'class_mean').
+
+    Returns:
+      Angles(weights (L,), deltas (L,)) in degrees, in [0, 180] or NaN where a gradient
+      is exactly zero. The output layer's delta angle is 0 in every mode, its weight
+      angle 0 in 'sample' mode.
+
+    Raises:
+      ValueError, TypeError: bad spec, mode, shapes, dtypes or values, before any tracing.
+    """
+    with precision_scope(getattr(spec, "dtype", "float32")):
+        params, feedback, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
+        return alignment_angles_unchecked(spec, params, feedback, x, y, mode)
+
+
+__all__ = ["Angles", "alignment_angles", "alignment_angles_unchecked", "angle_degrees"]
