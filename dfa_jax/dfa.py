@@ -178,9 +178,19 @@ def _dfa_grads(spec: MLPSpec, params: Params, feedback, x: Array, y: Array, mode
     return dfa_grads_and_loss(spec, params, feedback, x, y, mode)[0]
 
 
+def bp_grads_and_loss(spec: MLPSpec, params: Params, x: Array, y: Array):
+    """Backprop gradients and the batch loss, by reverse-mode autodiff (jax.value_and_grad).
+
+    Returns:
+      (((gW_1, gb_1), ..., (gW_L, gb_L)), loss ()).
+    """
+    batch_loss, grads = jax.value_and_grad(loss, argnums=1)(spec, params, x, y)
+    return grads, batch_loss
+
+
 def _bp_grads(spec: MLPSpec, params: Params, x: Array, y: Array) -> Grads:
     TRACE_COUNTS["bp_grads"] += 1
-    return jax.grad(loss, argnums=1)(spec, params, x, y)
+    return bp_grads_and_loss(spec, params, x, y)[0]
 
 
 dfa_grads_unchecked = jax.jit(_dfa_grads, static_argnames=("spec", "mode"))

@@ -9,8 +9,7 @@ import jax
 from dfa_core import validation
 from dfa_core.spec import MLPSpec, OptimizerSpec
 from dfa_jax.arrays import precision_scope
-from dfa_jax.dfa import TRACE_COUNTS, dfa_grads_and_loss
-from dfa_jax.mlp import loss
+from dfa_jax.dfa import TRACE_COUNTS, bp_grads_and_loss, dfa_grads_and_loss
 from dfa_jax.optim import apply_updates, make_optimizer
 
 METHODS = ("dfa", "bp")
@@ -56,7 +55,7 @@ def _build_step(spec, opt, method, mode, donate):
         if method == "dfa":
             grads, batch_loss = dfa_grads_and_loss(spec, params, feedback, x, y, mode)
         else:
-            batch_loss, grads = jax.value_and_grad(loss, argnums=1)(spec, params, x, y)
+            grads, batch_loss = bp_grads_and_loss(spec, params, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)
         return apply_updates(params, updates), opt_state, batch_loss
 

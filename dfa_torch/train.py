@@ -5,12 +5,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.func
 
 from dfa_core import validation
 from dfa_core.spec import MLPSpec, OptimizerSpec
-from dfa_torch.dfa import dfa_grads_and_loss
-from dfa_torch.mlp import loss
+from dfa_torch.dfa import bp_grads_and_loss, dfa_grads_and_loss
 from dfa_torch.optim import apply_updates, apply_updates_, make_optimizer
 
 METHODS = ("dfa", "bp")
@@ -50,7 +48,6 @@ def train_step(spec: MLPSpec, opt: OptimizerSpec, method: str = "dfa", mode: str
 @functools.lru_cache(maxsize=None)
 def _build_step(spec, opt, method, mode, donate):
     tx = make_optimizer(opt, spec.dtype)
-    grad_and_loss = torch.func.grad_and_value(loss, argnums=1)
 
     _apply = apply_updates_ if donate else apply_updates
 
@@ -58,7 +55,7 @@ def _build_step(spec, opt, method, mode, donate):
         if method == "dfa":
             grads, batch_loss = dfa_grads_and_loss(spec, params, feedback, x, y, mode)
         else:
-            grads, batch_loss = grad_and_loss(spec, params, x, y)
+            grads, batch_loss = bp_grads_and_loss(spec, params, x, y)
         with torch.no_grad():
             updates, opt_state = tx.update(grads, opt_state, params)
             params = _apply(params, updates)

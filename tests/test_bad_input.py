@@ -120,6 +120,10 @@ def test_callers_arrays_are_never_modified(name):
     for (w0, b0), (w1, b1) in zip(P_before, be.to_numpy(P)):
         assert np.array_equal(w0, w1) and np.array_equal(b0, b1)
     assert not np.array_equal(be.to_numpy(new)[0][0], P_before[0][0])
+    if name == "torch":  # BP's autodiff must not leave autograd state on the caller's tensors
+        be.bp_grads(SPEC, P, x, y)
+        be.train_step(SPEC, opt, "bp")(P, F, be.make_optimizer(opt).init(P), be.asarray(x), be.asarray(y))
+        assert all(not t.requires_grad and t.grad is None for pair in P for t in pair)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

@@ -11,7 +11,7 @@ from dfa_core import BACKEND_NAMES, get_backend
 MIRRORED = [
     "asarray", "to_numpy", "precision_scope", "forward", "forward_with_activations", "logits", "loss",
     "group", "feedback_projection", "dfa_layer_grads", "dfa_grads", "bp_grads", "dfa_grads_unchecked",
-    "bp_grads_unchecked", "make_optimizer", "apply_updates", "train_step", "Activations", "Grouped",
+    "bp_grads_unchecked", "bp_grads_and_loss", "dfa_grads_and_loss", "make_optimizer", "apply_updates", "train_step", "Activations", "Grouped",
 ]
 
 
