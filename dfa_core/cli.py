@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import sys
-import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np

@@ -7,7 +7,7 @@ or script that imports it. matplotlib is imported when a function is called.
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 

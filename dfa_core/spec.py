@@ -35,6 +35,9 @@ REDUCTIONS: Tuple[str, ...] = ("sum", "mean")
 
 DTYPES: Tuple[str, ...] = ("float32", "float64")
 
+METHODS: Tuple[str, ...] = ("dfa", "bp")
+"""Learning rules: direct feedback alignment, or backpropagation for comparison."""
+
 OPTIMIZERS: Tuple[str, ...] = ("sgd", "momentum", "adam")
 
 LEAKY_RELU_SLOPE = 0.01

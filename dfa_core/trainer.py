@@ -28,9 +28,7 @@ import numpy as np
 from dfa_core import validation
 from dfa_core.init import DEFAULT_FEEDBACK_SCALE, init_feedback, init_params
 from dfa_core.registry import get_backend
-from dfa_core.spec import MLPSpec, OptimizerSpec
-
-METHODS = ("dfa", "bp")
+from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec
 
 _BACKEND_FUNCTIONS = ("asarray", "to_numpy", "precision_scope", "forward", "make_optimizer", "train_step")
 

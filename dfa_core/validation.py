@@ -7,7 +7,7 @@ reduced natively by each backend and reported through :func:`raise_for_values`.
 
 from __future__ import annotations
 
-from dfa_core.spec import MODES, MLPSpec
+from dfa_core.spec import METHODS, MODES, MLPSpec, OptimizerSpec
 
 _NUMERIC_PREFIXES = ("float", "int", "uint", "bool", "bfloat")
 
@@ -32,6 +32,18 @@ def check_spec(spec) -> None:
 def check_mode(mode) -> None:
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+
+
+def check_train_step(spec, opt, method, mode) -> None:
+    """Arguments of ``train_step``: a spec, an OptimizerSpec, a method, and a mode BP can use."""
+    check_spec(spec)
+    if not isinstance(opt, OptimizerSpec):
+        raise TypeError(f"opt must be a dfa_core.OptimizerSpec, got {type(opt).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    check_mode(mode)
+    if method == "bp" and mode != "sample":
+        raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {mode!r}")
 
 
 def check_params(spec: MLPSpec, params) -> None:

@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dfa_core.spec import ACTIVATIONS, LEAKY_RELU_SLOPE, OUTPUTS
+from dfa_core.spec import LEAKY_RELU_SLOPE
 
 Array = jax.Array
 

@@ -7,22 +7,10 @@ import functools
 import jax
 
 from dfa_core import validation
-from dfa_core.spec import MLPSpec, OptimizerSpec
+from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec  # noqa: F401  (METHODS re-exported)
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, bp_grads_and_loss, dfa_grads_and_loss
 from dfa_jax.optim import apply_updates, make_optimizer
-
-METHODS = ("dfa", "bp")
-
-
-def _check_step_args(spec, opt, method, mode):
-    validation.check_spec(spec)
-    if not isinstance(opt, OptimizerSpec):
-        raise TypeError(f"opt must be a dfa_core.OptimizerSpec, got {type(opt).__name__}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    validation.check_mode(mode)
-
 
 def train_step(spec: MLPSpec, opt: OptimizerSpec, method: str = "dfa", mode: str = "sample", donate: bool = False):
     """Builds step(params, feedback, opt_state, x, y) -> (params, opt_state, loss).
@@ -40,9 +28,7 @@ def train_step(spec: MLPSpec, opt: OptimizerSpec, method: str = "dfa", mode: str
       donate: let XLA reuse the params and opt_state buffers passed in (they become
         invalid after the call); for training loops that own their arrays.
     """
-    _check_step_args(spec, opt, method, mode)
-    if method == "bp" and mode != "sample":
-        raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {mode!r}")
+    validation.check_train_step(spec, opt, method, mode)
     return _build_step(spec, opt, method, mode, donate)
 
 

@@ -7,21 +7,9 @@ import functools
 import torch
 
 from dfa_core import validation
-from dfa_core.spec import MLPSpec, OptimizerSpec
+from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec  # noqa: F401  (METHODS re-exported)
 from dfa_torch.dfa import bp_grads_and_loss, dfa_grads_and_loss
 from dfa_torch.optim import apply_updates, apply_updates_, make_optimizer
-
-METHODS = ("dfa", "bp")
-
-
-def _check_step_args(spec, opt, method, mode):
-    validation.check_spec(spec)
-    if not isinstance(opt, OptimizerSpec):
-        raise TypeError(f"opt must be a dfa_core.OptimizerSpec, got {type(opt).__name__}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    validation.check_mode(mode)
-
 
 def train_step(spec: MLPSpec, opt: OptimizerSpec, method: str = "dfa", mode: str = "sample", donate: bool = False):
     """Builds step(params, feedback, opt_state, x, y) -> (params, opt_state, loss).
@@ -39,9 +27,7 @@ def train_step(spec: MLPSpec, opt: OptimizerSpec, method: str = "dfa", mode: str
       donate: let the step write the new params into the tensors passed in (in place),
         as XLA's buffer donation does on JAX; for training loops that own their arrays.
     """
-    _check_step_args(spec, opt, method, mode)
-    if method == "bp" and mode != "sample":
-        raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {mode!r}")
+    validation.check_train_step(spec, opt, method, mode)
     return _build_step(spec, opt, method, mode, donate)
 
 
