@@ -126,6 +126,19 @@ def dfa_layer_grads(spec: MLPSpec, grouped: Grouped, projections: Tuple[Array, .
     return tuple(grads)
 
 
+PROJECT_PER_LAYER_ELEMENTS = 1 << 18
+"""Above this many elements (K x (n_1 + ... + n_{L-1})) the fused DFA step projects the
+error layer by layer, so only one layer's projection is alive at a time; below it, one
+product against the concatenated feedback is faster (fewer, larger kernels)."""
+
+
+def _lazy_projections(spec: MLPSpec, feedback, e):
+    """e B_l^T for each hidden layer, as ``feedback_projection`` or one at a time when large."""
+    if e.shape[0] * sum(spec.hidden_sizes) <= PROJECT_PER_LAYER_ELEMENTS:
+        return feedback_projection(spec, feedback, e)
+    return (e @ b.T for b in feedback)
+
+
 def _grouping(mode: str, y: Array):
     """(avg, K): the function t -> G t of ``mode`` (None for 'sample') and the group count K."""
     if mode == "sample":
@@ -156,20 +169,22 @@ def dfa_grads_and_loss(spec: MLPSpec, params: Params, feedback, x: Array, y: Arr
         a = h @ w.T + b[None, :]
         h = act.fn(a)
         kept_a.append(h if avg is None else avg(a))
-    kept_h.append(keep(h))
+    h_last = keep(h)
     z = h @ params[-1][0].T + params[-1][1][None, :]
+    a = h = None  # the full-batch activations are no longer needed (a no-op under jit)
     batch_loss = reduce_loss(spec, z, y)
     y_hat = nn.output_function(spec.output)(z)
     e = y_hat - y if avg is None else avg(y_hat) - avg(y)
     if spec.reduction == "mean":
         e = e / count
-    projections = feedback_projection(spec, feedback, e)
     grads = []
-    for p, a, h_in in zip(projections, kept_a, kept_h):
+    for l, p in enumerate(_lazy_projections(spec, feedback, e)):
+        a, h_in = kept_a[l], kept_h[l]
+        kept_a[l] = kept_h[l] = None  # let each layer's activations go once its update is formed
         fa = a if avg is None else act.fn(a)  # in 'sample' mode a holds h, which stands in for a in f'
-        delta = p * act.derivative(a, fa)
+        delta = act.backward(p, a, fa)
         grads.append((delta.T @ h_in, jnp.sum(delta, axis=0)))
-    grads.append((e.T @ kept_h[-1], jnp.sum(e, axis=0)))
+    grads.append((e.T @ h_last, jnp.sum(e, axis=0)))
     return tuple(grads), batch_loss
 
 

@@ -122,6 +122,19 @@ def dfa_layer_grads(spec: MLPSpec, grouped: Grouped, projections: Tuple[Tensor, 
     return tuple(grads)
 
 
+PROJECT_PER_LAYER_ELEMENTS = 1 << 18
+"""Above this many elements (K x (n_1 + ... + n_{L-1})) the fused DFA step projects the
+error layer by layer, so only one layer's projection is alive at a time; below it, one
+product against the concatenated feedback is faster (fewer, larger kernels)."""
+
+
+def _lazy_projections(spec: MLPSpec, feedback, e):
+    """e B_l^T for each hidden layer, as ``feedback_projection`` or one at a time when large."""
+    if e.shape[0] * sum(spec.hidden_sizes) <= PROJECT_PER_LAYER_ELEMENTS:
+        return feedback_projection(spec, feedback, e)
+    return (e @ b.T for b in feedback)
+
+
 def _grouping(mode: str, y: Tensor):
     """(avg, K): the function t -> G t of ``mode`` (None for 'sample') and the group count K."""
     if mode == "sample":
@@ -153,20 +166,22 @@ def dfa_grads_and_loss(spec: MLPSpec, params: Params, feedback, x: Tensor, y: Te
         a = torch.addmm(b, h, w.T)
         h = act.fn(a)
         kept_a.append(h if avg is None else avg(a))
-    kept_h.append(keep(h))
+    h_last = keep(h)
     z = torch.addmm(params[-1][1], h, params[-1][0].T)
+    a = h = None  # the full-batch activations are no longer needed
     batch_loss = reduce_loss(spec, z, y)
     y_hat = nn.output_function(spec.output)(z)
     e = y_hat - y if avg is None else avg(y_hat) - avg(y)
     if spec.reduction == "mean":
         e = e / count
-    projections = feedback_projection(spec, feedback, e)
     grads = []
-    for p, a, h_in in zip(projections, kept_a, kept_h):
+    for l, p in enumerate(_lazy_projections(spec, feedback, e)):
+        a, h_in = kept_a[l], kept_h[l]
+        kept_a[l] = kept_h[l] = None  # let each layer's activations go once its update is formed
         fa = a if avg is None else act.fn(a)  # in 'sample' mode a holds h, which stands in for a in f'
-        delta = p * act.derivative(a, fa)
+        delta = act.backward(p, a, fa)
         grads.append((delta.T @ h_in, torch.sum(delta, dim=0)))
-    grads.append((e.T @ kept_h[-1], torch.sum(e, dim=0)))
+    grads.append((e.T @ h_last, torch.sum(e, dim=0)))
     return tuple(grads), batch_loss
 
 

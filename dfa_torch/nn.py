@@ -12,24 +12,38 @@ Tensor = torch.Tensor
 
 
 class Activation(NamedTuple):
-    """f and f'. ``derivative(a, h)`` takes h = f(a) too, so f' reuses it where it can."""
+    """f and f'. ``derivative(a, h)`` takes h = f(a) too, so f' reuses it where it can.
+
+    ``backward(g, a, h)`` is g * f'(a): autograd's own fused kernel where torch has one
+    (one pass, no temporaries), else the product.
+    """
 
     fn: Callable[[Tensor], Tensor]
     derivative: Callable[[Tensor, Tensor], Tensor]
+    backward: Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _times_derivative(derivative):
+    return lambda g, a, h: g * derivative(a, h)
 
 
 def _leaky_relu(a):
     return torch.where(a > 0, a, LEAKY_RELU_SLOPE * a)
 
 
+def _leaky_relu_derivative(a, h):
+    return torch.where(a > 0, torch.ones_like(a), torch.full_like(a, LEAKY_RELU_SLOPE))
+
+
 _ACTIVATIONS = {
-    "tanh": Activation(torch.tanh, lambda a, h: 1 - h * h),
-    "relu": Activation(torch.relu, lambda a, h: (a > 0).to(a.dtype)),
-    "leaky_relu": Activation(
-        _leaky_relu, lambda a, h: torch.where(a > 0, torch.ones_like(a), torch.full_like(a, LEAKY_RELU_SLOPE))
+    "tanh": Activation(torch.tanh, lambda a, h: 1 - h * h, lambda g, a, h: torch.ops.aten.tanh_backward(g, h)),
+    "relu": Activation(
+        torch.relu, lambda a, h: (a > 0).to(a.dtype), lambda g, a, h: torch.ops.aten.threshold_backward(g, a, 0)
     ),
-    "sigmoid": Activation(torch.sigmoid, lambda a, h: h * (1 - h)),
-    "identity": Activation(lambda a: a, lambda a, h: torch.ones_like(a)),
+    # aten's leaky_relu_backward rounds the slope through float32, so it is not used here.
+    "leaky_relu": Activation(_leaky_relu, _leaky_relu_derivative, _times_derivative(_leaky_relu_derivative)),
+    "sigmoid": Activation(torch.sigmoid, lambda a, h: h * (1 - h), lambda g, a, h: torch.ops.aten.sigmoid_backward(g, h)),
+    "identity": Activation(lambda a: a, lambda a, h: torch.ones_like(a), lambda g, a, h: g),
 }
 
 

@@ -117,3 +117,19 @@ def test_donating_step_gives_the_same_trajectory(name, opt_name):
                 P, S, _ = step(P, F, S, X, Y)
         results.append(be.to_numpy(P))
     assert_tree_close(results[1], results[0], 0, 0, f"{name} donate")
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("per_layer", [False, True], ids=["concatenated", "per_layer"])
+def test_fused_step_projects_per_layer_or_concatenated_alike(name, mode, per_layer, monkeypatch):
+    """The fused fast path gives the closed-form gradients and loss on both projection routes."""
+    from parity_tests import numpy_reference as ref
+
+    spec, params, feedback, x, y = make_case(3, "sigmoid", "softmax", "mean", "float64")
+    be = backend(name)
+    monkeypatch.setattr(be.dfa, "PROJECT_PER_LAYER_ELEMENTS", 0 if per_layer else 1 << 30)
+    with be.precision_scope("float64"):
+        grads, loss = be.dfa_grads_and_loss(spec, be.asarray(params), be.asarray(feedback), be.asarray(x), be.asarray(y), mode)
+    assert_tree_close(be.to_numpy(grads), ref.dfa_grads(spec, params, feedback, x, y, mode), 1e-10, 1e-12, name)
+    np.testing.assert_allclose(float(be.to_numpy(loss)), ref.loss(spec, params, x, y), rtol=1e-12)
