@@ -57,7 +57,7 @@ QUICK = dict(
     # Target (a) names this case; it costs ~1-2 s a step on 2 cores, so quick runs it on JAX only.
     extra=(("jax", "dfa", "784-4096x3-10", 1024), ("jax", "bp", "784-4096x3-10", 1024)),
     memory=(("784-240x7-10", 1024),),
-    peak_sizes_cpu=(512, 1024),
+    peak_sizes_cpu=(1024, 2048),
     peak_sizes_cuda=(2048, 4096),
     warmup=1,
     repeats=3,

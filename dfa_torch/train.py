@@ -9,7 +9,7 @@ import torch
 from dfa_core import validation
 from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec  # noqa: F401  (METHODS re-exported)
 from dfa_torch.dfa import bp_grads_and_loss, dfa_grads_and_loss
-from dfa_torch.optim import apply_updates, apply_updates_, make_optimizer
+from dfa_torch.optim import _flatten, _unflatten, apply_updates, apply_updates_, make_optimizer
 
 def train_step(spec: MLPSpec, opt: OptimizerSpec, method: str = "dfa", mode: str = "sample", donate: bool = False):
     """Builds step(params, feedback, opt_state, x, y) -> (params, opt_state, loss).
@@ -37,14 +37,23 @@ def _build_step(spec, opt, method, mode, donate):
 
     _apply = apply_updates_ if donate else apply_updates
 
+    def update(params, grads, opt_state):
+        if opt.name == "sgd":  # W - lr * g as one fused multiply-add per tensor, no update tensors
+            flat_p, flat_g = _flatten(params), _flatten(grads)
+            if donate:
+                torch._foreach_add_(flat_p, flat_g, alpha=-opt.learning_rate)
+                return params, opt_state
+            return _unflatten(torch._foreach_add(flat_p, flat_g, alpha=-opt.learning_rate), params), opt_state
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return _apply(params, updates), opt_state
+
     def step(params, feedback, opt_state, x, y):
         if method == "dfa":
             grads, batch_loss = dfa_grads_and_loss(spec, params, feedback, x, y, mode)
         else:
             grads, batch_loss = bp_grads_and_loss(spec, params, x, y)
         with torch.no_grad():
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = _apply(params, updates)
+            params, opt_state = update(params, grads, opt_state)
         return params, opt_state, batch_loss
 
     return step
