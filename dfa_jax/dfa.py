@@ -132,11 +132,11 @@ error layer by layer, so only one layer's projection is alive at a time; below i
 product against the concatenated feedback is faster (fewer, larger kernels)."""
 
 
-def _lazy_projections(spec: MLPSpec, feedback, e):
-    """e B_l^T for each hidden layer, as ``feedback_projection`` or one at a time when large."""
+def _projector(spec: MLPSpec, feedback, e):
+    """l -> e B_l^T: from one ``feedback_projection`` when small, else computed on demand."""
     if e.shape[0] * sum(spec.hidden_sizes) <= PROJECT_PER_LAYER_ELEMENTS:
-        return feedback_projection(spec, feedback, e)
-    return (e @ b.T for b in feedback)
+        return feedback_projection(spec, feedback, e).__getitem__
+    return lambda l: e @ feedback[l].T
 
 
 def _grouping(mode: str, y: Array):
@@ -169,6 +169,7 @@ def dfa_grads_and_loss(spec: MLPSpec, params: Params, feedback, x: Array, y: Arr
         a = h @ w.T + b[None, :]
         h = act.fn(a)
         kept_a.append(h if avg is None else avg(a))
+        a = None  # free a_l before a_{l+1} is allocated
     h_last = keep(h)
     z = h @ params[-1][0].T + params[-1][1][None, :]
     a = h = None  # the full-batch activations are no longer needed (a no-op under jit)
@@ -177,14 +178,19 @@ def dfa_grads_and_loss(spec: MLPSpec, params: Params, feedback, x: Array, y: Arr
     e = y_hat - y if avg is None else avg(y_hat) - avg(y)
     if spec.reduction == "mean":
         e = e / count
-    grads = []
-    for l, p in enumerate(_lazy_projections(spec, feedback, e)):
+    # Top layer first, as backprop does, so each layer's activations are released as
+    # soon as its update is formed (h_{L-1} first) and peak memory stays near BP's.
+    grads = [(e.T @ h_last, jnp.sum(e, axis=0))]
+    h_last = None
+    project = _projector(spec, feedback, e)
+    for l in reversed(range(spec.num_hidden)):
+        p = project(l)
         a, h_in = kept_a[l], kept_h[l]
-        kept_a[l] = kept_h[l] = None  # let each layer's activations go once its update is formed
+        kept_a[l] = kept_h[l] = None
         fa = a if avg is None else act.fn(a)  # in 'sample' mode a holds h, which stands in for a in f'
         delta = act.backward(p, a, fa)
         grads.append((delta.T @ h_in, jnp.sum(delta, axis=0)))
-    grads.append((e.T @ h_last, jnp.sum(e, axis=0)))
+    grads.reverse()
     return tuple(grads), batch_loss
 
 
