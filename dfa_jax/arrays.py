@@ -17,9 +17,17 @@ from dfa_core.validation import dtype_name
 NAME = "jax"
 
 
+def _enable_x64():
+    if hasattr(jax, "enable_x64"):  # newer releases
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64  # older releases
+
+    return enable_x64()
+
+
 def precision_scope(dtype: str):
     """Context in which arrays of ``dtype`` ('float32' or 'float64') keep their precision."""
-    return jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
+    return _enable_x64() if dtype == "float64" else contextlib.nullcontext()
 
 
 def _map(fn, tree):
