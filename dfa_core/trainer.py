@@ -15,7 +15,6 @@ the same history.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import numbers
@@ -338,7 +337,7 @@ def fit(
     )
     step = be.train_step(spec, optimizer, method, mode, donate)
     tx = be.make_optimizer(optimizer, spec.dtype)
-    align = importlib.import_module(f"{be.__name__}.alignment").alignment_angles_unchecked if align_every else None
+    align_step = be.train_step(spec, optimizer, method, mode, donate, with_alignment=True) if align_every else None
 
     n = x_np.shape[0]
     num_classes = max(spec.n_out, 2)
@@ -371,12 +370,15 @@ def fit(
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
                 xb, yb = x_nat[idx], y_nat[idx]
-                if align is not None and global_step % align_every == 0:
-                    angles = be.to_numpy(tuple(align(spec, params_nat, feedback_nat, xb, yb, mode)))
+                if align_step is not None and global_step % align_every == 0:
+                    # One compiled step that also measures DFA-vs-BP angles before updating.
+                    params_nat, opt_state, batch_loss, angles = align_step(params_nat, feedback_nat, opt_state, xb, yb)
+                    angles = be.to_numpy(tuple(angles))
                     records.append(
                         AlignmentRecord(global_step, epoch, tuple(map(float, angles[0])), tuple(map(float, angles[1])))
                     )
-                params_nat, opt_state, batch_loss = step(params_nat, feedback_nat, opt_state, xb, yb)
+                else:
+                    params_nat, opt_state, batch_loss = step(params_nat, feedback_nat, opt_state, xb, yb)
                 batch_losses.append(batch_loss)
                 global_step += 1
                 if on_batch is not None:

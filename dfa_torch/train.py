@@ -8,11 +8,19 @@ import torch
 
 from dfa_core import validation
 from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec  # noqa: F401  (METHODS re-exported)
+from dfa_torch import alignment
 from dfa_torch.dfa import bp_grads_and_loss, dfa_grads_and_loss
 from dfa_torch.optim import _flatten, _unflatten, apply_updates, apply_updates_, make_optimizer
 
-def train_step(spec: MLPSpec, opt: OptimizerSpec, method: str = "dfa", mode: str = "sample", donate: bool = False):
-    """Builds step(params, feedback, opt_state, x, y) -> (params, opt_state, loss).
+def train_step(
+    spec: MLPSpec,
+    opt: OptimizerSpec,
+    method: str = "dfa",
+    mode: str = "sample",
+    donate: bool = False,
+    with_alignment: bool = False,
+):
+    """Builds step(params, feedback, opt_state, x, y) -> (params, opt_state, loss[, angles]).
 
     The torch twin of dfa_jax.train_step (cached per argument combination); it takes
     tensors of spec.dtype, unchecked (check a dataset once, not every batch). ``loss``
@@ -26,13 +34,15 @@ def train_step(spec: MLPSpec, opt: OptimizerSpec, method: str = "dfa", mode: str
       mode: DFA grouping, one of dfa_core.MODES.
       donate: let the step write the new params into the tensors passed in (in place),
         as XLA's buffer donation does on JAX; for training loops that own their arrays.
+      with_alignment: the step also returns ``alignment.Angles`` (DFA update vs BP
+        gradient per layer) measured on the batch before the update, in the same step.
     """
     validation.check_train_step(spec, opt, method, mode)
-    return _build_step(spec, opt, method, mode, donate)
+    return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment))
 
 
 @functools.lru_cache(maxsize=None)
-def _build_step(spec, opt, method, mode, donate):
+def _build_step(spec, opt, method, mode, donate, with_alignment):
     tx = make_optimizer(opt, spec.dtype)
 
     _apply = apply_updates_ if donate else apply_updates
@@ -48,12 +58,16 @@ def _build_step(spec, opt, method, mode, donate):
         return _apply(params, updates), opt_state
 
     def step(params, feedback, opt_state, x, y):
+        # Measured before the update, which may write into params (donate=True).
+        angles = alignment.alignment_angles_unchecked(spec, params, feedback, x, y, mode) if with_alignment else None
         if method == "dfa":
             grads, batch_loss = dfa_grads_and_loss(spec, params, feedback, x, y, mode)
         else:
             grads, batch_loss = bp_grads_and_loss(spec, params, x, y)
         with torch.no_grad():
             params, opt_state = update(params, grads, opt_state)
+        if with_alignment:
+            return params, opt_state, batch_loss, angles
         return params, opt_state, batch_loss
 
     return step

@@ -133,3 +133,25 @@ def test_fused_step_projects_per_layer_or_concatenated_alike(name, mode, per_lay
         grads, loss = be.dfa_grads_and_loss(spec, be.asarray(params), be.asarray(feedback), be.asarray(x), be.asarray(y), mode)
     assert_tree_close(be.to_numpy(grads), ref.dfa_grads(spec, params, feedback, x, y, mode), 1e-10, 1e-12, name)
     np.testing.assert_allclose(float(be.to_numpy(loss)), ref.loss(spec, params, x, y), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("method", ["dfa", "bp"])
+def test_step_with_alignment_measures_before_updating(name, method):
+    """with_alignment=True returns the same update plus the angles alignment_angles gives."""
+    spec, params, feedback, x, y = make_case(3, dtype="float64")
+    be = backend(name)
+    align = __import__(f"dfa_{name}.alignment", fromlist=["alignment_angles"])
+    opt = OptimizerSpec("adam", learning_rate=0.01)
+    P, F = be.asarray(params), be.asarray(feedback)
+    want_angles = be.to_numpy(tuple(align.alignment_angles(spec, P, F, x, y)))
+    with be.precision_scope("float64"):
+        S = be.make_optimizer(opt, "float64").init(P)
+        X, Y = be.asarray(x), be.asarray(y)
+        plain = be.train_step(spec, opt, method)(P, F, S, X, Y)
+        P2 = be.asarray(params)
+        out = be.train_step(spec, opt, method, donate=True, with_alignment=True)(P2, F, be.make_optimizer(opt, "float64").init(P2), X, Y)
+    assert len(out) == 4
+    assert_tree_close(be.to_numpy(out[0]), be.to_numpy(plain[0]), 1e-13, 1e-14, f"{name} params")
+    assert_tree_close(be.to_numpy(tuple(out[3])), want_angles, 1e-9, 1e-9, f"{name} angles")
+    assert abs(float(want_angles[0][-1])) < 1e-5  # output layer: DFA == BP in 'sample' mode
