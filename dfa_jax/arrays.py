@@ -14,6 +14,8 @@ import numpy as np
 
 from dfa_core.validation import dtype_name
 
+from dfa_core.tree import tree_map as _map
+
 NAME = "jax"
 
 
@@ -28,12 +30,6 @@ def _enable_x64():
 def precision_scope(dtype: str):
     """Context in which arrays of ``dtype`` ('float32' or 'float64') keep their precision."""
     return _enable_x64() if dtype == "float64" else contextlib.nullcontext()
-
-
-def _map(fn, tree):
-    if isinstance(tree, (tuple, list)):
-        return tuple(_map(fn, t) for t in tree)
-    return fn(tree)
 
 
 def _leaves(tree):

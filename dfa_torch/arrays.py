@@ -7,6 +7,8 @@ import contextlib
 import numpy as np
 import torch
 
+from dfa_core.tree import tree_map as _map
+
 NAME = "torch"
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -20,12 +22,6 @@ def precision_scope(dtype: str):
 
 def torch_dtype(dtype: str) -> torch.dtype:
     return _DTYPES[dtype]
-
-
-def _map(fn, tree):
-    if isinstance(tree, (tuple, list)):
-        return tuple(_map(fn, t) for t in tree)
-    return fn(tree)
 
 
 def asarray(tree, device=None):

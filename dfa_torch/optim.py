@@ -7,6 +7,9 @@ from typing import Any, Callable, NamedTuple, Tuple
 import torch
 
 from dfa_core.spec import OptimizerSpec
+from dfa_core.tree import flatten_pairs as _flatten
+from dfa_core.tree import tree_map as _map
+from dfa_core.tree import unflatten_pairs as _unflatten
 
 
 class EmptyState(NamedTuple):
@@ -28,12 +31,6 @@ class GradientTransformation(NamedTuple):
 
     init: Callable
     update: Callable
-
-
-def _map(fn, *trees):
-    if isinstance(trees[0], (tuple, list)):
-        return tuple(_map(fn, *ts) for ts in zip(*trees))
-    return fn(*trees)
 
 
 def make_optimizer(opt: OptimizerSpec, dtype: str = "float32") -> GradientTransformation:
@@ -100,20 +97,6 @@ def make_optimizer(opt: OptimizerSpec, dtype: str = "float32") -> GradientTransf
             return _unflatten(step, grads), AdamState(count, _unflatten(mu, grads), _unflatten(nu, grads))
 
     return GradientTransformation(init, update)
-
-
-def _flatten(tree):
-    """((W_1, b_1), ...) -> [W_1, b_1, ...]."""
-    return [t for pair in tree for t in pair]
-
-
-def _unflatten(flat, like):
-    """Inverse of ``_flatten`` for the structure of ``like``."""
-    out, i = [], 0
-    for pair in like:
-        out.append(tuple(flat[i : i + len(pair)]))
-        i += len(pair)
-    return tuple(out)
 
 
 def _leaf(tree) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dfa_core import cli
+from dfa_train import cli
 
 
 def main(argv=None) -> int:

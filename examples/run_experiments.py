@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from dfa_core import MLPSpec, OptimizerSpec
-from dfa_core.data import load_mnist, xor_dataset
-from dfa_core.trainer import fit
+from dfa_train.data import load_mnist, xor_dataset
+from dfa_train.trainer import fit
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""XOR by DFA (and BP for comparison) through dfa_core.trainer.fit, on either backend.
+"""XOR by DFA (and BP for comparison) through dfa_train.trainer.fit, on either backend.
 
     python examples/xor.py --backend jax --epochs 300
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 
 from dfa_core import MLPSpec, OptimizerSpec
-from dfa_core.data import xor_dataset
-from dfa_core.trainer import fit
+from dfa_train.data import xor_dataset
+from dfa_train.trainer import fit
 
 
 def main(argv=None) -> int:

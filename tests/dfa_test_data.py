@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dfa_core.data import MNIST_FILES, load_mnist
+from dfa_train.data import MNIST_FILES, load_mnist
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MNIST_DIR = REPO_ROOT / ".." / "shared" / "datasets" / "mnist"

@@ -8,7 +8,7 @@ import dfa_jax.alignment
 import dfa_torch
 import dfa_torch.alignment
 from dfa_core import MODES, MLPSpec, OptimizerSpec, init_feedback, init_params
-from dfa_core.trainer import fit
+from dfa_train.trainer import fit
 
 from dfa_test_data import mnist
 

@@ -1,4 +1,4 @@
-"""dfa_core.checkpoint: backend-neutral optimizer states, exact resume, cross-backend loading, atomic files."""
+"""dfa_train.checkpoint: backend-neutral optimizer states, exact resume, cross-backend loading, atomic files."""
 
 import os
 
@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 
 from dfa_core import MLPSpec, OptimizerSpec, get_backend, init_params
-from dfa_core.checkpoint import (
+from dfa_train.checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
     load_checkpoint,
-    opt_state_from_numpy,
-    opt_state_to_numpy,
     save_checkpoint,
 )
-from dfa_core.trainer import fit
+from dfa_train.state import opt_state_from_numpy, opt_state_to_numpy
+from dfa_train.trainer import fit
 
 SPEC64 = MLPSpec((8, 6, 3), dtype="float64")
 OPTIMIZERS = {

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from dfa_core import cli
-from dfa_core.checkpoint import load_checkpoint
+from dfa_train import cli
+from dfa_train.checkpoint import load_checkpoint
 
 from dfa_test_data import mnist_dir
 

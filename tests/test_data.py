@@ -1,4 +1,4 @@
-"""dfa_core.data: checked MNIST loading from gzip IDX files, and the XOR set."""
+"""dfa_train.data: checked MNIST loading from gzip IDX files, and the XOR set."""
 
 import gzip
 import os
@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from dfa_core.data import MNIST_FILES, load_mnist, read_idx, xor_dataset
+from dfa_train.data import MNIST_FILES, load_mnist, read_idx, xor_dataset
 
 from dfa_test_data import mnist, mnist_dir
 

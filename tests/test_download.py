@@ -1,4 +1,4 @@
-"""dfa_core.data.find_mnist: path, env and cache lookup, and verified downloads from a local HTTP server.
+"""dfa_train.data.find_mnist: path, env and cache lookup, and verified downloads from a local HTTP server.
 
 The server runs on 127.0.0.1 in a thread and serves copies of the shared MNIST folder;
 nothing leaves the machine.
@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from dfa_core.data import MNIST_FILES, DatasetNotFoundError, find_mnist, load_mnist
+from dfa_train.data import MNIST_FILES, DatasetNotFoundError, find_mnist, load_mnist
 
 from dfa_test_data import mnist_dir
 

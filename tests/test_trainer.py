@@ -1,4 +1,4 @@
-"""dfa_core.trainer.fit: one loop for both backends, same batches, same float64 history."""
+"""dfa_train.trainer.fit: one loop for both backends, same batches, same float64 history."""
 
 import json
 
@@ -7,7 +7,7 @@ import pytest
 
 import dfa_torch
 from dfa_core import MLPSpec, OptimizerSpec, init_feedback, init_params
-from dfa_core.trainer import History, confusion_matrix, fit, labels_of
+from dfa_train.trainer import History, confusion_matrix, fit, labels_of
 
 SPEC64 = MLPSpec((8, 12, 10, 3), activation="tanh", output="sigmoid", dtype="float64")
 
@@ -111,7 +111,7 @@ def test_history_to_json_is_strict_json():
 
 def test_xor_by_dfa_on_both_backends():
     """XOR (one sigmoid output, labels y > 0.5) is learned by DFA on torch and JAX alike."""
-    from dfa_core.data import xor_dataset
+    from dfa_train.data import xor_dataset
 
     spec = MLPSpec((2, 8, 1), dtype="float64")
     x, y = xor_dataset("float64")

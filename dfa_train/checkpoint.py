@@ -3,12 +3,8 @@
 A checkpoint holds the params, the feedback matrices, the optimizer state, the number of
 epochs run and the batch-order generator's state, enough for ``fit(resume=...)`` to end
 with the same params as an uninterrupted run. Arrays are stored as NumPy; the optimizer
-state is stored backend-neutrally (``opt_state_to_numpy``): the torch states
-(``dfa_torch.optim``: EmptyState / TraceState(trace) / AdamState(count, mu, nu)) and the
-optax ones ((EmptyState, EmptyState), (TraceState(trace), EmptyState),
-(ScaleByAdamState(count, mu, nu), EmptyState)) both flatten to the keys ``count``,
-``trace/i``, ``mu/i``, ``nu/i`` (i indexes the leaves W_1, b_1, W_2, ...), so a checkpoint
-written on torch resumes on JAX and back.
+state as ``dfa_train.state.opt_state_to_numpy`` flattens it, so a checkpoint written on
+torch resumes on JAX and back.
 
 Files are written to a temporary name in the same folder and moved in place with
 ``os.replace``, so a crash never leaves a half-written checkpoint under the real name.
@@ -21,20 +17,17 @@ import io
 import json
 import os
 import tempfile
-from types import ModuleType
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from dfa_core.trainer import ResumeState
+from dfa_train.state import ResumeState
 
 FORMAT_VERSION = 1
 """Bumped whenever the layout of the .npz changes; ``load_checkpoint`` refuses other versions."""
 
 CHECKPOINT_NAME = "checkpoint.npz"
 
-_TREE_FIELDS = ("trace", "mu", "nu")  # optimizer-state fields shaped like params
-_SCALAR_FIELDS = ("count",)
 
 
 class Checkpoint(NamedTuple):
@@ -44,102 +37,6 @@ class Checkpoint(NamedTuple):
     feedback: Tuple[np.ndarray, ...]  # (B_1, ..., B_{L-1}), B_l (n_l, n_L)
     resume: ResumeState  # epoch, global_step, rng_state, opt_state (dict of arrays) and history so far
     meta: Dict[str, Any]  # free JSON: the run's config, backend that wrote it, ...
-
-
-def _flatten(tree) -> list:
-    return [leaf for pair in tree for leaf in pair]
-
-
-def _unflatten(leaves, like) -> tuple:
-    out, i = [], 0
-    for pair in like:
-        out.append(tuple(leaves[i : i + len(pair)]))
-        i += len(pair)
-    return tuple(out)
-
-
-def _walk_states(state):
-    """Yields every NamedTuple in a (possibly nested) optimizer state."""
-    if hasattr(state, "_fields"):
-        yield state
-    elif isinstance(state, (tuple, list)):
-        for s in state:
-            yield from _walk_states(s)
-
-
-def opt_state_to_numpy(backend: ModuleType, state) -> Dict[str, np.ndarray]:
-    """A torch or optax optimizer state as a flat dict of NumPy arrays.
-
-    Args:
-      backend: the backend module whose ``to_numpy`` reads the state's arrays.
-      state: ``make_optimizer(...).init(params)`` or a later state.
-
-    Returns:
-      {} for SGD; {'trace/i': ...} for momentum; {'count': () int32, 'mu/i': ...,
-      'nu/i': ...} for Adam, i over the flattened params W_1, b_1, W_2, ...
-
-    Raises:
-      ValueError: a state field this module does not know (a new optimizer).
-    """
-    out: Dict[str, np.ndarray] = {}
-    for s in _walk_states(state):
-        for field in s._fields:
-            value = getattr(s, field)
-            if field in _TREE_FIELDS:
-                for i, leaf in enumerate(_flatten(value)):
-                    out[f"{field}/{i}"] = np.asarray(backend.to_numpy(leaf))
-            elif field in _SCALAR_FIELDS:
-                out[field] = np.asarray(backend.to_numpy(value))
-            else:
-                raise ValueError(
-                    f"optimizer state {type(s).__name__} has a field {field!r} that checkpoints cannot "
-                    f"store; known fields: {list(_TREE_FIELDS + _SCALAR_FIELDS)}"
-                )
-    return out
-
-
-def opt_state_from_numpy(backend: ModuleType, template, arrays: Dict[str, np.ndarray]):
-    """Fills a fresh optimizer state of ``backend`` with arrays from ``opt_state_to_numpy``.
-
-    Args:
-      backend: the backend module (its ``asarray`` makes the native arrays).
-      template: ``make_optimizer(...).init(params)`` on that backend: gives the structure.
-      arrays: the flat dict, possibly written by the other backend.
-
-    Returns:
-      A state of the template's structure holding ``arrays``.
-
-    Raises:
-      ValueError: keys or shapes that do not match the template (another optimizer or network).
-    """
-    expected = opt_state_to_numpy(backend, template)
-    if set(expected) != set(arrays):
-        raise ValueError(
-            f"optimizer state mismatch: the checkpoint has keys {sorted(arrays)}, this optimizer "
-            f"needs {sorted(expected)}; resume with the optimizer the run was started with"
-        )
-    for key, ref in expected.items():
-        if np.shape(arrays[key]) != ref.shape:
-            raise ValueError(f"optimizer state {key!r}: checkpoint shape {np.shape(arrays[key])}, expected {ref.shape}")
-
-    def fill(state):
-        if hasattr(state, "_fields"):
-            updates = {}
-            for field in state._fields:
-                value = getattr(state, field)
-                if field in _TREE_FIELDS:
-                    leaves = [np.asarray(arrays[f"{field}/{i}"], dtype=ref.dtype)
-                              for i, ref in enumerate(backend.to_numpy(tuple(_flatten(value))))]
-                    updates[field] = backend.asarray(_unflatten(leaves, value))
-                elif field in _SCALAR_FIELDS:
-                    ref = np.asarray(backend.to_numpy(value))
-                    updates[field] = backend.asarray(np.asarray(arrays[field], dtype=ref.dtype))
-            return state._replace(**updates) if updates else state
-        if isinstance(state, (tuple, list)):
-            return type(state)(fill(s) for s in state)
-        return state
-
-    return fill(template)
 
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
@@ -249,7 +146,5 @@ __all__ = [
     "FORMAT_VERSION",
     "atomic_write_text",
     "load_checkpoint",
-    "opt_state_from_numpy",
-    "opt_state_to_numpy",
     "save_checkpoint",
 ]

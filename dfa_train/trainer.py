@@ -6,7 +6,7 @@ torch and JAX backends see the same batches in the same order and, in float64, g
 the same history.
 
     from dfa_core import MLPSpec, OptimizerSpec
-    from dfa_core.trainer import fit
+    from dfa_train.trainer import fit
     spec = MLPSpec((784, 200, 10), activation="tanh", output="sigmoid")
     history = fit("jax", spec, x_train, y_train, x_test=x_test, y_test=y_test,
                   optimizer=OptimizerSpec("sgd", 1e-4), epochs=10, batch_size=200)
@@ -15,12 +15,11 @@ the same history.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import time
 from types import ModuleType
-from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -28,117 +27,17 @@ from dfa_core import validation
 from dfa_core.init import DEFAULT_FEEDBACK_SCALE, init_feedback, init_params
 from dfa_core.registry import get_backend
 from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec
+from dfa_train.state import (
+    AlignmentRecord,
+    EpochEnd,
+    History,
+    NonFiniteLossError,
+    ResumeState,
+    opt_state_from_numpy,
+    opt_state_to_numpy,
+)
 
 _BACKEND_FUNCTIONS = ("asarray", "to_numpy", "precision_scope", "forward", "make_optimizer", "train_step")
-
-
-class AlignmentRecord(NamedTuple):
-    """Angles between the DFA update and the BP gradient, measured on one batch before its update."""
-
-    step: int  # global step (0-based) whose batch was measured
-    epoch: int  # 0-based epoch of that step
-    weights: Tuple[float, ...]  # (L,): degrees per layer, the last is the output layer; NaN if undefined
-    deltas: Tuple[float, ...]  # (L,): degrees per layer for the teaching signal delta_l
-
-
-class History(NamedTuple):
-    """What ``fit`` records. Per-epoch tuples have one entry per epoch run."""
-
-    loss: Tuple[float, ...]  # per epoch: mean per-sample training loss, from each batch's loss before its update
-    train_error: Tuple[float, ...]  # per epoch: fraction of training samples misclassified at the epoch's end
-    test_accuracy: Tuple[float, ...]  # per epoch: fraction of test samples classified right; () without a test set
-    time_s: Tuple[float, ...]  # per epoch: wall seconds of steps and alignment, synchronised; no evaluation
-    confusion: np.ndarray  # (C, C) int64 counts at the end, rows true class, columns predicted class
-    confusion_split: str  # 'test' if a test set was given, else 'train'
-    alignment: Tuple[AlignmentRecord, ...]  # every ``align_every`` steps; () when align_every = 0
-    stopped_early: bool  # True when ``tol`` ended training before ``epochs``
-    config: Dict[str, Any]  # the run's settings (backend, spec, method, mode, optimizer, seeds, ...)
-    params: Tuple[Tuple[np.ndarray, np.ndarray], ...]  # final ((W_l, b_l), ...) as NumPy arrays
-    feedback: Tuple[np.ndarray, ...]  # the feedback matrices (B_1, ..., B_{L-1}) used, NumPy
-
-    @property
-    def epochs_run(self) -> int:
-        return len(self.loss)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """Everything but ``params`` and ``feedback`` as JSON-ready Python values (NaN -> None)."""
-        return {
-            "loss": [_finite_or_none(v) for v in self.loss],
-            "train_error": [_finite_or_none(v) for v in self.train_error],
-            "test_accuracy": [_finite_or_none(v) for v in self.test_accuracy],
-            "time_s": list(self.time_s),
-            "confusion": np.asarray(self.confusion).tolist(),
-            "confusion_split": self.confusion_split,
-            "alignment": [
-                {
-                    "step": r.step,
-                    "epoch": r.epoch,
-                    "weights": [_finite_or_none(v) for v in r.weights],
-                    "deltas": [_finite_or_none(v) for v in r.deltas],
-                }
-                for r in self.alignment
-            ],
-            "stopped_early": self.stopped_early,
-            "epochs_run": self.epochs_run,
-            "config": self.config,
-        }
-
-    def to_json(self, indent: Optional[int] = None) -> str:
-        """``to_dict`` as strict JSON (no NaN)."""
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-
-
-class ResumeState(NamedTuple):
-    """Where an interrupted ``fit`` left off; with the params it had, ``fit`` continues exactly.
-
-    ``dfa_core.checkpoint`` saves and loads it; ``params`` and ``feedback`` travel as
-    ``fit``'s own arguments.
-    """
-
-    epoch: int  # epochs already run (the next epoch is this 0-based index)
-    global_step: int  # steps already taken
-    rng_state: Dict[str, Any]  # np.random.default_rng(seed).bit_generator.state after those epochs
-    opt_state: Optional[Dict[str, np.ndarray]]  # checkpoint.opt_state_to_numpy(...); None: a fresh init
-    loss: Tuple[float, ...] = ()  # the per-epoch records so far, prepended to the returned History
-    train_error: Tuple[float, ...] = ()
-    test_accuracy: Tuple[float, ...] = ()
-    time_s: Tuple[float, ...] = ()
-    within_tol: int = 0  # consecutive epochs within ``tol`` so far
-
-
-class EpochEnd(NamedTuple):
-    """What ``fit`` hands ``on_epoch`` after each epoch: enough to checkpoint and log it."""
-
-    epoch: int  # epochs run so far, 1-based
-    epochs: int  # the run's maximum number of epochs
-    global_step: int  # steps taken so far
-    loss: float  # this epoch's mean per-sample training loss
-    train_error: float  # this epoch's training error
-    test_accuracy: Optional[float]  # None without a test set
-    time_s: float  # this epoch's wall seconds (steps and alignment)
-    samples_per_s: float  # training samples per second of ``time_s``
-    alignment: Tuple[AlignmentRecord, ...]  # the records measured during this epoch
-    params: Tuple[Tuple[np.ndarray, np.ndarray], ...]  # ((W_l, b_l), ...) after the epoch, NumPy
-    feedback: Tuple[np.ndarray, ...]  # (B_1, ..., B_{L-1}), NumPy
-    opt_state: Dict[str, np.ndarray]  # the optimizer state as ``checkpoint.opt_state_to_numpy`` gives it
-    resume: ResumeState  # pass to ``fit(resume=...)`` with ``params`` to continue from here
-
-
-class NonFiniteLossError(FloatingPointError):
-    """An epoch's loss was NaN or infinite (``fit(stop_on_nonfinite=True)``)."""
-
-    def __init__(self, epoch: int, loss: float):
-        super().__init__(
-            f"epoch {epoch}: the training loss is {loss}; training stopped. Lower the learning rate "
-            "(--lr), use reduction 'mean' or check the inputs; the last checkpoint holds the last finite state"
-        )
-        self.epoch = epoch
-        self.loss = loss
-
-
-def _finite_or_none(value) -> Optional[float]:
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 def _optimizer_config(opt: OptimizerSpec) -> Dict[str, Any]:
@@ -323,7 +222,7 @@ def fit(
     if (x_test is None) != (y_test is None):
         raise ValueError("x_test and y_test must be given together (or neither)")
     if resume is not None and not isinstance(resume, ResumeState):
-        raise TypeError(f"resume must be a dfa_core.trainer.ResumeState, got {type(resume).__name__}")
+        raise TypeError(f"resume must be a dfa_train.trainer.ResumeState, got {type(resume).__name__}")
     for name, fn in (("on_epoch", on_epoch), ("on_batch", on_batch)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
@@ -352,8 +251,6 @@ def fit(
         within_tol, global_step, first_epoch = resume.within_tol, resume.global_step, resume.epoch
     pred = test_pred = None
     num_batches = -(-n // batch_size)
-    # Imported here: checkpoint imports this module.
-    from dfa_core.checkpoint import opt_state_from_numpy, opt_state_to_numpy
 
     with be.precision_scope(spec.dtype):
         x_nat, y_nat = be.asarray(x_np), be.asarray(y_np)

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dfa_core import init as dfa_init
-from dfa_core.checkpoint import CHECKPOINT_NAME, Checkpoint, atomic_write_text, load_checkpoint, save_checkpoint
+from dfa_train.checkpoint import CHECKPOINT_NAME, Checkpoint, atomic_write_text, load_checkpoint, save_checkpoint
 from dfa_core.registry import BACKEND_NAMES
 from dfa_core.spec import ACTIVATIONS, DTYPES, MODES, OPTIMIZERS, OUTPUTS, REDUCTIONS, MLPSpec, OptimizerSpec
 
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_data(cfg: Dict[str, Any]):
     """(x_train, y_train, x_test, y_test) for a run config, limited and scaled as it asks."""
-    from dfa_core import data
+    from dfa_train import data
 
     if cfg["dataset"] == "xor":
         x, y = data.xor_dataset(cfg["dtype"])
@@ -274,7 +274,7 @@ def run_training(cfg: Dict[str, Any], run_dir: str, data, *, resume: bool = Fals
       NonFiniteLossError: the loss became NaN/inf (the checkpoint of the last finite epoch is kept).
       KeyboardInterrupt: Ctrl-C (the checkpoint of the last finished epoch is kept).
     """
-    from dfa_core.trainer import fit
+    from dfa_train.trainer import fit
 
     x_train, y_train, x_test, y_test = data
     spec, opt = spec_of(cfg), optimizer_of(cfg)
@@ -293,7 +293,7 @@ def run_training(cfg: Dict[str, Any], run_dir: str, data, *, resume: bool = Fals
         state, records = None, []
         _write_history(run_dir, records)
         # Epoch 0: a Ctrl-C in the first epoch still leaves a checkpoint to resume from.
-        from dfa_core.trainer import ResumeState
+        from dfa_train.trainer import ResumeState
 
         rng = np.random.default_rng(cfg["seed"])
         save_checkpoint(ckpt_path, Checkpoint(params, feedback, ResumeState(0, 0, rng.bit_generator.state, None),
@@ -345,7 +345,7 @@ def run_training(cfg: Dict[str, Any], run_dir: str, data, *, resume: bool = Fals
         "n_train": int(n), "n_test": int(x_test.shape[0]),
     }
     if history.confusion.shape[0] > 0:
-        from dfa_core.plots import precision_recall
+        from dfa_train.plots import precision_recall
 
         precision, recall = precision_recall(history.confusion)
         metrics["precision"] = [_finite(v) for v in precision]
@@ -360,7 +360,7 @@ def run_training(cfg: Dict[str, Any], run_dir: str, data, *, resume: bool = Fals
 
 def write_plots(out_dir: str, runs: Dict[str, Dict[str, Any]], records, steps_per_epoch: int) -> List[str]:
     """Curves, confusion matrices, precision/recall and (from ``records``) alignment PNGs in ``out_dir``."""
-    from dfa_core import plots
+    from dfa_train import plots
 
     written = [plots.plot_curves(runs, os.path.join(out_dir, "training_curves.png"))]
     for label, m in runs.items():
@@ -499,8 +499,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.epochs_given = "--epochs" in argv
-    from dfa_core.data import DatasetNotFoundError
-    from dfa_core.trainer import NonFiniteLossError
+    from dfa_train.data import DatasetNotFoundError
+    from dfa_train.trainer import NonFiniteLossError
 
     commands = {"train": cmd_train, "compare": cmd_compare, "summary": cmd_summary}
     try:
