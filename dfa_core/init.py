@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import numpy as np
 
 from dfa_core.spec import MLPSpec
+from dfa_core.validation import dtype_name
 
 PARAM_INITS = ("default", "zeros")
 FEEDBACK_DISTS = ("normal", "uniform")
@@ -68,6 +69,13 @@ def init_params(spec: MLPSpec, seed: int = 0, init: str = "default") -> Params:
     return tuple(params)
 
 
+def _check_real(what: str, m) -> None:
+    """Casting a complex matrix to float would silently drop its imaginary part."""
+    name = dtype_name(m) if hasattr(m, "dtype") else np.asarray(m).dtype.name
+    if name.startswith("complex") or name in ("object", "str", "bytes") or name.startswith(("<U", "<S")):
+        raise TypeError(f"{what} must hold real numbers, got dtype {name}")
+
+
 def init_feedback(
     spec: MLPSpec,
     seed: int = 1,
@@ -117,6 +125,7 @@ def init_feedback(
             )
         drawn = []
         for l, (m, shape) in enumerate(zip(matrices, shapes), start=1):
+            _check_real(f"matrices: B_{l}", m)
             m = np.array(m, dtype=np.float64, copy=True)
             if m.shape != shape:
                 raise ValueError(f"matrices: B_{l} must have shape {shape}, got {m.shape}")
@@ -130,7 +139,9 @@ def init_feedback(
     out = []
     for l, (m, shape) in enumerate(zip(drawn, shapes), start=1):
         if transform is not None:
-            m = np.asarray(transform(m), dtype=np.float64)
+            m = transform(m)
+            _check_real(f"transform's result for B_{l}", m)
+            m = np.asarray(m, dtype=np.float64)
             if m.shape != shape:
                 raise ValueError(f"transform returned shape {m.shape} for B_{l}, expected {shape}")
         if not np.all(np.isfinite(m)):

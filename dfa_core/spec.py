@@ -6,6 +6,7 @@ Both backends key their compiled functions on these objects (JAX uses them as
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import numbers
 from typing import Tuple
@@ -66,9 +67,13 @@ class MLPSpec:
 
     def __post_init__(self):
         sizes = self.layer_sizes
-        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__iter__"):
+        # An ordered sequence only: a set or dict would silently reorder the widths.
+        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, collections.abc.Sequence) and not (
+            hasattr(sizes, "__array__") and getattr(sizes, "ndim", None) == 1
+        ):
             raise TypeError(
-                f"layer_sizes must be a sequence of ints such as (784, 200, 10), got {sizes!r}"
+                "layer_sizes must be an ordered sequence of ints such as (784, 200, 10), "
+                f"got {type(sizes).__name__} {sizes!r}"
             )
         sizes = tuple(sizes)
         if len(sizes) < 2:

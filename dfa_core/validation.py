@@ -106,6 +106,20 @@ def check_batch(spec: MLPSpec, x, y) -> int:
     return batch
 
 
+def named_leaves(params, feedback=None):
+    """(name, array) for W_1, b_1, ..., W_L, b_L, then B_1, ..., B_{L-1}: for value checks."""
+    for l, (w, b) in enumerate(params, start=1):
+        yield f"params W_{l}", w
+        yield f"params b_{l}", b
+    for l, m in enumerate(feedback or (), start=1):
+        yield f"feedback B_{l}", m
+
+
+def raise_for_nonfinite(name: str, finite: bool) -> None:
+    if not finite:
+        raise ValueError(f"{name} has non-finite values (nan or inf)")
+
+
 def needs_one_hot(mode: str) -> bool:
     return mode == "class_mean"
 

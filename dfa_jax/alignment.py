@@ -18,11 +18,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dfa_core import validation
 from dfa_core.spec import MLPSpec
 from dfa_jax import nn
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, _class_grouping, dfa_layer_grads, feedback_projection, group, prepare
-from dfa_jax.mlp import Params, forward_with_activations, reduce_loss
+from dfa_jax.mlp import Params, reduce_loss
+from dfa_jax.mlp import _forward_with_activations as forward_with_activations
 
 Array = jax.Array
 
@@ -103,6 +105,8 @@ def alignment_angles(spec: MLPSpec, params, feedback, x, y, mode: str = "sample"
       ValueError, TypeError: bad spec, mode, shapes, dtypes or values, before any tracing.
     """
     with precision_scope(getattr(spec, "dtype", "float32")):
+        validation.check_spec(spec)
+        validation.check_feedback(spec, feedback)  # None is not "no feedback" for DFA
         params, feedback, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
         return alignment_angles_unchecked(spec, params, feedback, x, y, mode)
 

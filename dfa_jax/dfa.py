@@ -20,7 +20,8 @@ from dfa_core import validation
 from dfa_core.spec import MLPSpec
 from dfa_jax import nn
 from dfa_jax.arrays import as_input, precision_scope
-from dfa_jax.mlp import Activations, Params, loss, reduce_loss
+from dfa_jax.mlp import Activations, Params, reduce_loss
+from dfa_jax.mlp import _loss as loss
 
 Array = jax.Array
 Grads = Tuple[Tuple[Array, Array], ...]
@@ -248,6 +249,9 @@ def prepare(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check_v
     params = tuple((as_input(w, spec.dtype), as_input(b, spec.dtype)) for w, b in params)
     if feedback is not None:
         feedback = tuple(as_input(b, spec.dtype) for b in feedback)
+    if check_values:  # the checked entry points reject non-finite params and feedback too
+        for name, arr in validation.named_leaves(params, feedback):
+            validation.raise_for_nonfinite(name, bool(jnp.all(jnp.isfinite(arr))))
     return params, feedback, x, y
 
 
@@ -271,6 +275,8 @@ def dfa_grads(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check
       ValueError, TypeError: bad spec, mode, shapes, dtypes or values, before any tracing.
     """
     with precision_scope(getattr(spec, "dtype", "float32")):
+        validation.check_spec(spec)
+        validation.check_feedback(spec, feedback)  # None is not "no feedback" for DFA
         params, feedback, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
         return dfa_grads_unchecked(spec, params, feedback, x, y, mode)
 

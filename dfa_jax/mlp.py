@@ -1,18 +1,24 @@
 """Forward passes and the loss of an MLP over ((W, b), ...) parameters (JAX, pure functions).
 
-These take native arrays of ``spec.dtype`` and do no validation, so they can be
-called inside ``jax.jit``; the checked entry points are in ``dfa_jax.dfa``.
+The private ``_forward`` etc. take JAX arrays of ``spec.dtype`` and do no validation (the
+fast paths use them inside ``jax.jit``); the public ``forward``, ``logits``, ``loss`` and
+``forward_with_activations`` also take NumPy arrays, cast to ``spec.dtype`` and keep float64
+outside ``precision_scope``, as the torch twins do.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple, Tuple
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from dfa_core.spec import MLPSpec
+from dfa_core.tree import tree_map
 from dfa_jax import nn
+from dfa_jax.arrays import as_input, precision_scope
 
 Array = jax.Array
 Params = Tuple[Tuple[Array, Array], ...]
@@ -30,7 +36,7 @@ def _linear(h_BxI: Array, w_OxI: Array, b_O: Array) -> Array:
     return h_BxI @ w_OxI.T + b_O[None, :]
 
 
-def forward_with_activations(spec: MLPSpec, params: Params, x: Array) -> Activations:
+def _forward_with_activations(spec: MLPSpec, params: Params, x: Array) -> Activations:
     """a_l = h_{l-1} W_l^T + b_l, h_l = f(a_l) for hidden layers, y_hat = g(a_L).
 
     Args:
@@ -50,7 +56,7 @@ def forward_with_activations(spec: MLPSpec, params: Params, x: Array) -> Activat
     return Activations(tuple(a), tuple(h), nn.output_function(spec.output)(a[-1]))
 
 
-def logits(spec: MLPSpec, params: Params, x: Array) -> Array:
+def _logits(spec: MLPSpec, params: Params, x: Array) -> Array:
     """a_L, (batch, n_L), without keeping the hidden activations."""
     f = nn.activation(spec.activation).fn
     h = x
@@ -59,9 +65,9 @@ def logits(spec: MLPSpec, params: Params, x: Array) -> Array:
     return _linear(h, *params[-1])
 
 
-def forward(spec: MLPSpec, params: Params, x: Array) -> Array:
+def _forward(spec: MLPSpec, params: Params, x: Array) -> Array:
     """y_hat = g(a_L), (batch, n_L) (the report's ``forward``)."""
-    return nn.output_function(spec.output)(logits(spec, params, x))
+    return nn.output_function(spec.output)(_logits(spec, params, x))
 
 
 def reduce_loss(spec: MLPSpec, logits_BxO: Array, y_BxO: Array) -> Array:
@@ -70,6 +76,28 @@ def reduce_loss(spec: MLPSpec, logits_BxO: Array, y_BxO: Array) -> Array:
     return jnp.sum(per_sample) if spec.reduction == "sum" else jnp.mean(per_sample)
 
 
-def loss(spec: MLPSpec, params: Params, x: Array, y: Array) -> Array:
+def _loss(spec: MLPSpec, params: Params, x: Array, y: Array) -> Array:
     """The loss paired with ``spec.output``, computed from logits, reduced by ``spec.reduction``."""
-    return reduce_loss(spec, logits(spec, params, x), y)
+    return reduce_loss(spec, _logits(spec, params, x), y)
+
+
+def _entry(fn):
+    """The public twin of ``fn``: NumPy or JAX inputs, cast to spec.dtype, float64 kept.
+
+    Outside ``precision_scope`` JAX would compute float64 inputs in float32; the public
+    functions scope themselves, as every public function of the backend does.
+    """
+
+    @functools.wraps(fn)
+    def public(spec: MLPSpec, params, x, *targets):
+        with precision_scope(spec.dtype):
+            params = tree_map(lambda a: as_input(a, spec.dtype), params)
+            return fn(spec, params, *(as_input(a, spec.dtype) for a in (x, *targets)))
+
+    return public
+
+
+forward_with_activations = _entry(_forward_with_activations)
+logits = _entry(_logits)
+forward = _entry(_forward)
+loss = _entry(_loss)

@@ -20,11 +20,13 @@ from typing import NamedTuple
 import torch
 import torch.func
 
+from dfa_core import validation
 from dfa_core.spec import MLPSpec
 from dfa_torch import nn
 from dfa_torch.arrays import precision_scope
 from dfa_torch.dfa import _class_grouping, dfa_layer_grads, feedback_projection, group, prepare
-from dfa_torch.mlp import Params, forward_with_activations, reduce_loss
+from dfa_torch.mlp import Params, reduce_loss
+from dfa_torch.mlp import _forward_with_activations as forward_with_activations
 
 Tensor = torch.Tensor
 
@@ -102,6 +104,8 @@ def alignment_angles(spec: MLPSpec, params, feedback, x, y, mode: str = "sample"
       ValueError, TypeError: bad spec, mode, shapes, dtypes or values, before any compute.
     """
     with precision_scope(getattr(spec, "dtype", "float32")):
+        validation.check_spec(spec)
+        validation.check_feedback(spec, feedback)  # None is not "no feedback" for DFA
         params, feedback, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
         return alignment_angles_unchecked(spec, params, feedback, x, y, mode)
 

@@ -17,7 +17,8 @@ from dfa_core import validation
 from dfa_core.spec import MLPSpec
 from dfa_torch import nn
 from dfa_torch.arrays import as_input, precision_scope
-from dfa_torch.mlp import Activations, Params, loss, reduce_loss
+from dfa_torch.mlp import Activations, Params, reduce_loss
+from dfa_torch.mlp import _loss as loss
 
 Tensor = torch.Tensor
 Grads = Tuple[Tuple[Tensor, Tensor], ...]
@@ -244,6 +245,9 @@ def prepare(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check_v
     params = tuple((as_input(w, spec.dtype, device), as_input(b, spec.dtype, device)) for w, b in params)
     if feedback is not None:
         feedback = tuple(as_input(b, spec.dtype, device) for b in feedback)
+    if check_values:  # the checked entry points reject non-finite params and feedback too
+        for name, arr in validation.named_leaves(params, feedback):
+            validation.raise_for_nonfinite(name, bool(torch.isfinite(arr).all()))
     return params, feedback, x, y
 
 
@@ -267,6 +271,8 @@ def dfa_grads(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check
       ValueError, TypeError: bad spec, mode, shapes, dtypes or values, before any compute.
     """
     with precision_scope(getattr(spec, "dtype", "float32")):
+        validation.check_spec(spec)
+        validation.check_feedback(spec, feedback)  # None is not "no feedback" for DFA
         params, feedback, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
         return dfa_grads_unchecked(spec, params, feedback, x, y, mode)
 

@@ -1,17 +1,23 @@
 """Forward passes and the loss of an MLP over ((W, b), ...) parameters (torch, pure functions).
 
-These take tensors of ``spec.dtype`` and do no validation, so they can run under
-torch.func transforms; the checked entry points are in ``dfa_torch.dfa``.
+The private ``_forward`` etc. take tensors of ``spec.dtype`` and do no validation (the fast
+paths use them); the public ``forward``, ``logits``, ``loss`` and ``forward_with_activations``
+also take NumPy arrays, cast to ``spec.dtype`` on the params' device, and name both devices
+when tensors disagree, as the JAX twins do.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple, Tuple
 
+import functools
+
 import torch
 
 from dfa_core.spec import MLPSpec
+from dfa_core.tree import tree_map
 from dfa_torch import nn
+from dfa_torch.arrays import as_input, torch_dtype
 
 Tensor = torch.Tensor
 Params = Tuple[Tuple[Tensor, Tensor], ...]
@@ -29,7 +35,7 @@ def _linear(h_BxI: Tensor, w_OxI: Tensor, b_O: Tensor) -> Tensor:
     return torch.addmm(b_O, h_BxI, w_OxI.T)
 
 
-def forward_with_activations(spec: MLPSpec, params: Params, x: Tensor) -> Activations:
+def _forward_with_activations(spec: MLPSpec, params: Params, x: Tensor) -> Activations:
     """a_l = h_{l-1} W_l^T + b_l, h_l = f(a_l) for hidden layers, y_hat = g(a_L).
 
     Args:
@@ -49,7 +55,7 @@ def forward_with_activations(spec: MLPSpec, params: Params, x: Tensor) -> Activa
     return Activations(tuple(a), tuple(h), nn.output_function(spec.output)(a[-1]))
 
 
-def logits(spec: MLPSpec, params: Params, x: Tensor) -> Tensor:
+def _logits(spec: MLPSpec, params: Params, x: Tensor) -> Tensor:
     """a_L, (batch, n_L), without keeping the hidden activations."""
     f = nn.activation(spec.activation).fn
     h = x
@@ -58,9 +64,9 @@ def logits(spec: MLPSpec, params: Params, x: Tensor) -> Tensor:
     return _linear(h, *params[-1])
 
 
-def forward(spec: MLPSpec, params: Params, x: Tensor) -> Tensor:
+def _forward(spec: MLPSpec, params: Params, x: Tensor) -> Tensor:
     """y_hat = g(a_L), (batch, n_L) (the report's ``forward``)."""
-    return nn.output_function(spec.output)(logits(spec, params, x))
+    return nn.output_function(spec.output)(_logits(spec, params, x))
 
 
 def reduce_loss(spec: MLPSpec, logits_BxO: Tensor, y_BxO: Tensor) -> Tensor:
@@ -69,6 +75,38 @@ def reduce_loss(spec: MLPSpec, logits_BxO: Tensor, y_BxO: Tensor) -> Tensor:
     return torch.sum(per_sample) if spec.reduction == "sum" else torch.mean(per_sample)
 
 
-def loss(spec: MLPSpec, params: Params, x: Tensor, y: Tensor) -> Tensor:
+def _loss(spec: MLPSpec, params: Params, x: Tensor, y: Tensor) -> Tensor:
     """The loss paired with ``spec.output``, computed from logits, reduced by ``spec.reduction``."""
-    return reduce_loss(spec, logits(spec, params, x), y)
+    return reduce_loss(spec, _logits(spec, params, x), y)
+
+
+def _device_of(params, arrays) -> "torch.device | None":
+    """The device the params live on; tensors elsewhere are an error naming both devices."""
+    leaf = params[0][0]
+    device = leaf.device if isinstance(leaf, torch.Tensor) else None
+    for name, a in arrays:
+        if device is not None and isinstance(a, torch.Tensor) and a.device != device:
+            raise ValueError(f"{name} is on {a.device} but the params are on {device}; move them to one device")
+    return device
+
+
+def _entry(fn):
+    """The public twin of ``fn``: NumPy arrays or tensors in, cast to spec.dtype on the params' device."""
+
+    @functools.wraps(fn)
+    def public(spec: MLPSpec, params, x, *targets):
+        device = _device_of(params, (("x", x),) + tuple(("y", t) for t in targets))
+
+        def cast(a):  # tensors keep their autograd history (torch.func.grad over loss works)
+            return a.to(device=device, dtype=torch_dtype(spec.dtype)) if isinstance(a, torch.Tensor) else as_input(
+                a, spec.dtype, device)
+
+        return fn(spec, tree_map(cast, params), *(cast(a) for a in (x, *targets)))
+
+    return public
+
+
+forward_with_activations = _entry(_forward_with_activations)
+logits = _entry(_logits)
+forward = _entry(_forward)
+loss = _entry(_loss)

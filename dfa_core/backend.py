@@ -1,0 +1,141 @@
+"""The backend contract, written once: what ``dfa_torch`` and ``dfa_jax`` each provide.
+
+``Backend`` is a ``typing.Protocol`` whose docstrings are the specification; both backend
+modules satisfy it name for name and argument for argument. ``BACKEND_API`` is the one
+tuple of public names that both backends' ``__all__``, the registry's check and the mirror
+test read (a new function is added here first).
+
+Shapes: B batch, K groups (rows after grouping), n_l layer widths, L layers, N samples.
+``Params`` is ((W_1 (n_1, n_0), b_1 (n_1,)), ..., (W_L, b_L)); ``Feedback`` is
+(B_1 (n_1, n_L), ..., B_{L-1}); both nested tuples of native arrays. Imports NumPy only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ContextManager, Optional, Protocol, Tuple, runtime_checkable
+
+from dfa_core.spec import MLPSpec, OptimizerSpec
+
+Array = Any  # a torch.Tensor or a jax.Array
+Params = Tuple[Tuple[Array, Array], ...]
+Feedback = Tuple[Array, ...]
+
+BACKEND_API = (
+    # arrays
+    "NAME",
+    "asarray",
+    "to_numpy",
+    "precision_scope",
+    # the network
+    "Activations",
+    "forward",
+    "forward_with_activations",
+    "logits",
+    "loss",
+    # DFA and BP gradients
+    "Grouped",
+    "group",
+    "feedback_projection",
+    "dfa_layer_grads",
+    "dfa_grads",
+    "dfa_grads_unchecked",
+    "dfa_grads_and_loss",
+    "bp_grads",
+    "bp_grads_unchecked",
+    "bp_grads_and_loss",
+    # optimizers and compiled training
+    "make_optimizer",
+    "apply_updates",
+    "train_step",
+    "train_epoch",
+    "predict_labels",
+)
+"""Every public name a backend module exports, in the order of ``Backend`` below."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A backend module: the DFA math over one framework's arrays. All functions are pure.
+
+    The ``*_unchecked`` and ``*_and_loss`` functions and compiled steps take arrays of
+    ``spec.dtype`` and check nothing (check a dataset once, not every batch); the others
+    validate shapes, dtypes and values in Python before any tracing.
+    """
+
+    NAME: str  # 'torch' or 'jax'
+    Activations: type  # NamedTuple(a, h, y_hat) of a training forward pass
+    Grouped: type  # NamedTuple(a, f_a, h, e, count) of a grouped batch
+
+    def asarray(self, tree: Any, device: Optional[str] = None) -> Any:
+        """NumPy (or native) arrays in nested tuples -> native arrays, dtypes kept."""
+
+    def to_numpy(self, tree: Any) -> Any:
+        """Native arrays in nested tuples -> NumPy arrays, same structure (waits for the device)."""
+
+    def precision_scope(self, dtype: str) -> ContextManager[None]:
+        """Context in which arrays of ``dtype`` keep their precision (JAX's x64 switch)."""
+
+    def forward(self, spec: MLPSpec, params: Params, x: Array) -> Array:
+        """y_hat = g(a_L), (B, n_L)."""
+
+    def forward_with_activations(self, spec: MLPSpec, params: Params, x: Array) -> Any:
+        """Activations(a=(a_1..a_L), h=(h_0..h_{L-1}), y_hat): what a DFA step keeps."""
+
+    def logits(self, spec: MLPSpec, params: Params, x: Array) -> Array:
+        """a_L, (B, n_L)."""
+
+    def loss(self, spec: MLPSpec, params: Params, x: Array, y: Array) -> Array:
+        """The loss paired with ``spec.output``, reduced by ``spec.reduction``: ()."""
+
+    def group(self, spec: MLPSpec, acts: Any, y: Array, mode: str) -> Any:
+        """Grouped(a, f_a, h, e, count): rows G a, f'(G a), G h, G y_hat - G y for ``mode``."""
+
+    def feedback_projection(self, spec: MLPSpec, feedback: Feedback, e: Array) -> Tuple[Array, ...]:
+        """(e B_1^T, ..., e B_{L-1}^T), each (K, n_l)."""
+
+    def dfa_layer_grads(self, spec: MLPSpec, grouped: Any, projections: Tuple[Array, ...]) -> Params:
+        """delta_l = proj_l * f'(a'_l); gW_l = delta_l^T h'_{l-1}, gb_l = sum delta_l; reduced."""
+
+    def dfa_grads(self, spec: MLPSpec, params: Params, feedback: Feedback, x: Array, y: Array,
+                  mode: str = "sample", check_values: bool = True) -> Params:
+        """The DFA gradients of one batch, checked; the output layer's equal BP's."""
+
+    def dfa_grads_unchecked(self, spec: MLPSpec, params: Params, feedback: Feedback, x: Array, y: Array,
+                            mode: str) -> Params:
+        """``dfa_grads`` without checks."""
+
+    def dfa_grads_and_loss(self, spec: MLPSpec, params: Params, feedback: Feedback, x: Array, y: Array,
+                           mode: str) -> Tuple[Params, Array]:
+        """The fused, memory-lean DFA gradients and the batch's loss (before any update)."""
+
+    def bp_grads(self, spec: MLPSpec, params: Params, x: Array, y: Array, check_values: bool = True) -> Params:
+        """Autodiff gradients of ``loss``, checked."""
+
+    def bp_grads_unchecked(self, spec: MLPSpec, params: Params, x: Array, y: Array) -> Params:
+        """``bp_grads`` without checks."""
+
+    def bp_grads_and_loss(self, spec: MLPSpec, params: Params, x: Array, y: Array) -> Tuple[Params, Array]:
+        """BP gradients and the batch's loss in one pass."""
+
+    def make_optimizer(self, opt: OptimizerSpec, dtype: str = "float32") -> Any:
+        """(init, update) with optax's semantics: update returns updates already scaled by -lr."""
+
+    def apply_updates(self, params: Params, updates: Params) -> Params:
+        """params + updates, leaf by leaf (a new tuple)."""
+
+    def train_step(self, spec: MLPSpec, opt: OptimizerSpec, method: str = "dfa", mode: str = "sample",
+                   donate: bool = False, with_alignment: bool = False) -> Callable:
+        """step(params, feedback, opt_state, x, y) -> (params, opt_state, loss[, angles]), compiled once."""
+
+    def train_epoch(self, spec: MLPSpec, opt: OptimizerSpec, method: str = "dfa", mode: str = "sample",
+                    batch_size: int = 200, donate: bool = False, align_every: int = 0) -> Callable:
+        """epoch(params, feedback, opt_state, x, y, order, step0) -> (params, opt_state, losses, angles).
+
+        One whole epoch over the device-resident set x (N, n_0), y (N, n_L) in the batches
+        order[i B:(i+1) B] (the last one ragged, exact); losses (num_batches,), each batch's
+        loss before its update; angles (num_batches, 2, L) on steps (step0 + i) %
+        align_every == 0, or None when align_every is 0.
+        """
+
+    def predict_labels(self, spec: MLPSpec, batch_size: int = 10000) -> Callable:
+        """predict(params, x) -> (N,) labels: argmax of y_hat, or y_hat > 0.5 with one output."""
