@@ -348,14 +348,15 @@ def _check_loop_args(model, x, y, n_epochs, lr, batch_size, tol, error_function,
     return x, y
 
 
-def _feedback(model, feedback, generator, matrix_transfo) -> List[Tensor]:
-    """The report's B (drawn from N(0, 1.9^2) with ``generator``) or the user's, transformed."""
+def _feedback(model, feedback, generator, matrix_transfo, std=None) -> List[Tensor]:
+    """The report's B (drawn from N(0, std^2), std 1.9 by default, with ``generator``) or the user's, transformed."""
+    std = FEEDBACK_STD if std is None else std
     weight = model.layers[0].weight
     n_out = model.layer_sizes[-1]
     shapes = [(n, n_out) for n in model.layer_sizes[1:-1]]
     if feedback is None:
         mats = [
-            torch.empty(shape, dtype=weight.dtype).normal_(mean=0.0, std=FEEDBACK_STD, generator=generator)
+            torch.empty(shape, dtype=weight.dtype).normal_(mean=0.0, std=std, generator=generator)
             for shape in shapes
         ]
     else:
@@ -396,10 +397,10 @@ def _finish_epoch(te, losses, train_error, epoch_loss, n, tol, verbose) -> bool:
 
 
 def _run_dfa_loop(grouping, model, x, y, n_epochs, lr, batch_size, tol, error_function, matrix_transfo, *,
-                  seed, feedback, return_feedback, verbose):
+                  seed, feedback, return_feedback, verbose, feedback_std=None):
     x, y = _check_loop_args(model, x, y, n_epochs, lr, batch_size, tol, error_function, matrix_transfo, seed)
     generator = torch.Generator().manual_seed(seed)
-    B = _feedback(model, feedback, generator, matrix_transfo)
+    B = _feedback(model, feedback, generator, matrix_transfo, feedback_std)
     n = x.shape[0]
     te, losses = [], []
     for _ in range(n_epochs):
@@ -510,6 +511,39 @@ train_dfa_class_averaged.__doc__ += _LOOP_DOC.format(
     counted=" on the samples, before averaging (argmax over the class axis)")
 
 
+# The report author's public code names its loops differently and uses other defaults (lr 1e-3,
+# tol 0.1; its averaged loops draw B with torch.randn, std 1, where its basic loop uses std 1.9).
+# These aliases keep its names, signatures and defaults so a script written for it runs unchanged;
+# batches and B come from a seeded generator (seed 0) rather than torch's global one.
+
+
+def train_basic(model, x, y, n_epochs=10, lr=1e-3, batch_size=200, tol=1e-1, error_function=mnist_error):
+    """The author's ``train_basic``: ``train_dfa`` with its defaults (lr 1e-3, tol 0.1, B ~ N(0, 1.9^2)).
+
+    Returns (te, loss) as ``train_dfa``.
+    """
+    return train_dfa(model, x, y, n_epochs, lr, batch_size, tol, error_function)
+
+
+def train_averaged(model, x, y, n_epochs=10, lr=1e-3, batch_size=200, tol=1e-1):
+    """The author's ``train_averaged``: ``train_dfa_batch_averaged`` with its defaults (lr 1e-3,
+    tol 0.1) and its feedback draw, B ~ N(0, 1) (``torch.randn``). Returns (te, loss)."""
+    return _run_dfa_loop(_batch_mean, model, x, y, n_epochs, lr, batch_size, tol, mnist_error, None, seed=0,
+                         feedback=None, return_feedback=False, verbose=False, feedback_std=1.0)
+
+
+def MNIST_train_class_averaged(model, x, y, n_epochs=10, lr=1e-3, batch_size=200, tol=1e-1, classes=10):  # noqa: N802
+    """The author's ``MNIST_train_class_averaged``: ``train_dfa_class_averaged`` with its defaults
+    (lr 1e-3, tol 0.1) and its feedback draw, B ~ N(0, 1). ``classes`` must equal the model's
+    number of outputs (the author loops over that many classes; classes absent from a batch are
+    skipped in both). Returns (te, loss)."""
+    n_out = model.layer_sizes[-1] if isinstance(model, DynamicModel) else None
+    if not _is_int(classes) or classes != n_out:
+        raise ValueError(f"classes must equal the model's number of outputs ({n_out}), got {classes!r}")
+    return _run_dfa_loop(_class_mean, model, x, y, n_epochs, lr, batch_size, tol, mnist_error, None, seed=0,
+                         feedback=None, return_feedback=False, verbose=False, feedback_std=1.0)
+
+
 def train_backprop(model, x, y, n_epochs=10, lr=1e-4, batch_size=200, tol=None, error_function=mnist_error,
                    *, seed=0, verbose=False):
     """Backprop twin of ``train_dfa`` for comparison, with the same batches and bookkeeping.
@@ -556,12 +590,15 @@ def train_backprop(model, x, y, n_epochs=10, lr=1e-4, batch_size=200, tol=None, 
 __all__ = [
     "DynamicModel",
     "FEEDBACK_STD",
+    "MNIST_train_class_averaged",
     "load_params",
     "mnist_error",
     "model_from_params",
     "model_from_spec",
     "params_from_model",
+    "train_averaged",
     "train_backprop",
+    "train_basic",
     "train_dfa",
     "train_dfa_batch_averaged",
     "train_dfa_class_averaged",

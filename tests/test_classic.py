@@ -251,3 +251,45 @@ def test_bad_inputs_raise_clear_errors(case):
     x, y = _data()
     with pytest.raises(error, match=match):
         call(x, y)
+
+
+# The report author's own names and defaults (issue 9, item 20).
+AUTHOR_ALIASES = {
+    "train_basic": (classic.train_dfa, classic.FEEDBACK_STD),
+    "train_averaged": (classic.train_dfa_batch_averaged, 1.0),
+    "MNIST_train_class_averaged": (classic.train_dfa_class_averaged, 1.0),
+}
+
+
+@pytest.mark.parametrize("name", list(AUTHOR_ALIASES))
+def test_author_aliases_keep_signature_defaults_and_feedback_draw(name):
+    """Each alias has the author's defaults (lr 1e-3, tol 0.1) and trains exactly like the project's
+    loop given the author's B: std 1.9 for the basic loop, std 1 (torch.randn) for the averaged ones."""
+    import inspect
+
+    alias = getattr(classic, name)
+    defaults = {k: p.default for k, p in inspect.signature(alias).parameters.items()}
+    assert defaults["n_epochs"] == 10 and defaults["lr"] == 1e-3 and defaults["batch_size"] == 200
+    assert defaults["tol"] == 0.1
+    if name == "MNIST_train_class_averaged":
+        assert defaults["classes"] == 10
+    loop, std = AUTHOR_ALIASES[name]
+    x, y = _data()
+    model_a = classic.model_from_spec(SPEC, init_params(SPEC, seed=0))
+    model_b = classic.model_from_spec(SPEC, init_params(SPEC, seed=0))
+    extra = {"classes": SPEC.n_out} if name == "MNIST_train_class_averaged" else {}
+    te_a, loss_a = alias(model_a, x, y, 2, 0.05, BATCH, None, **extra)
+    # The loop's own draw (same generator stream, seed 0) rescaled from std 1.9 to the author's std.
+    te_b, loss_b = loop(model_b, x, y, 2, 0.05, BATCH, None, seed=0,
+                        matrix_transfo=lambda b: b * (std / classic.FEEDBACK_STD))
+    assert te_a == te_b
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-12)
+    for la, lb in zip(model_a.layers, model_b.layers):
+        np.testing.assert_allclose(la.weight.detach().numpy(), lb.weight.detach().numpy(), rtol=1e-12)
+
+
+def test_class_averaged_alias_checks_classes():
+    model = classic.model_from_spec(SPEC, init_params(SPEC, seed=0))
+    x, y = _data()
+    with pytest.raises(ValueError, match="classes must equal the model's number of outputs"):
+        classic.MNIST_train_class_averaged(model, x, y, classes=10)
