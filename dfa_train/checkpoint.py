@@ -17,6 +17,8 @@ import io
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -39,20 +41,57 @@ class Checkpoint(NamedTuple):
     meta: Dict[str, Any]  # free JSON: the run's config, backend that wrote it, ...
 
 
+TEMP_PREFIX = ".tmp-"
+"""Prefix of the temporary files an atomic write leaves only if it is killed mid-write."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes through a temporary file in the same folder, fsync, then ``os.replace``.
+
+    The file gets the mode an ordinary ``open`` would give (0666 less the umask), not
+    mkstemp's 0600. On any failure (a full disk, a signal) the temporary file is removed
+    and the previous file at ``path``, if any, is left as it was.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.basename(path), dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        _remove_quietly(tmp)
+        raise OSError(err.errno, f"could not write {path} ({err.strerror or err}); the previous "
+                                 "version, if any, is unchanged") from err
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
         raise
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_stale_temps(folder: str) -> Tuple[str, ...]:
+    """Removes the temporary files a killed atomic write left in ``folder``; returns their names."""
+    if not os.path.isdir(folder):
+        return ()
+    stale = tuple(sorted(name for name in os.listdir(folder) if name.startswith(TEMP_PREFIX)))
+    for name in stale:
+        _remove_quietly(os.path.join(folder, name))
+    return stale
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -65,8 +104,16 @@ def save_checkpoint(path: str, checkpoint: Checkpoint) -> None:
 
     The .npz is self-contained (its metadata is stored inside, as ``__meta__``); the
     .json next to it is a human-readable copy.
+
+    Raises:
+      ValueError: non-finite params (the last finite checkpoint is kept instead).
+      OSError: the file could not be written (the previous checkpoint is unchanged).
     """
     resume = checkpoint.resume
+    for l, pair in enumerate(checkpoint.params, start=1):
+        if not all(np.all(np.isfinite(a)) for a in pair):
+            raise ValueError(f"refusing to save a checkpoint to {path}: layer {l}'s params are not finite "
+                             "(a diverged state would overwrite the last good one)")
     arrays: Dict[str, np.ndarray] = {}
     for l, (w, b) in enumerate(checkpoint.params):
         arrays[f"params/{l}/W"], arrays[f"params/{l}/b"] = np.asarray(w), np.asarray(b)
@@ -98,31 +145,69 @@ def save_checkpoint(path: str, checkpoint: Checkpoint) -> None:
     atomic_write_text(os.path.splitext(path)[0] + ".json", meta_json)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and what is wrong."""
+
+
+_META_KEYS = {"num_layers": int, "num_feedback": int, "has_opt_state": bool, "epoch": int, "global_step": int,
+              "rng_state": dict, "loss": list, "train_error": list, "test_accuracy": list, "time_s": list,
+              "within_tol": int, "meta": dict}
+
+
+def _read_arrays(path: str) -> Dict[str, np.ndarray]:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"{path} is empty (a write was cut short?); remove it or resume from a copy")
+    if head != b"PK\x03\x04":
+        raise CheckpointError(f"{path} is not a checkpoint: it is not an .npz (zip) file")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise CheckpointError(f"{path} is damaged (truncated or corrupted .npz: {err})") from None
+
+
+def _read_meta(path: str, arrays: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    if "__meta__" not in arrays:
+        raise CheckpointError(f"{path} is an .npz without checkpoint metadata (no '__meta__')")
+    try:
+        meta = json.loads(arrays.pop("__meta__").tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: its metadata is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: checkpoint format version {version!r}, this code reads {FORMAT_VERSION}")
+    for key, kind in _META_KEYS.items():
+        if not isinstance(meta.get(key), kind):
+            got = type(meta[key]).__name__ if key in meta else "nothing"
+            raise CheckpointError(f"{path}: metadata key {key!r} must be a {kind.__name__}, got {got}")
+    return meta
+
+
+def _array(path: str, arrays: Dict[str, np.ndarray], key: str) -> np.ndarray:
+    if key not in arrays:
+        raise CheckpointError(f"{path}: array {key!r} is missing")
+    return arrays[key]
+
+
 def load_checkpoint(path: str) -> Checkpoint:
     """Reads a checkpoint written by ``save_checkpoint`` (by either backend).
 
     Raises:
       FileNotFoundError: no file at ``path``.
-      ValueError: not a checkpoint, or another format version.
+      CheckpointError (a ValueError): empty, truncated, corrupted, not a checkpoint, another
+        format version, or missing pieces; the message names the file.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable checkpoint (.npz): {err}") from None
-    if "__meta__" not in arrays:
-        raise ValueError(f"{path} is an .npz without checkpoint metadata (no '__meta__')")
-    meta = json.loads(arrays.pop("__meta__").tobytes().decode("utf-8"))
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: checkpoint format version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
-        )
+    arrays = _read_arrays(path)
+    meta = _read_meta(path, arrays)
     params = tuple(
-        (arrays[f"params/{l}/W"], arrays[f"params/{l}/b"]) for l in range(meta["num_layers"])
+        (_array(path, arrays, f"params/{l}/W"), _array(path, arrays, f"params/{l}/b"))
+        for l in range(meta["num_layers"])
     )
-    feedback = tuple(arrays[f"feedback/{l}"] for l in range(meta["num_feedback"]))
+    feedback = tuple(_array(path, arrays, f"feedback/{l}") for l in range(meta["num_feedback"]))
     opt_state: Optional[Dict[str, np.ndarray]] = None
     if meta["has_opt_state"]:
         opt_state = {key[len("opt/"):]: value for key, value in arrays.items() if key.startswith("opt/")}
@@ -143,8 +228,10 @@ def load_checkpoint(path: str) -> Checkpoint:
 __all__ = [
     "CHECKPOINT_NAME",
     "Checkpoint",
+    "CheckpointError",
     "FORMAT_VERSION",
     "atomic_write_text",
     "load_checkpoint",
+    "remove_stale_temps",
     "save_checkpoint",
 ]

@@ -111,8 +111,112 @@ def test_checkpoint_files_are_atomic_and_versioned(tmp_path):
     with pytest.raises(ValueError, match="format version 99"):
         load_checkpoint(str(tmp_path / "v99.npz"))
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
+    with pytest.raises(ValueError, match="junk.npz is not a checkpoint: it is not an .npz"):
         load_checkpoint(str(tmp_path / "junk.npz"))
     with pytest.raises(ValueError, match="optimizer state mismatch"):
         fit("torch", SPEC64, X, Y, optimizer=OPTIMIZERS["adam"], epochs=2, params=ckpt.params,
             feedback=ckpt.feedback, resume=ckpt.resume, **FIT_KW)
+
+
+def _saved(tmp_path):
+    path = str(tmp_path / "c.npz")
+    return path, _checkpoint_after("torch", OPTIMIZERS["adam"], 1, path)
+
+
+def _damage(path, how):
+    data = open(path, "rb").read()
+    if how == "empty":
+        data = b""
+    elif how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "crc":  # flip one byte inside the first stored array's data
+        i = data.index(b"params/0/W.npy") + 200
+        data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+    elif how == "random":
+        data = np.random.default_rng(0).bytes(4096)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("how,message", [
+    ("empty", "c.npz is empty"),
+    ("truncated", "c.npz is damaged"),
+    ("crc", "c.npz is damaged"),
+    ("random", "c.npz is not a checkpoint: it is not an .npz"),
+])
+def test_damaged_checkpoints_name_the_file(tmp_path, how, message):
+    """Empty, cut, CRC-damaged or random files give a CheckpointError naming the file, not a raw
+    BadZipFile / EOFError / pickle hint."""
+    from dfa_train.checkpoint import CheckpointError
+
+    path, _ = _saved(tmp_path)
+    _damage(path, how)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.pop("epoch"), "metadata key 'epoch' must be a int, got nothing"),
+    (lambda m: m.update(loss="x"), "metadata key 'loss' must be a list, got str"),
+])
+def test_checkpoint_metadata_is_checked(tmp_path, edit, message):
+    import json
+
+    path, _ = _saved(tmp_path)
+    arrays = dict(np.load(path))
+    meta = json.loads(arrays["__meta__"].tobytes().decode())
+    edit(meta)
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(path)
+
+
+def test_run_files_honour_the_umask(tmp_path):
+    """Atomic writes give the mode an ordinary open() would (0666 less the umask), not mkstemp's 0600."""
+    from dfa_train.checkpoint import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(str(tmp_path / "a.json"), "{}")
+        path, _ = _saved(tmp_path)
+    finally:
+        os.umask(old)
+    for name in ("a.json", "c.npz", "c.json"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o640, name
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A full disk during a save leaves the last checkpoint intact and no temporary file behind."""
+    import errno
+
+    path, ckpt = _saved(tmp_path)
+    before = open(path, "rb").read()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="could not write .*c.npz .*No space left"):
+        save_checkpoint(path, ckpt._replace(meta={"changed": True}))
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before
+    assert sorted(os.listdir(tmp_path)) == ["c.json", "c.npz"]
+
+
+def test_non_finite_params_are_never_saved(tmp_path):
+    path, ckpt = _saved(tmp_path)
+    w, b = ckpt.params[0]
+    bad = ((np.full_like(w, np.inf), b),) + ckpt.params[1:]
+    with pytest.raises(ValueError, match="refusing to save .* layer 1's params are not finite"):
+        save_checkpoint(path, ckpt._replace(params=bad))
+    assert np.all(np.isfinite(load_checkpoint(path).params[0][0]))
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    from dfa_train.checkpoint import remove_stale_temps
+
+    (tmp_path / ".tmp-abc123checkpoint.npz").write_bytes(b"half")
+    (tmp_path / "keep.txt").write_text("mine")
+    assert remove_stale_temps(str(tmp_path)) == (".tmp-abc123checkpoint.npz",)
+    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
