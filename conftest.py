@@ -1,6 +1,9 @@
 """Test configuration shared by tests/ and parity_tests/."""
 
 import os
+import sys
+
+import pytest
 
 # Fail on implicit rank promotion in JAX code (chex/equinox test convention).
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
@@ -12,3 +15,32 @@ if os.environ.get("DFA_TEST_DEVICE", "cpu") != "cpu":
     import torch
 
     torch.set_default_device(os.environ["DFA_TEST_DEVICE"])
+
+
+
+def _test_data():
+    """tests/dfa_test_data.py; its folder is on sys.path once a module of tests/ is collected, but
+    a marked test elsewhere (parity_tests/) may come first."""
+    tests_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests")
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    import dfa_test_data
+
+    return dfa_test_data
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``full_mnist`` skip, saying why, when only the bundled MNIST slice is at hand."""
+    marked = [item for item in items if item.get_closest_marker("full_mnist") is not None]
+    if marked and _test_data().full_mnist_dir() is None:
+        skip = pytest.mark.skip(reason=_test_data().FULL_MNIST_MISSING)
+        for item in marked:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def mnist_source():
+    """(folder, is_full): full MNIST from $DFA_DATA_DIR, the user cache or ../shared/datasets/mnist,
+    else the bundled 2,000/500 slice (is_full False). Read once per session; nothing is downloaded."""
+    full = _test_data().full_mnist_dir()
+    return (full, True) if full is not None else (_test_data().mnist_dir(), False)

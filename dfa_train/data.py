@@ -6,16 +6,27 @@ an explicit path, else $DFA_DATA_DIR, else the user cache (``cache_dir()``), els
 downloads the four files from a public mirror into the cache, verifying each before it
 is moved in place (a temporary file and ``os.replace``: a bad or partial download never
 lands under the real name).
+
+A small real slice of MNIST (the first 2,000 training and 500 test images, same file
+names and layout) ships inside the package (``MNIST_SLICE_DIR``) so that tests and a first
+run work offline: ``load_mnist_slice``, or ``find_mnist_or_slice``, which falls back to it
+with a ``MnistSliceWarning`` when no full copy can be found or downloaded.
+
+Damaged files (not gzip, cut short, wrong IDX header, counts or image sizes that disagree)
+raise ValueError naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
+import zlib
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -58,9 +69,48 @@ DATA_DIR_ENV = "DFA_DATA_DIR"
 MIRROR_ENV = "DFA_MNIST_MIRROR"
 CACHE_NAME = "dfa-framework"
 
+MNIST_SLICE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets", "mnist_slice")
+"""The bundled slice of MNIST (package data): the first 2,000 training and 500 test images."""
+
+MNIST_SLICE_SIZES = (2000, 500)
+"""(training, test) images in the bundled slice."""
+
+MNIST_SLICE_NAME = "mnist-slice"
+"""The CLI's name for the bundled slice (``--dataset mnist-slice``), used in error messages."""
+
+MNIST_SLICE_FILES = {
+    # split/part: (file name, SHA-256 of the decompressed IDX bytes, IDX magic number); the
+    # SHA-256 of the .gz files themselves are in MNIST_SLICE_DIR/SHA256SUMS.
+    "train_images": (
+        "train-images-idx3-ubyte.gz",
+        "729d340c0177402770b27c04f817dfb40ed8844459b35a9f11ae21067b05cf19",
+        2051,
+    ),
+    "train_labels": (
+        "train-labels-idx1-ubyte.gz",
+        "90795ea2219655a7281c0d6756d0ae8a33bebac7ec84bac89bbdcc5e3baa9f8c",
+        2049,
+    ),
+    "test_images": (
+        "t10k-images-idx3-ubyte.gz",
+        "de0a55d8eb2a23fce4f596c5234b08b9c8ee685583a2b0e52f3a78eca48f9d89",
+        2051,
+    ),
+    "test_labels": (
+        "t10k-labels-idx1-ubyte.gz",
+        "60e902e82445d902e245e1b039469f36936d63cb28e81527a7bbba247c240af3",
+        2049,
+    ),
+}
+"""The slice's four files: MNIST's names and layout, the first ``MNIST_SLICE_SIZES`` records."""
+
 
 class DatasetNotFoundError(FileNotFoundError):
     """No local copy of a dataset and no download possible; the message says where it looked."""
+
+
+class MnistSliceWarning(UserWarning):
+    """``find_mnist_or_slice`` fell back to the bundled 2,000/500 slice of MNIST."""
 
 
 class MNIST(NamedTuple):
@@ -70,6 +120,50 @@ class MNIST(NamedTuple):
     y_train: np.ndarray  # (60000, 10), dtype, one-hot
     x_test: np.ndarray  # (10000, 784), dtype, pixel / 255
     y_test: np.ndarray  # (10000, 10), dtype, one-hot
+
+
+def _decompress(path: str) -> bytes:
+    """The decompressed bytes of one ``.gz`` file; a damaged file is a ValueError naming it."""
+    if not os.path.isfile(path):
+        raise DatasetNotFoundError(f"IDX file not found: {path}")
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except gzip.BadGzipFile as err:
+        with open(path, "rb") as f:
+            head = f.read(3)
+        if head[:2] == b"\x1f\x8b":  # a gzip header, then a bad checksum or length
+            raise ValueError(f"{path}: the gzip data is corrupt ({err})") from None
+        hint = " (it looks like an uncompressed IDX file: gzip it)" if head == b"\x00\x00\x08" else ""
+        raise ValueError(f"{path}: not a gzip file{hint} ({err})") from None
+    except EOFError as err:
+        raise ValueError(f"{path}: the gzip data ends early, the file is truncated ({err})") from None
+    except zlib.error as err:
+        raise ValueError(f"{path}: the gzip data is corrupt ({err})") from None
+
+
+def _parse_idx(path: str, raw: bytes, expected_magic: Optional[int]) -> np.ndarray:
+    """Decompressed IDX bytes -> uint8 array (N,) or (N, rows, cols); ``path`` only names the file in errors."""
+    if len(raw) < 8:
+        raise ValueError(f"{path}: {len(raw)} bytes is too short for an IDX header")
+    magic = int.from_bytes(raw[:4], "big")
+    # magic = 0x0000 | type 0x08 (unsigned byte) | number of dimensions
+    if magic >> 8 != 0x08 or not 1 <= (magic & 0xFF) <= 3:
+        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic number {magic})")
+    if expected_magic is not None and magic != expected_magic:
+        kind = {2049: "a label file (1-D)", 2051: "an image file (3-D)"}.get(expected_magic, "another kind")
+        raise ValueError(f"{path}: IDX magic number {magic}, expected {expected_magic} ({kind})")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: {len(raw)} bytes is too short for a {ndim}-D IDX header")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    size = math.prod(dims)  # Python ints: a garbage header cannot overflow
+    if len(raw) != header + size:
+        raise ValueError(
+            f"{path}: header announces shape {dims} ({size} bytes of data), but the file has {len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
 def read_idx(path: str, expected_sha256: Optional[str] = None, expected_magic: Optional[int] = None) -> np.ndarray:
@@ -85,13 +179,12 @@ def read_idx(path: str, expected_sha256: Optional[str] = None, expected_magic: O
 
     Raises:
       FileNotFoundError: ``path`` does not exist.
-      ValueError: checksum mismatch, or a header that is not an unsigned-byte IDX file
-        (of the expected kind) or that disagrees with the file's length.
+      ValueError: not gzip, truncated or corrupt gzip data, a header that is not an
+        unsigned-byte IDX file (of the expected kind) or that disagrees with the file's
+        length, or a checksum mismatch; the message names ``path``.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"IDX file not found: {path}")
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+    raw = _decompress(path)
+    array = _parse_idx(path, raw, expected_magic)
     if expected_sha256 is not None:
         got = hashlib.sha256(raw).hexdigest()
         if got != expected_sha256.lower():
@@ -99,23 +192,25 @@ def read_idx(path: str, expected_sha256: Optional[str] = None, expected_magic: O
                 f"{path}: SHA-256 of the decompressed bytes is {got}, expected {expected_sha256}; "
                 "the file is corrupt or not the expected MNIST file"
             )
-    if len(raw) < 8:
-        raise ValueError(f"{path}: {len(raw)} bytes is too short for an IDX header")
-    magic = int.from_bytes(raw[:4], "big")
-    # magic = 0x0000 | type 0x08 (unsigned byte) | number of dimensions
-    if magic >> 8 != 0x08 or not 1 <= (magic & 0xFF) <= 3:
-        raise ValueError(f"{path}: not an unsigned-byte IDX file (magic number {magic})")
-    if expected_magic is not None and magic != expected_magic:
-        raise ValueError(f"{path}: IDX magic number {magic}, expected {expected_magic}")
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    if len(raw) != header + int(np.prod(dims)):
-        raise ValueError(
-            f"{path}: header announces shape {dims} ({int(np.prod(dims))} bytes of data), "
-            f"but the file has {len(raw) - header}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    return array
+
+
+def write_idx(path: str, array: np.ndarray) -> str:
+    """Writes a uint8 array (N,) or (N, rows, cols) as a gzip IDX file, reproducibly.
+
+    The gzip header carries no file name and mtime 0, so the same array gives the same
+    bytes (for a given zlib).
+
+    Returns:
+      ``path``.
+    """
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or not 1 <= array.ndim <= 3:
+        raise ValueError(f"write_idx needs a uint8 array of 1 to 3 dims, got {array.dtype} of shape {array.shape}")
+    header = (0x0800 | array.ndim).to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with open(path, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=9, mtime=0) as gz:
+        gz.write(header + np.ascontiguousarray(array).tobytes())
+    return path
 
 
 def one_hot(labels: np.ndarray, num_classes: int, dtype: str = "float32") -> np.ndarray:
@@ -126,8 +221,72 @@ def one_hot(labels: np.ndarray, num_classes: int, dtype: str = "float32") -> np.
     return np.eye(num_classes, dtype=dtype)[labels]
 
 
+def _check_dtype(dtype: str) -> None:
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+
+
+def _assemble(files: dict, arrays: dict, dtype: str, num_classes: int) -> MNIST:
+    """The four IDX arrays -> MNIST tuple, after checking they fit together.
+
+    Args:
+      files: part name ('train_images', ...) -> path, for error messages.
+      arrays: part name -> uint8 images (N, rows, cols) or labels (N,).
+
+    Raises:
+      ValueError: naming the file: image and label counts differ, train and test images
+        differ in size, or a label is outside [0, num_classes).
+    """
+    train_shape = arrays["train_images"].shape[1:]
+    if arrays["test_images"].shape[1:] != train_shape:
+        raise ValueError(
+            f"{files['test_images']}: images of {arrays['test_images'].shape[1:]} pixels, but "
+            f"{files['train_images']} holds images of {train_shape}; train and test images must have one size"
+        )
+    out = []
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"{files[f'{split}_labels']}: {labels.shape[0]} labels, but {files[f'{split}_images']} holds "
+                f"{images.shape[0]} images; every image needs one label"
+            )
+        if labels.size and labels.max() >= num_classes:
+            raise ValueError(
+                f"{files[f'{split}_labels']}: label {int(labels.max())} found, expected values in [0, {num_classes})"
+            )
+        x = images.reshape(images.shape[0], -1).astype(dtype) / np.asarray(255, dtype=dtype)
+        out += [x, one_hot(labels, num_classes, dtype)]
+    return MNIST(*out)
+
+
+def _known_sets() -> Tuple[Tuple[str, dict], ...]:
+    # Read at call time, so that the tables can be swapped in tests.
+    return (("MNIST", MNIST_FILES), ("the bundled MNIST slice", MNIST_SLICE_FILES))
+
+
+def _read_verified(path: str, part: str) -> Tuple[np.ndarray, str]:
+    """One MNIST file, checked against every known set -> (array, name of the set it belongs to)."""
+    name, _, magic = MNIST_FILES[part]
+    file = os.path.join(path, name)
+    raw = _decompress(file)
+    array = _parse_idx(file, raw, magic)
+    got = hashlib.sha256(raw).hexdigest()
+    for set_name, table in _known_sets():
+        if got == table[part][1]:
+            return array, set_name
+    expected = " or ".join(f"{table[part][1]} ({set_name})" for set_name, table in _known_sets())
+    raise ValueError(
+        f"{file}: SHA-256 of the decompressed bytes is {got}, expected {expected}; "
+        "the file is corrupt or not the expected MNIST file"
+    )
+
+
 def load_mnist(path: str, dtype: str = "float32") -> MNIST:
     """Loads MNIST from the four gzip IDX files in ``path``, checking their SHA-256.
+
+    The files must all be those of MNIST, or all those of the bundled slice
+    (``MNIST_SLICE_FILES``, e.g. ``MNIST_SLICE_DIR``); the slice loads as N = 2000 / 500.
 
     Args:
       path: folder holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,
@@ -136,30 +295,28 @@ def load_mnist(path: str, dtype: str = "float32") -> MNIST:
 
     Returns:
       MNIST(x_train (60000, 784), y_train (60000, 10), x_test (10000, 784), y_test (10000, 10)),
-      inputs scaled to [0, 1], labels one-hot.
+      or (2000, ...) / (500, ...) for the slice; inputs scaled to [0, 1], labels one-hot.
 
     Raises:
       FileNotFoundError: ``path`` or one of the files is missing (the message names it).
-      ValueError: bad dtype, a checksum mismatch, or inconsistent image/label counts.
+      ValueError: bad dtype, or a damaged file (the message names it): not gzip, truncated,
+        a wrong IDX header, a checksum mismatch, files of MNIST mixed with files of the
+        slice, or inconsistent image/label counts.
     """
-    if dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    _check_dtype(dtype)
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"MNIST folder not found: {path!r}; it must hold "
             f"{', '.join(name for name, _, _ in MNIST_FILES.values())}"
         )
-    arrays = {
-        part: read_idx(os.path.join(path, name), sha, magic) for part, (name, sha, magic) in MNIST_FILES.items()
-    }
-    out = []
-    for split in ("train", "test"):
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels")
-        x = images.reshape(images.shape[0], -1).astype(dtype) / np.asarray(255, dtype=dtype)
-        out += [x, one_hot(labels, MNIST_NUM_CLASSES, dtype)]
-    return MNIST(*out)
+    files = {part: os.path.join(path, name) for part, (name, _, _) in MNIST_FILES.items()}
+    arrays, sets = {}, {}
+    for part in MNIST_FILES:
+        arrays[part], sets[part] = _read_verified(path, part)
+    if len(set(sets.values())) > 1:
+        mix = ", ".join(f"{os.path.basename(files[p])} is from {s}" for p, s in sets.items())
+        raise ValueError(f"{path}: the four files must come from one set, but {mix}")
+    return _assemble(files, arrays, dtype, MNIST_NUM_CLASSES)
 
 
 def load_idx_dataset(path: str, dtype: str = "float32", num_classes: int = 10) -> MNIST:
@@ -172,20 +329,17 @@ def load_idx_dataset(path: str, dtype: str = "float32", num_classes: int = 10) -
 
     Returns:
       MNIST-shaped tuple: inputs (N, rows * cols) in [0, 1], labels one-hot (N, num_classes).
+
+    Raises:
+      FileNotFoundError: ``path`` or one of the files is missing.
+      ValueError: a damaged file, inconsistent counts or image sizes (the message names the file).
     """
-    if dtype not in ("float32", "float64"):
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    _check_dtype(dtype)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"IDX dataset folder not found: {path!r}")
-    out = []
-    for split in ("train", "test"):
-        images = read_idx(os.path.join(path, MNIST_FILES[f"{split}_images"][0]), None, 2051)
-        labels = read_idx(os.path.join(path, MNIST_FILES[f"{split}_labels"][0]), None, 2049)
-        if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"{path} {split}: {images.shape[0]} images but {labels.shape[0]} labels")
-        x = images.reshape(images.shape[0], -1).astype(dtype) / np.asarray(255, dtype=dtype)
-        out += [x, one_hot(labels, num_classes, dtype)]
-    return MNIST(*out)
+    files = {part: os.path.join(path, name) for part, (name, _, _) in MNIST_FILES.items()}
+    arrays = {part: read_idx(files[part], None, magic) for part, (_, _, magic) in MNIST_FILES.items()}
+    return _assemble(files, arrays, dtype, num_classes)
 
 
 def standardize(x_train: np.ndarray, *others: np.ndarray, eps: float = 1e-8) -> Tuple[np.ndarray, ...]:
@@ -251,6 +405,42 @@ def download_idx(url: str, dest: str, sha256: Optional[str], timeout: float = 30
     return dest
 
 
+def _missing(folder: str) -> str:
+    """Which of MNIST's files ``folder`` lacks, in words, for error messages."""
+    if not os.path.isdir(folder):
+        return "no such folder"
+    absent = [name for name, _, _ in MNIST_FILES.values() if not os.path.isfile(os.path.join(folder, name))]
+    return "missing " + ", ".join(absent)
+
+
+def _slice_hint() -> str:
+    return (f"or train on the bundled slice of MNIST ({MNIST_SLICE_SIZES[0]:,} training / "
+            f"{MNIST_SLICE_SIZES[1]:,} test images) with --dataset {MNIST_SLICE_NAME}")
+
+
+def _download_into(cache: str, base_urls: Optional[Sequence[str]], timeout: float) -> list:
+    """Downloads the files ``cache`` lacks, each from the first mirror that serves it verified.
+
+    Returns:
+      One message per failed attempt (empty if every file arrived); stops at the first
+      file that no mirror could serve.
+    """
+    errors = []
+    for name, sha, _ in MNIST_FILES.values():
+        dest = os.path.join(cache, name)
+        if os.path.isfile(dest):
+            continue
+        for base in _mirrors(base_urls):
+            try:
+                download_idx(base + name, dest, sha, timeout)
+                break
+            except (OSError, ValueError) as err:
+                errors.append(f"{base + name}: {err}")
+        else:
+            break
+    return errors
+
+
 def find_mnist(
     path: Optional[str] = None,
     *,
@@ -270,15 +460,18 @@ def find_mnist(
 
     Raises:
       DatasetNotFoundError: nothing found and no download succeeded (or ``download`` is
-        False); the message lists the places and mirrors tried.
+        False); the message lists every place looked at and the mirrors tried, and
+        suggests the bundled slice (``--dataset mnist-slice``).
     """
+    names = ", ".join(n for n, _, _ in MNIST_FILES.values())
     if path is not None:
         for candidate in (path, os.path.join(path, "mnist")):
             if _has_mnist(candidate):
                 return candidate
         raise DatasetNotFoundError(
-            f"MNIST not found in {path!r} (nor in {os.path.join(path, 'mnist')!r}): that folder must hold "
-            f"{', '.join(name for name, _, _ in MNIST_FILES.values())}"
+            f"MNIST not found in {path!r} ({_missing(path)}) nor in {os.path.join(path, 'mnist')!r}: that folder "
+            f"must hold {names}. Download them there, drop --data-dir to use $DFA_DATA_DIR, the cache or a "
+            f"download, {_slice_hint()}"
         )
     looked = []
     env = os.environ.get(DATA_DIR_ENV)
@@ -286,33 +479,114 @@ def find_mnist(
         for candidate in (env, os.path.join(env, "mnist")):
             if _has_mnist(candidate):
                 return candidate
-        looked.append(f"${DATA_DIR_ENV}={env}")
+        looked.append(f"${DATA_DIR_ENV}={env} ({_missing(env)}) and {os.path.join(env, 'mnist')}")
+    else:
+        looked.append(f"${DATA_DIR_ENV} (not set)")
     cache = os.path.join(cache_dir(), "mnist")
     if _has_mnist(cache):
         return cache
-    looked.append(f"the cache {cache}")
-    errors = []
-    if download:
-        for part, (name, sha, _) in MNIST_FILES.items():
-            dest = os.path.join(cache, name)
-            if os.path.isfile(dest):
-                continue
-            for base in _mirrors(base_urls):
-                try:
-                    download_idx(base + name, dest, sha, timeout)
-                    break
-                except (OSError, ValueError) as err:
-                    errors.append(f"{base + name}: {err}")
-            else:
-                break
-        if _has_mnist(cache):
-            return cache
+    looked.append(f"the cache {cache} ({_missing(cache)})")
+    errors = _download_into(cache, base_urls, timeout) if download else []
+    if download and _has_mnist(cache):
+        return cache
     tried = f"; downloads failed: {'; '.join(errors)}" if errors else ("; downloads disabled" if not download else "")
     raise DatasetNotFoundError(
         f"MNIST not found: looked in {', '.join(looked)}{tried}. Point at local files with --data-dir PATH "
-        f"or ${DATA_DIR_ENV}=PATH (a folder holding {', '.join(n for n, _, _ in MNIST_FILES.values())}), "
-        f"or set ${MIRROR_ENV} to a reachable mirror"
+        f"or ${DATA_DIR_ENV}=PATH (a folder holding {names}), set ${MIRROR_ENV} to a reachable mirror, "
+        f"{_slice_hint()}"
     )
+
+
+def is_mnist_slice(folder: str) -> bool:
+    """Whether ``folder``'s MNIST files are the bundled slice (by the training labels' SHA-256), not full MNIST."""
+    if os.path.isdir(MNIST_SLICE_DIR) and os.path.isdir(folder) and os.path.samefile(folder, MNIST_SLICE_DIR):
+        return True
+    name, sha, _ = MNIST_SLICE_FILES["train_labels"]
+    try:
+        return hashlib.sha256(_decompress(os.path.join(folder, name))).hexdigest() == sha
+    except (OSError, ValueError):
+        return False
+
+
+def find_mnist_slice() -> str:
+    """The folder of the bundled slice of MNIST (``MNIST_SLICE_DIR``); pass it to ``load_mnist``.
+
+    Raises:
+      DatasetNotFoundError: the package was installed without its data files.
+    """
+    if not _has_mnist(MNIST_SLICE_DIR):
+        raise DatasetNotFoundError(
+            f"the bundled MNIST slice is missing from {MNIST_SLICE_DIR} ({_missing(MNIST_SLICE_DIR)}); "
+            "reinstall the package with its data files (package-data dfa_train/datasets/mnist_slice)"
+        )
+    return MNIST_SLICE_DIR
+
+
+def load_mnist_slice(dtype: str = "float32") -> MNIST:
+    """The bundled slice of MNIST, every file checked against ``MNIST_SLICE_FILES``.
+
+    Returns:
+      MNIST(x_train (2000, 784), y_train (2000, 10), x_test (500, 784), y_test (500, 10)):
+      the first 2,000 training and 500 test images of MNIST, inputs in [0, 1], labels one-hot.
+    """
+    folder = find_mnist_slice()
+    data = load_mnist(folder, dtype)
+    if (data.x_train.shape[0], data.x_test.shape[0]) != MNIST_SLICE_SIZES:
+        # load_mnist accepts full MNIST too: someone replaced the bundled files with it.
+        raise ValueError(f"{folder}: expected the {MNIST_SLICE_SIZES} slice, got full MNIST")
+    return data
+
+
+def find_mnist_or_slice(
+    path: Optional[str] = None,
+    *,
+    download: bool = True,
+    base_urls: Optional[Sequence[str]] = None,
+    timeout: float = 30.0,
+) -> Tuple[str, bool]:
+    """``find_mnist``, falling back to the bundled slice when no full copy is found or downloaded.
+
+    An explicit ``path`` is never replaced by the slice: if it lacks MNIST, this raises as
+    ``find_mnist`` does. Without ``path``, a failed lookup (nothing local, downloads off or
+    failing, e.g. offline) warns with ``MnistSliceWarning`` (shown on stderr), whose message
+    says where it looked, and returns the slice.
+
+    Returns:
+      (folder, is_slice): the folder to pass to ``load_mnist``, and whether it holds the
+      2,000/500 slice rather than full MNIST.
+
+    Raises:
+      DatasetNotFoundError: ``path`` given and it lacks MNIST, or the slice is missing too.
+    """
+    try:
+        folder = find_mnist(path, download=download, base_urls=base_urls, timeout=timeout)
+    except DatasetNotFoundError as err:
+        if path is not None:
+            raise
+        folder = find_mnist_slice()
+        warnings.warn(
+            f"{err}\nUsing the bundled slice of MNIST instead: the first {MNIST_SLICE_SIZES[0]:,} training and "
+            f"{MNIST_SLICE_SIZES[1]:,} test images ({folder}); accuracies are not comparable with full MNIST.",
+            MnistSliceWarning,
+            stacklevel=2,
+        )
+        return folder, True
+    return folder, is_mnist_slice(folder)
+
+
+def make_mnist_slice(source: str, dest: str, n_train: int = 2000, n_test: int = 500) -> str:
+    """Writes the first ``n_train`` / ``n_test`` records of the verified MNIST in ``source`` to ``dest``.
+
+    How ``MNIST_SLICE_DIR`` was made (with the defaults); ``write_idx`` makes it reproducible.
+
+    Returns:
+      ``dest``.
+    """
+    os.makedirs(dest, exist_ok=True)
+    for part, (name, sha, magic) in MNIST_FILES.items():
+        array = read_idx(os.path.join(source, name), sha, magic)
+        write_idx(os.path.join(dest, name), array[: n_train if part.startswith("train") else n_test])
+    return dest
 
 
 def xor_dataset(dtype: str = "float32") -> Tuple[np.ndarray, np.ndarray]:

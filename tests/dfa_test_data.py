@@ -1,7 +1,9 @@
-"""Where the tests find MNIST: $DFA_DATA_DIR, else ../shared/datasets/mnist from the repo root.
+"""Where the tests find MNIST: the full set if one is at hand, else the slice bundled with the package.
 
-A missing folder fails the test that needs it, with a message saying where it looked;
-nothing is skipped silently and nothing is downloaded.
+Full MNIST is looked for in $DFA_DATA_DIR (the folder or its ``mnist/``), the user cache
+(``dfa_train.data.cache_dir()/mnist``) and ``../shared/datasets/mnist`` beside the repo; nothing is
+downloaded. Without it the tests run on the bundled 2,000/500 slice (``dfa_train.data.MNIST_SLICE_DIR``), and tests
+marked ``@pytest.mark.full_mnist`` are skipped by conftest.py with ``FULL_MNIST_MISSING`` as reason.
 """
 
 from __future__ import annotations
@@ -9,22 +11,54 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import Optional
 
-import pytest
-
-from dfa_train.data import MNIST_FILES, load_mnist
+from dfa_train.data import (
+    DATA_DIR_ENV,
+    DatasetNotFoundError,
+    cache_dir,
+    find_mnist,
+    find_mnist_slice,
+    is_mnist_slice,
+    load_mnist,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MNIST_DIR = REPO_ROOT / ".." / "shared" / "datasets" / "mnist"
 
+FULL_MNIST_MISSING = (
+    f"needs full MNIST (60,000/10,000), and only the bundled 2,000/500 slice is here: set {DATA_DIR_ENV} "
+    "to a folder holding the four MNIST .gz files, or fill the cache with "
+    "`python -c 'from dfa_train.data import find_mnist; find_mnist()'` (downloads)"
+)
+
+
+def _candidates() -> list:
+    env = os.environ.get(DATA_DIR_ENV)
+    return ([env] if env else []) + [os.path.join(cache_dir(), "mnist"), str(DEFAULT_MNIST_DIR)]
+
+
+def full_mnist_dir() -> Optional[Path]:
+    """The first folder of ``_candidates()`` holding full MNIST (not the slice), else None."""
+    for candidate in _candidates():
+        try:
+            folder = find_mnist(candidate, download=False)
+        except DatasetNotFoundError:
+            continue
+        if not is_mnist_slice(folder):
+            return Path(folder)
+    return None
+
 
 def mnist_dir() -> Path:
-    """$DFA_DATA_DIR (the MNIST folder itself, or a folder holding ``mnist/``), else the default."""
-    root = Path(os.environ.get("DFA_DATA_DIR", DEFAULT_MNIST_DIR))
-    first_file = MNIST_FILES["train_images"][0]
-    if not (root / first_file).is_file() and (root / "mnist" / first_file).is_file():
-        return root / "mnist"
-    return root
+    """The MNIST folder the tests use: ``full_mnist_dir()``, else the bundled slice's folder."""
+    full = full_mnist_dir()
+    return full if full is not None else Path(find_mnist_slice())
+
+
+def mnist_is_full() -> bool:
+    """Whether ``mnist_dir()`` is full MNIST (60,000/10,000) rather than the 2,000/500 slice."""
+    return full_mnist_dir() is not None
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,12 +67,6 @@ def _load(path: str, dtype: str):
 
 
 def mnist(dtype: str = "float32"):
-    """MNIST (loaded once per session), or a test failure naming the folder that is missing."""
-    path = mnist_dir()
-    if not path.is_dir():
-        pytest.fail(
-            f"MNIST folder not found at {path}: set DFA_DATA_DIR to the folder holding "
-            f"{', '.join(name for name, _, _ in MNIST_FILES.values())}",
-            pytrace=False,
-        )
-    return _load(str(path), dtype)
+    """MNIST from ``mnist_dir()``, loaded once per session: N = 60000/10000, or 2000/500 on the slice."""
+    return _load(str(mnist_dir()), dtype)
+
