@@ -130,4 +130,37 @@ def plot_alignment(records: Sequence[Mapping], path: str, steps_per_epoch: Optio
     return path
 
 
-__all__ = ["plot_alignment", "plot_confusion", "plot_curves", "plot_precision_recall", "precision_recall"]
+def plot_sweep(settings: Mapping[str, Mapping[str, Sequence]], path: str, ylabel: str = "test accuracy (%)") -> str:
+    """Per setting, the mean +- std band of a per-epoch curve across seeds, and each member's thin curve.
+
+    Args:
+      settings: label (e.g. 'lr=0.0001') -> {'members': one per-epoch sequence per seed (fractions,
+        None for missing; members may differ in length), 'mean': (E,), 'std': (E,)}.
+      path: the PNG to write.
+      ylabel: the y axis label; values are drawn x 100.
+
+    Returns:
+      ``path``.
+    """
+    fig = _figure(7, 4.5)
+    ax = fig.subplots()
+    colours = [f"C{i % 10}" for i in range(len(settings))]
+    for colour, (label, s) in zip(colours, settings.items()):
+        for curve in s["members"]:
+            y = 100 * np.asarray([np.nan if v is None else v for v in curve], dtype=float)
+            ax.plot(np.arange(1, len(y) + 1), y, color=colour, lw=0.7, alpha=0.35)
+        mean, std = 100 * np.asarray(s["mean"], dtype=float), 100 * np.asarray(s["std"], dtype=float)
+        epochs = np.arange(1, len(mean) + 1)
+        ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
+        ax.plot(epochs, mean, color=colour, lw=2, marker="o", ms=3,
+                label=f"{label} (mean ± std of {len(s['members'])} seeds)")
+    ax.set(xlabel="epoch", ylabel=ylabel, title="sweep: mean ± std across seeds, thin lines per seed")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+__all__ = ["plot_alignment", "plot_confusion", "plot_curves", "plot_precision_recall", "plot_sweep",
+           "precision_recall"]

@@ -3,17 +3,22 @@
     python examples/mnist.py --backend jax --epochs 10               # full training set
     python examples/mnist.py --limit 2000 --epochs 2 --out runs/demo  # a quick look
 
-The same as ``dfa compare`` (it calls it), with the report's network 784-200-10
-tanh/sigmoid, batch 200, SGD on summed updates. MNIST comes from --data-dir, else
-$DFA_DATA_DIR, else the user cache, else a download.
+What ``dfa compare`` does, as library calls: a ``RunConfig`` with the report's network
+784-200-10 tanh/sigmoid, batch 200, SGD on summed updates, handed to
+``dfa_train.run.compare``. MNIST comes from --data-dir, else $DFA_DATA_DIR, else the
+user cache, else a download.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import os
 import sys
 
-from dfa_train import cli
+from dfa_train.config import RunConfig
+from dfa_train.run import compare
+from dfa_train.tables import comparison_table
 
 
 def main(argv=None) -> int:
@@ -26,15 +31,16 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    argv = ["compare", "--backend", args.backend, "--dataset", "mnist", "--layers", f"784,{args.hidden},10",
-            "--epochs", str(args.epochs), "--lr", str(args.lr), "--batch-size", "200"]
-    if args.limit:
-        argv += ["--limit-train", str(args.limit), "--limit-test", str(max(args.limit // 5, 1))]
-    if args.data_dir:
-        argv += ["--data-dir", args.data_dir]
-    if args.out:
-        argv += ["--out", args.out]
-    return cli.main(argv)
+    config = RunConfig(
+        backend=args.backend, dataset="mnist", data_dir=args.data_dir, layers=(784, args.hidden, 10),
+        epochs=args.epochs, lr=args.lr, batch_size=200,
+        limit_train=args.limit, limit_test=max(args.limit // 5, 1) if args.limit else None,
+    )
+    out = args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-mnist-example")
+    results = compare(config, out, progress=sys.stderr.isatty())
+    print(comparison_table({label: r.metrics for label, r in results.items()}), end="")
+    print(f"comparison folder: {out}")
+    return 0
 
 
 if __name__ == "__main__":

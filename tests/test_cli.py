@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dfa_train import cli
+from dfa_train import run as run_module
 from dfa_train.checkpoint import load_checkpoint
 
 from dfa_test_data import mnist_dir
@@ -69,7 +70,7 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkeyp
             raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(cli._Progress, "batch", interrupt)
+        m.setattr(run_module.Progress, "batch", interrupt)
         assert cli.main([*common, "--out", str(cut)]) == 130
     assert load_checkpoint(str(cut / "checkpoint.npz")).resume.epoch == 2
     assert cli.main(["train", "--resume", str(cut)]) == 0
@@ -143,3 +144,133 @@ def test_bad_combinations_exit_2(tmp_path, capsys):
 def test_missing_data_fails_with_a_clear_message(tmp_path, capsys):
     rc = cli.main(["train", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")])
     assert rc == 1 and "MNIST not found in" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint cadence and signals
+
+
+def _saved_epochs(monkeypatch):
+    """Replaces run's save_checkpoint by one that also records the epoch of each write."""
+    from dfa_train.checkpoint import save_checkpoint
+
+    written = []
+
+    def save(path, ckpt):
+        written.append(ckpt.resume.epoch)
+        save_checkpoint(path, ckpt)
+
+    monkeypatch.setattr(run_module, "save_checkpoint", save)
+    return written
+
+
+@pytest.mark.parametrize("every,epochs,expected", [
+    ("2", 5, [0, 2, 4, 5]),  # every 2 epochs, and the end
+    ("2", 4, [0, 2, 4]),  # the end is epoch 4: written once
+    ("1", 3, [0, 1, 2, 3]),
+    ("3600s", 4, [0, 4]),  # never due: the start and the end only
+])
+def test_checkpoint_every_writes_at_its_cadence_and_at_the_end(tmp_path, monkeypatch, every, epochs, expected):
+    import signal
+
+    written = _saved_epochs(monkeypatch)
+    out = tmp_path / "run"
+    assert cli.main(["train", *XOR, "--epochs", str(epochs), "--checkpoint-every", every, "--out", str(out)]) == 0
+    assert written == expected
+    assert load_checkpoint(str(out / "checkpoint.npz")).resume.epoch == epochs
+    assert len((out / "history.jsonl").read_text().splitlines()) == epochs  # one line per epoch regardless
+    assert json.loads((out / "config.json").read_text())["checkpoint_every"] == every
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handler is gone
+
+
+@pytest.mark.parametrize("every", ["auto", "1000"])
+def test_divergence_writes_the_last_finite_epoch_whatever_the_cadence(tmp_path, monkeypatch, every):
+    """With writes due only at the start, a NaN loss still leaves the last finite epoch on disk."""
+    written = _saved_epochs(monkeypatch)
+    out = tmp_path / "nan"
+    rc = cli.main(["train", *XOR, "--dtype", "float32", "--output", "identity", "--lr", "1e30", "--epochs", "5",
+                   "--batch-size", "4", "--checkpoint-every", every, "--out", str(out)])
+    assert rc == cli.EXIT_NONFINITE
+    ckpt = load_checkpoint(str(out / "checkpoint.npz"))
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert ckpt.resume.epoch == len(history) >= 1 and written[-1] == ckpt.resume.epoch
+    assert all(np.all(np.isfinite(a)) for pair in ckpt.params for a in pair)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "5x", "0s"])
+def test_bad_checkpoint_every_exits_2_naming_the_option(value, capsys):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["train", *XOR, "--checkpoint-every", value])
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert "--checkpoint-every" in message and repr(value) in message
+
+
+def test_a_signal_during_a_write_is_held_until_the_write_ends():
+    import signal
+
+    with run_module.Interrupts() as interrupts:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts.deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                finished_the_write = True
+        assert finished_the_write
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            import time
+
+            time.sleep(1)  # the handler runs between bytecodes; it never gets here
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_sigterm_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
+    """SIGTERM to a running ``dfa train`` exits 130 with the last finished epoch checkpointed (history
+    truncated to it); resuming to k + 3 epochs ends with the params of an uninterrupted k + 3 run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cut, straight = tmp_path / "cut", tmp_path / "straight"
+    common = ["train", "--optimizer", "adam", "--lr", "0.05", *XOR]
+    proc = subprocess.Popen([sys.executable, "-m", "dfa_train.cli", *common, "--epochs", "1000000", "--out", str(cut)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    history = cut / "history.jsonl"
+    deadline = time.monotonic() + 120
+    try:
+        while not (history.is_file() and len(history.read_text().splitlines()) >= 30):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the run did not reach 30 epochs in 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == cli.EXIT_INTERRUPTED, err
+    assert "dfa train --resume" in err
+    k = load_checkpoint(str(cut / "checkpoint.npz")).resume.epoch
+    assert k >= 30 and len(history.read_text().splitlines()) == k
+    assert cli.main(["train", "--resume", str(cut), "--epochs", str(k + 3)]) == 0
+    assert cli.main([*common, "--epochs", str(k + 3), "--out", str(straight)]) == 0
+    a, b = _params(straight), _params(cut)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert json.loads((cut / "metrics.json").read_text())["loss"] == json.loads(
+        (straight / "metrics.json").read_text())["loss"]
+
+
+def test_resume_refuses_a_changed_setting(tmp_path):
+    from dfa_train.config import RunConfig
+    from dfa_train.run import run
+
+    config = RunConfig(dataset="xor", layers=(2, 4, 1), batch_size=2, lr=0.5, epochs=2, align_every=0,
+                       no_plots=True, dtype="float64")
+    run(config, str(tmp_path / "r"))
+    with pytest.raises(ValueError, match="cannot resume with a different lr"):
+        run(config.replace(lr=0.1, epochs=3), str(tmp_path / "r"), resume=True)
+    result = run(config.replace(epochs=3, checkpoint_every="1"), str(tmp_path / "r"), resume=True)
+    assert result.metrics["epochs_run"] == 3 and len(result.history.loss) == 3
+    with pytest.raises(ValueError, match="already holds a run"):
+        run(config, str(tmp_path / "r"))

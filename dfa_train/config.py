@@ -1,0 +1,260 @@
+"""One training run's settings as a frozen, typed, validated ``RunConfig``; config.json is its JSON.
+
+    from dfa_train.config import RunConfig
+    from dfa_train.run import run
+    config = RunConfig(dataset="xor", layers=(2, 4, 1), lr=0.5, batch_size=2, epochs=200)
+    result = run(config, "runs/xor")
+
+Every field is checked when the config is built (a ``ConfigError`` names the field, what
+was expected and what arrived), so a run, a sweep member or a resumed run never starts
+from a bad setting. ``to_json`` / ``from_json`` round-trip exactly; the JSON carries a
+``version`` so a config written by another layout is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import numbers
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+from dfa_core.init import DEFAULT_FEEDBACK_SCALE, FEEDBACK_DISTS
+from dfa_core.registry import BACKEND_NAMES
+from dfa_core.spec import ACTIVATIONS, DTYPES, METHODS, MODES, OPTIMIZERS, OUTPUTS, REDUCTIONS, MLPSpec, OptimizerSpec
+from dfa_train.cadence import CheckpointEvery, format_checkpoint_every, parse_checkpoint_every
+
+CONFIG_VERSION = 1
+"""Bumped whenever RunConfig's fields change meaning; ``from_json`` refuses other versions."""
+
+DATASETS: Tuple[str, ...] = ("mnist", "mnist-slice", "idx", "xor")
+"""mnist: full MNIST, verified (downloaded if missing); mnist-slice: the bundled first 2,000/500 images
+(dfa_train.data.load_mnist_slice); idx: any MNIST-layout folder (--data-dir); xor: the four points."""
+
+DEFAULT_LAYERS = {"mnist": (784, 200, 10), "mnist-slice": (784, 200, 10), "idx": (784, 200, 10), "xor": (2, 4, 1)}
+
+FEEDBACK_SEED_OFFSET = 1
+"""A sweep member with seed s uses seed s (batch order), param_seed s (initial weights) and
+feedback_seed s + 1 (feedback matrices): member 0 is the default single run."""
+
+
+class ConfigError(ValueError):
+    """A RunConfig field with a bad value; ``field`` names it, ``detail`` says expected vs got."""
+
+    def __init__(self, field: str, detail: str):
+        super().__init__(f"RunConfig.{field}: {detail}")
+        self.field = field
+        self.detail = detail
+
+
+def _got(value) -> str:
+    return f"got {type(value).__name__} {value!r}"
+
+
+def _check_choice(field: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(field, f"expected one of {list(choices)}, {_got(value)}")
+
+
+def _check_int(field: str, value, minimum: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        what = f"an int >= {minimum}" + (" or None" if optional else "")
+        raise ConfigError(field, f"expected {what}, {_got(value)}")
+
+
+def _check_real(field: str, value, low: float, high: float = math.inf, *, low_open: bool, optional=False):
+    if optional and value is None:
+        return None
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and value < high
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        bound += f" and < {high}" if high != math.inf else ""
+        raise ConfigError(field, f"expected a finite number {bound}" + (" or None" if optional else "")
+                          + f", {_got(value)}")
+    return float(value)
+
+
+def _check_optional_str(field: str, value) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(field, f"expected a non-empty string or None, {_got(value)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything one training run needs, and what its config.json records.
+
+    ``layers=None`` takes the dataset's default widths. BP has no grouping mode, so
+    ``method='bp'`` requires ``mode='sample'`` (``with_method`` sets it).
+    """
+
+    backend: str = "torch"  # 'torch' or 'jax' (dfa_core.BACKEND_NAMES)
+    dataset: str = "mnist"  # one of DATASETS: 'mnist', 'mnist-slice', 'idx' or 'xor'
+    data_dir: Optional[str] = None  # folder of the IDX files; None: $DFA_DATA_DIR, the cache, else a download
+    layers: Optional[Tuple[int, ...]] = None  # (n_0, ..., n_L) widths, input first; None: DEFAULT_LAYERS[dataset]
+    activation: str = "tanh"  # hidden activation, one of dfa_core.ACTIVATIONS
+    output: str = "sigmoid"  # output function and its paired loss, one of dfa_core.OUTPUTS
+    reduction: str = "sum"  # per-group updates summed ('sum', the report's) or averaged ('mean')
+    dtype: str = "float32"  # 'float32' or 'float64' for data, parameters and arithmetic
+    method: str = "dfa"  # learning rule: 'dfa' or 'bp'
+    mode: str = "sample"  # DFA grouping, one of dfa_core.MODES; 'sample' for BP
+    optimizer: str = "sgd"  # 'sgd', 'momentum' or 'adam'
+    lr: float = 1e-4  # learning rate, > 0
+    momentum: float = 0.9  # momentum coefficient in [0, 1) (optimizer 'momentum' only)
+    batch_size: int = 200  # samples per step, >= 1
+    epochs: int = 80  # total epochs (a resumed run counts the ones already run), >= 1
+    seed: int = 0  # seed of the batch order, >= 0
+    param_seed: int = 0  # seed of the initial weights, >= 0
+    feedback_seed: int = 1  # seed of the feedback matrices, >= 0
+    feedback_dist: str = "normal"  # feedback distribution, one of dfa_core.FEEDBACK_DISTS
+    feedback_scale: float = DEFAULT_FEEDBACK_SCALE  # feedback standard deviation (normal) or half-width, > 0
+    device: Optional[str] = None  # torch device ('cpu', 'cuda:1') or JAX platform ('cpu', 'gpu'); None: default
+    tol: Optional[float] = None  # stop when the training error moves by <= tol, patience times; None: never
+    patience: int = 1  # consecutive epochs within tol needed to stop, >= 1
+    limit_train: Optional[int] = None  # use the first N training samples; None: all
+    limit_test: Optional[int] = None  # use the first N test samples; None: all
+    align_every: int = 50  # measure DFA-vs-BP angles every K steps; 0: never
+    standardize: bool = False  # standardise inputs with the training mean/std instead of [0, 1]
+    checkpoint_every: str = "auto"  # 'N' epochs, 'Ns' seconds or 'auto' (checkpoints cost < 5% of the run)
+    no_download: bool = False  # never download MNIST
+    no_plots: bool = False  # write no PNG figures
+
+    def __post_init__(self):
+        for field, choices in (("backend", BACKEND_NAMES), ("dataset", DATASETS), ("activation", ACTIVATIONS),
+                               ("output", OUTPUTS), ("reduction", REDUCTIONS), ("dtype", DTYPES),
+                               ("method", METHODS), ("mode", MODES), ("optimizer", OPTIMIZERS),
+                               ("feedback_dist", FEEDBACK_DISTS)):
+            _check_choice(field, getattr(self, field), choices)
+        if self.method == "bp" and self.mode != "sample":
+            raise ConfigError("mode", f"expected 'sample' with method 'bp' (grouping modes apply to DFA only), "
+                                      f"got {self.mode!r}")
+        object.__setattr__(self, "layers", self._checked_layers())
+        for field, minimum in (("batch_size", 1), ("epochs", 1), ("seed", 0), ("param_seed", 0),
+                               ("feedback_seed", 0), ("patience", 1), ("align_every", 0)):
+            _check_int(field, getattr(self, field), minimum)
+        _check_int("limit_train", self.limit_train, 1, optional=True)
+        _check_int("limit_test", self.limit_test, 1, optional=True)
+        reals = {"lr": _check_real("lr", self.lr, 0.0, low_open=True),
+                 "momentum": _check_real("momentum", self.momentum, 0.0, 1.0, low_open=False),
+                 "feedback_scale": _check_real("feedback_scale", self.feedback_scale, 0.0, low_open=True),
+                 "tol": _check_real("tol", self.tol, 0.0, low_open=False, optional=True)}
+        for field, value in reals.items():
+            object.__setattr__(self, field, value)
+        for field in ("standardize", "no_download", "no_plots"):
+            if not isinstance(getattr(self, field), bool):
+                raise ConfigError(field, f"expected a bool, {_got(getattr(self, field))}")
+        _check_optional_str("data_dir", self.data_dir)
+        _check_optional_str("device", self.device)
+        try:
+            every = parse_checkpoint_every(self.checkpoint_every)
+        except ValueError as err:
+            raise ConfigError("checkpoint_every", str(err)) from None
+        object.__setattr__(self, "checkpoint_every", format_checkpoint_every(every))
+
+    def _checked_layers(self) -> Tuple[int, ...]:
+        layers = DEFAULT_LAYERS[self.dataset] if self.layers is None else self.layers
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, (tuple, list)):
+            raise ConfigError("layers", f"expected a sequence of ints such as (784, 200, 10), {_got(layers)}")
+        if len(layers) < 2 or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
+                                  for n in layers):
+            raise ConfigError("layers", f"expected at least two ints >= 1 (input and output widths), "
+                                        f"got {list(layers)!r}")
+        return tuple(int(n) for n in layers)
+
+    # -- derived objects ------------------------------------------------------------------------
+
+    def spec(self) -> MLPSpec:
+        """The network: ``MLPSpec(layers, activation, output, reduction, dtype)``."""
+        return MLPSpec(self.layers, self.activation, self.output, self.reduction, self.dtype)
+
+    def optimizer_spec(self) -> OptimizerSpec:
+        """The optimizer: ``OptimizerSpec(optimizer, lr, momentum=momentum)``."""
+        return OptimizerSpec(self.optimizer, self.lr, momentum=self.momentum)
+
+    def checkpoint_cadence(self) -> CheckpointEvery:
+        """``checkpoint_every`` parsed (see ``dfa_train.cadence``)."""
+        return parse_checkpoint_every(self.checkpoint_every)
+
+    # -- copies ---------------------------------------------------------------------------------
+
+    def replace(self, **changes) -> "RunConfig":
+        """A copy with ``changes`` applied, validated again.
+
+        Raises:
+          TypeError: a name that is not a RunConfig field.
+          ConfigError: a bad value.
+        """
+        unknown = sorted(set(changes) - set(field_names()))
+        if unknown:
+            raise TypeError(f"RunConfig has no field(s) {unknown}; fields: {list(field_names())}")
+        return dataclasses.replace(self, **changes)
+
+    def with_method(self, method: str) -> "RunConfig":
+        """The same run trained by ``method``; BP has no grouping mode, so it gets mode 'sample'."""
+        return self.replace(method=method, mode=self.mode if method == "dfa" else "sample")
+
+    def for_seed(self, seed: int) -> "RunConfig":
+        """Sweep member ``seed``: seed, param_seed = seed and feedback_seed = seed + FEEDBACK_SEED_OFFSET."""
+        return self.replace(seed=seed, param_seed=seed, feedback_seed=seed + FEEDBACK_SEED_OFFSET)
+
+    # -- JSON -----------------------------------------------------------------------------------
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The fields as JSON-ready values (layers as a list) plus ``"version"``."""
+        out: Dict[str, Any] = {"version": CONFIG_VERSION}
+        for name in field_names():
+            value = getattr(self, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def to_json(self, indent: Optional[int] = 1) -> str:
+        """``to_dict`` as JSON text; ``RunConfig.from_json`` reads it back equal."""
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text_or_dict: Union[str, bytes, Mapping[str, Any]]) -> "RunConfig":
+        """Reads ``to_json``'s text (or the dict it parses to).
+
+        Raises:
+          ValueError: not JSON, not an object, another ``version``, or keys missing or unknown.
+          ConfigError: a key with a value of the wrong type or range (names the key).
+        """
+        if isinstance(text_or_dict, (str, bytes)):
+            try:
+                data = json.loads(text_or_dict)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"RunConfig.from_json: not JSON: {err}") from None
+        else:
+            data = text_or_dict
+        if not isinstance(data, Mapping):
+            raise ValueError(f"RunConfig.from_json: expected a JSON object, {_got(data)}")
+        version = data.get("version")
+        if version != CONFIG_VERSION:
+            raise ValueError(f"RunConfig.from_json: key 'version': expected {CONFIG_VERSION}, got {version!r} "
+                             "(a config written by another release of dfa_train, or not a run config)")
+        names = field_names()
+        missing = [name for name in names if name not in data]
+        unknown = sorted(set(data) - set(names) - {"version"})
+        if missing:
+            raise ValueError(f"RunConfig.from_json: missing key(s) {missing}")
+        if unknown:
+            raise ValueError(f"RunConfig.from_json: unknown key(s) {unknown}; known: {list(names)}")
+        return cls(**{name: data[name] for name in names})
+
+
+def field_names() -> Tuple[str, ...]:
+    """RunConfig's field names, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(RunConfig))
+
+
+__all__ = [
+    "CONFIG_VERSION",
+    "ConfigError",
+    "DATASETS",
+    "DEFAULT_LAYERS",
+    "FEEDBACK_SEED_OFFSET",
+    "RunConfig",
+    "field_names",
+]
