@@ -22,7 +22,7 @@ import dataclasses
 import datetime
 import os
 import sys
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -228,8 +228,33 @@ def _timestamp() -> str:
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def _given(argv: Sequence[str], option: str) -> bool:
-    return any(a == option or a.startswith(option + "=") for a in argv)
+def _explicit_options(parser, argv: Sequence[str]) -> Dict[str, Any]:
+    """The options the user typed (any spelling: --epochs=4, --epoch 4), with their parsed values.
+
+    Parses ``argv`` again with every default suppressed, so only what was given appears.
+    """
+    actions = [a for p in _subparsers(parser) for a in p._actions]
+    saved = [(a, a.default) for a in actions]
+    for a in actions:
+        a.default = argparse.SUPPRESS
+    try:
+        given = vars(parser.parse_args(argv))
+    finally:
+        for a, default in saved:
+            a.default = default
+    given.pop("command", None)
+    return given
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            yield from action.choices.values()
+
+
+# Options that only steer this invocation, never the run's results.
+_RESUME_FREE = ("resume", "progress", "out")
+_RESUME_SETTABLE = ("epochs", "checkpoint_every", "device", "backend", "data_dir", "no_download", "no_plots")
 
 
 def _resume_config(parser, args, argv: Sequence[str]) -> RunConfig:
@@ -239,19 +264,29 @@ def _resume_config(parser, args, argv: Sequence[str]) -> RunConfig:
     if not all(os.path.isfile(os.path.join(run_dir, name)) for name in ("config.json", CHECKPOINT_NAME)):
         parser.error(f"--resume {run_dir!r}: no config.json and checkpoint.npz there")
     config = read_config(run_dir)
-    changes = {name: getattr(args, name) for name in ("epochs", "checkpoint_every", "device")
-               if _given(argv, "--" + name.replace("_", "-"))}
-    return config.replace(**changes)
+    given = {k: v for k, v in _explicit_options(parser, argv).items() if k not in _RESUME_FREE}
+    saved = config.to_dict()
+    conflicts = sorted(k for k, v in given.items()
+                       if k not in _RESUME_SETTABLE and k in saved and _plain(v) != _plain(saved[k]))
+    if conflicts:
+        parser.error("--resume continues the run as config.json describes it; these options differ from it "
+                     f"and cannot change on resume: {', '.join('--' + k.replace('_', '-') for k in conflicts)} "
+                     f"(settable on resume: {', '.join('--' + k.replace('_', '-') for k in _RESUME_SETTABLE)})")
+    return config.replace(**{k: v for k, v in given.items() if k in _RESUME_SETTABLE})
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def cmd_train(parser, args, argv: Sequence[str]) -> int:
-    from dfa_train.run import run
+    from dfa_train.run import resolve_dataset, run
     from dfa_train.tables import summary_line
 
     if args.resume:
         config, run_dir = _resume_config(parser, args, argv), args.resume
     else:
-        config = _config_from_args(args)
+        config = resolve_dataset(_config_from_args(args))
         run_dir = args.out or os.path.join("runs", f"{_timestamp()}-{config.method}-{config.backend}")
         if os.path.exists(os.path.join(run_dir, CHECKPOINT_NAME)):
             parser.error(f"--out {run_dir!r} already holds a run; resume it with --resume {run_dir} "
@@ -264,10 +299,10 @@ def cmd_train(parser, args, argv: Sequence[str]) -> int:
 
 
 def cmd_compare(parser, args, argv: Sequence[str]) -> int:
-    from dfa_train.run import compare
+    from dfa_train.run import compare, resolve_dataset
     from dfa_train.tables import comparison_table
 
-    config = _config_from_args(args)
+    config = resolve_dataset(_config_from_args(args))
     out = args.out or os.path.join("runs", f"{_timestamp()}-compare-{config.backend}")
     if any(os.path.exists(os.path.join(out, m, CHECKPOINT_NAME)) for m in ("dfa", "bp")):
         parser.error(f"--out {out!r} already holds a comparison; choose another folder")
@@ -278,10 +313,11 @@ def cmd_compare(parser, args, argv: Sequence[str]) -> int:
 
 
 def cmd_sweep(parser, args, argv: Sequence[str]) -> int:
+    from dfa_train.run import resolve_dataset
     from dfa_train.sweep import sweep
     from dfa_train.tables import sweep_table
 
-    config = _config_from_args(args, lr=args.lr[0])
+    config = resolve_dataset(_config_from_args(args, lr=args.lr[0]))
     out = args.out or os.path.join("runs", f"{_timestamp()}-sweep-{config.backend}")
     if os.path.exists(os.path.join(out, "summary.json")):
         parser.error(f"--out {out!r} already holds a sweep; choose another folder")

@@ -79,6 +79,21 @@ def load_data(config: RunConfig) -> Data:
     return x_train, y_train, x_test, y_test
 
 
+def resolve_dataset(config: RunConfig) -> RunConfig:
+    """``config``, or with dataset 'mnist-slice' when full MNIST is nowhere to be had (offline, no copy).
+
+    The fallback warns (``MnistSliceWarning`` on stderr) and is recorded in the config, so the
+    run folder says what it trained on and a resume reads the same data. An explicit
+    ``data_dir`` is never replaced.
+    """
+    from dfa_train import data
+
+    if config.dataset != "mnist" or config.data_dir is not None:
+        return config
+    _, is_slice = data.find_mnist_or_slice(None, download=not config.no_download)
+    return config.replace(dataset=data.MNIST_SLICE_NAME) if is_slice else config
+
+
 def check_widths(config: RunConfig, data: Data) -> None:
     """Raises ConfigError('layers') when the first/last widths do not fit the data's columns."""
     x_train, y_train = data[0], data[1]
@@ -402,5 +417,6 @@ __all__ = [
     "compare",
     "device_scope",
     "load_data",
+    "resolve_dataset",
     "run",
 ]

@@ -274,3 +274,53 @@ def test_resume_refuses_a_changed_setting(tmp_path):
     assert result.metrics["epochs_run"] == 3 and len(result.history.loss) == 3
     with pytest.raises(ValueError, match="already holds a run"):
         run(config, str(tmp_path / "r"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume options and the offline fallback (issue 9, items 1 and 6)
+
+
+@pytest.mark.parametrize("spelling", [["--epochs", "4"], ["--epochs=4"], ["--epoch", "4"], ["--epo=4"]])
+def test_resume_reads_every_spelling_of_epochs_and_keeps_config_true(tmp_path, spelling):
+    out = tmp_path / "r"
+    assert cli.main(["train", *XOR, "--epochs", "2", "--out", str(out)]) == 0
+    assert cli.main(["train", "--resume", str(out), *spelling]) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 4
+    assert json.loads((out / "config.json").read_text())["epochs"] == 4
+
+
+@pytest.mark.parametrize("options,named", [
+    (["--layers", "2,5,1"], "--layers"),
+    (["--lr", "0.1", "--batch-size", "4"], "--batch-size, --lr"),
+    (["--optimizer", "adam"], "--optimizer"),
+])
+def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, options, named):
+    out = tmp_path / "r"
+    assert cli.main(["train", *XOR, "--epochs", "2", "--out", str(out)]) == 0
+    before = (out / "config.json").read_text()
+    with pytest.raises(SystemExit) as err:
+        cli.main(["train", "--resume", str(out), "--epochs", "3", *options])
+    assert err.value.code == 2 and f"cannot change on resume: {named}" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == before
+
+
+def test_resume_accepts_repeating_the_runs_own_options(tmp_path):
+    out = tmp_path / "r"
+    assert cli.main(["train", *XOR, "--epochs", "2", "--out", str(out)]) == 0
+    assert cli.main(["train", "--resume", str(out), "--epochs", "3", "--lr", "0.5", "--layers", "2,4,1"]) == 0
+
+
+def test_offline_without_mnist_trains_on_the_bundled_slice_and_says_so(tmp_path, monkeypatch, capsys):
+    """No $DFA_DATA_DIR, an empty cache and no network: README's command still runs, on the slice,
+    with a warning, and config.json records dataset 'mnist-slice' (a resume reads the same data)."""
+    monkeypatch.delenv("DFA_DATA_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / ".cache"))
+    out = tmp_path / "r"
+    with pytest.warns(UserWarning, match="bundled slice of MNIST"):
+        rc = cli.main(["train", "--no-download", "--layers", "784,8,10", "--epochs", "1", "--batch-size", "500",
+                       "--align-every", "0", "--no-plots", "--out", str(out)])
+    assert rc == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == "mnist-slice"
+    assert json.loads((out / "metrics.json").read_text())["n_train"] == 2000
