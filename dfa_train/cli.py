@@ -137,6 +137,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="folder of the IDX files (default $DFA_DATA_DIR, the cache, "
                                                     "else a download)")
     p.add_argument("--no-download", action="store_true", help="never download MNIST")
+    p.add_argument("--timeout", dest="download_timeout", type=_positive_float, default=30.0,
+                   help="seconds a download may wait for data before trying the next mirror (default 30)")
     p.add_argument("--limit-train", type=_positive_int, default=None, help="use the first N training samples")
     p.add_argument("--limit-test", type=_positive_int, default=None, help="use the first N test samples")
     p.add_argument("--standardize", action="store_true", help="standardise inputs (train mean/std) instead of [0,1]")
@@ -196,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", default=None, metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its checkpoint (its config is used; --epochs may raise the total, "
              "--checkpoint-every and --device may change)")
+    sub.choices["compare"].add_argument(
+        "--resume", default=None, metavar="OUT",
+        help="finish the comparison in OUT: a finished method is kept, an interrupted one resumes")
     sweep = sub.add_parser("sweep", help="every (lr, seed) member trained together by fit_many; mean +- std")
     _add_data_args(sweep)
     _add_model_args(sweep)
@@ -254,15 +259,15 @@ def _subparsers(parser):
 
 # Options that only steer this invocation, never the run's results.
 _RESUME_FREE = ("resume", "progress", "out")
-_RESUME_SETTABLE = ("epochs", "checkpoint_every", "device", "backend", "data_dir", "no_download", "no_plots")
+_RESUME_SETTABLE = ("epochs", "checkpoint_every", "device", "backend", "data_dir", "no_download", "no_plots",
+                    "download_timeout")
 
 
-def _resume_config(parser, args, argv: Sequence[str]) -> RunConfig:
+def _resume_config(parser, args, argv: Sequence[str], run_dir: str) -> RunConfig:
     from dfa_train.run_files import read_config
 
-    run_dir = args.resume
     if not all(os.path.isfile(os.path.join(run_dir, name)) for name in ("config.json", CHECKPOINT_NAME)):
-        parser.error(f"--resume {run_dir!r}: no config.json and checkpoint.npz there")
+        parser.error(f"--resume {args.resume!r}: no config.json and checkpoint.npz in {run_dir!r}")
     config = read_config(run_dir)
     given = {k: v for k, v in _explicit_options(parser, argv).items() if k not in _RESUME_FREE}
     saved = config.to_dict()
@@ -284,7 +289,7 @@ def cmd_train(parser, args, argv: Sequence[str]) -> int:
     from dfa_train.tables import summary_line
 
     if args.resume:
-        config, run_dir = _resume_config(parser, args, argv), args.resume
+        config, run_dir = _resume_config(parser, args, argv, args.resume), args.resume
     else:
         config = resolve_dataset(_config_from_args(args))
         run_dir = args.out or os.path.join("runs", f"{_timestamp()}-{config.method}-{config.backend}")
@@ -302,11 +307,14 @@ def cmd_compare(parser, args, argv: Sequence[str]) -> int:
     from dfa_train.run import compare, resolve_dataset
     from dfa_train.tables import comparison_table
 
-    config = resolve_dataset(_config_from_args(args))
-    out = args.out or os.path.join("runs", f"{_timestamp()}-compare-{config.backend}")
-    if any(os.path.exists(os.path.join(out, m, CHECKPOINT_NAME)) for m in ("dfa", "bp")):
-        parser.error(f"--out {out!r} already holds a comparison; choose another folder")
-    results = compare(config, out, progress=_progress_enabled(args))
+    if args.resume:
+        out = args.resume
+        config = _resume_config(parser, args, argv, os.path.join(out, "dfa")).replace(no_plots=args.no_plots)
+    else:
+        config = resolve_dataset(_config_from_args(args))
+        out = args.out or os.path.join("runs", f"{_timestamp()}-compare-{config.backend}")
+    args.run_dir = out
+    results = compare(config, out, progress=_progress_enabled(args), resume=bool(args.resume))
     print(comparison_table({label: r.metrics for label, r in results.items()}), end="")
     print(f"comparison folder: {out}")
     return 0
@@ -333,6 +341,18 @@ def cmd_summary(parser, args, argv: Sequence[str]) -> int:
     return 0
 
 
+def _interrupted_message(command: str, run_dir: Optional[str]) -> str:
+    """What survives an interrupt, and how to continue: only what is really on disk."""
+    folders = [run_dir] if command == "train" else [os.path.join(run_dir, m) for m in ("dfa", "bp")] if run_dir else []
+    kept = [f for f in folders if f and os.path.isfile(os.path.join(f, CHECKPOINT_NAME))]
+    if command in ("train", "compare") and kept:
+        return (f"interrupted: the checkpoint of the last finished epoch is kept; continue with "
+                f"dfa {command} --resume {run_dir}")
+    if command == "sweep":
+        return "interrupted: a sweep cannot be resumed; finished member folders are kept"
+    return "interrupted before any epoch was saved: nothing was kept; start again"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``dfa`` console script; returns the exit code."""
     parser = build_parser()
@@ -347,14 +367,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         parser.error(f"argument --{err.field.replace('_', '-')}: {err.detail}")
     except KeyboardInterrupt:
-        run_dir = getattr(args, "run_dir", None) or "RUN_DIR"
-        print(f"\ninterrupted: the checkpoint of the last finished epoch is kept; continue with "
-              f"dfa train --resume {run_dir}", file=sys.stderr)
+        print("\n" + _interrupted_message(args.command, getattr(args, "run_dir", None)), file=sys.stderr)
         return EXIT_INTERRUPTED
     except NonFiniteLossError as err:
         print(f"dfa: error: {err}", file=sys.stderr)
         return EXIT_NONFINITE
-    except (DatasetNotFoundError, FileNotFoundError, ValueError, TypeError, ImportError) as err:
+    except (DatasetNotFoundError, OSError, ValueError, TypeError, ImportError) as err:
         print(f"dfa: error: {err}", file=sys.stderr)
         return EXIT_FAILURE
 

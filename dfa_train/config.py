@@ -119,6 +119,7 @@ class RunConfig:
     standardize: bool = False  # standardise inputs with the training mean/std instead of [0, 1]
     checkpoint_every: str = "auto"  # 'N' epochs, 'Ns' seconds or 'auto' (checkpoints cost < 5% of the run)
     no_download: bool = False  # never download MNIST
+    download_timeout: float = 30.0  # seconds a download may wait for data before the next mirror, > 0
     no_plots: bool = False  # write no PNG figures
 
     def __post_init__(self):
@@ -139,7 +140,8 @@ class RunConfig:
         reals = {"lr": _check_real("lr", self.lr, 0.0, low_open=True),
                  "momentum": _check_real("momentum", self.momentum, 0.0, 1.0, low_open=False),
                  "feedback_scale": _check_real("feedback_scale", self.feedback_scale, 0.0, low_open=True),
-                 "tol": _check_real("tol", self.tol, 0.0, low_open=False, optional=True)}
+                 "tol": _check_real("tol", self.tol, 0.0, low_open=False, optional=True),
+                 "download_timeout": _check_real("download_timeout", self.download_timeout, 0.0, low_open=True)}
         for field, value in reals.items():
             object.__setattr__(self, field, value)
         for field in ("standardize", "no_download", "no_plots"):

@@ -22,6 +22,7 @@ import gzip
 import hashlib
 import math
 import os
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -431,6 +432,9 @@ def _download_into(cache: str, base_urls: Optional[Sequence[str]], timeout: floa
         if os.path.isfile(dest):
             continue
         for base in _mirrors(base_urls):
+            # Said before the wait: a mirror that accepts and never answers is otherwise silence.
+            print(f"dfa: downloading {base + name} (waits up to {timeout:g} s for data; --timeout to change)",
+                  file=sys.stderr, flush=True)
             try:
                 download_idx(base + name, dest, sha, timeout)
                 break

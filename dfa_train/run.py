@@ -32,12 +32,14 @@ from dfa_train import run_files
 from dfa_train.cadence import CheckpointEvery, checkpoint_due
 from dfa_train.checkpoint import CHECKPOINT_NAME, Checkpoint, atomic_write_text, load_checkpoint, save_checkpoint
 from dfa_train.config import ConfigError, RunConfig
+from dfa_train.run_dir import check_new_folder, claim
 from dfa_train.state import EpochEnd, History, NonFiniteLossError, ResumeState
 from dfa_train.tables import comparison_table
 
 Data = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train (N, n_0), y_train (N, n_L), x_test, y_test
 
-RESUME_MAY_CHANGE = ("epochs", "backend", "device", "checkpoint_every", "data_dir", "no_download", "no_plots")
+RESUME_MAY_CHANGE = ("epochs", "backend", "device", "checkpoint_every", "data_dir", "no_download", "no_plots",
+                     "download_timeout")
 """Fields a resumed run may set differently from its config.json; any other change is refused."""
 
 
@@ -67,7 +69,7 @@ def load_data(config: RunConfig) -> Data:
     elif config.dataset == "mnist-slice":
         d = data.load_mnist_slice(config.dtype)
     else:
-        folder = data.find_mnist(config.data_dir, download=not config.no_download)
+        folder = data.find_mnist(config.data_dir, download=not config.no_download, timeout=config.download_timeout)
         d = data.load_mnist(folder, config.dtype)
     x_train, y_train, x_test, y_test = d
     if config.limit_train:
@@ -90,18 +92,58 @@ def resolve_dataset(config: RunConfig) -> RunConfig:
 
     if config.dataset != "mnist" or config.data_dir is not None:
         return config
-    _, is_slice = data.find_mnist_or_slice(None, download=not config.no_download)
+    _, is_slice = data.find_mnist_or_slice(None, download=not config.no_download, timeout=config.download_timeout)
     return config.replace(dataset=data.MNIST_SLICE_NAME) if is_slice else config
 
 
 def check_widths(config: RunConfig, data: Data) -> None:
-    """Raises ConfigError('layers') when the first/last widths do not fit the data's columns."""
+    """Raises ConfigError when the first/last widths do not fit the data's columns ('layers') or the
+    targets cannot be grouped by class ('mode'): bad inputs, found before any folder is made."""
     x_train, y_train = data[0], data[1]
     if config.layers[0] != x_train.shape[1] or config.layers[-1] != y_train.shape[1]:
         raise ConfigError("layers", (
             f"{','.join(map(str, config.layers))} does not fit dataset {config.dataset!r}: inputs have "
             f"{x_train.shape[1]} features and targets {y_train.shape[1]} columns, so the first width must be "
             f"{x_train.shape[1]} and the last {y_train.shape[1]}"))
+    one_hot = y_train.shape[1] > 1 and np.all((y_train == 0) | (y_train == 1)) and np.all(y_train.sum(axis=1) == 1)
+    if config.method == "dfa" and config.mode == "class_mean" and not one_hot:
+        raise ConfigError("mode", f"'class_mean' groups samples by class and needs one-hot targets; dataset "
+                                  f"{config.dataset!r} has {y_train.shape[1]} target column(s) that are not one-hot")
+
+
+def _available_devices(backend: str) -> Tuple[str, ...]:
+    if backend == "torch":
+        import torch
+
+        found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            found.append("mps")
+        return tuple(found)
+    import jax
+
+    platforms = []
+    for name in ("cpu", "gpu", "tpu"):
+        try:
+            if jax.devices(name):
+                platforms.append(name)
+        except RuntimeError:  # that platform is not in this JAX install
+            pass
+    return tuple(platforms)
+
+
+def check_device(backend: str, device: Optional[str]) -> None:
+    """Raises ConfigError('device') naming what exists when ``device`` is not on this machine."""
+    if device is None:
+        return
+    found = _available_devices(backend)
+    base = device.split(":")[0]
+    wanted_index = int(device.split(":")[1]) if ":" in device and device.split(":")[1].isdigit() else 0
+    ok = (base == "cpu" and "cpu" in found) or (backend == "torch" and base == "cuda" and f"cuda:{wanted_index}"
+                                                  in found) or (base in found and base != "cuda")
+    if not ok:
+        kind = "torch device" if backend == "torch" else "JAX platform"
+        raise ConfigError("device", f"{kind} {device!r} is not available here; this machine has {list(found)}"
+                                    + (" (a CPU build of torch has no cuda)" if base == "cuda" else ""))
 
 
 @contextlib.contextmanager
@@ -342,11 +384,12 @@ def run(config: RunConfig, out_dir: str, *, resume: bool = False, progress: bool
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"config must be a dfa_train.config.RunConfig, got {type(config).__name__}")
+    check_device(config.backend, config.device)
     data = load_data(config) if data is None else data
     check_widths(config, data)
     checkpointer = Checkpointer(os.path.join(out_dir, CHECKPOINT_NAME), config.checkpoint_cadence(),
                                 {"config": config.to_dict(), "backend": config.backend})
-    with Interrupts() as interrupts:
+    with claim(out_dir, resume) as folder, Interrupts() as interrupts:
         if resume:
             params, feedback, state = _restart(config, out_dir, checkpointer)
         else:
@@ -362,6 +405,7 @@ def run(config: RunConfig, out_dir: str, *, resume: bool = False, progress: bool
             with interrupts.deferred():
                 run_files.append_history(out_dir, run_files.epoch_record(e))
                 checkpointer.offer(e)
+            folder.started()
             bar.epoch(e)
 
         try:
@@ -378,23 +422,28 @@ def run(config: RunConfig, out_dir: str, *, resume: bool = False, progress: bool
     return RunResult(out_dir, metrics, history)
 
 
-def compare(config: RunConfig, out_dir: str, *, progress: bool = False, data: Optional[Data] = None
-            ) -> Dict[str, RunResult]:
+def compare(config: RunConfig, out_dir: str, *, progress: bool = False, data: Optional[Data] = None,
+            resume: bool = False) -> Dict[str, RunResult]:
     """DFA and BP from the same initial weights, in ``out_dir/dfa`` and ``out_dir/bp``.
 
     Writes the joint figures, summary.md (a Markdown table) and summary.json in ``out_dir``.
+    With ``resume``, a method whose run finished is kept, an interrupted one resumes from its
+    checkpoint and a missing one starts.
 
     Returns:
-      {'DFA': RunResult, 'BP': RunResult}.
+      {'DFA': RunResult, 'BP': RunResult} (a kept run's history is None).
     """
+    if not resume:
+        check_new_folder(out_dir)
+    check_device(config.backend, config.device)
     data = load_data(config) if data is None else data
     check_widths(config, data)
     params = dfa_init.init_params(config.spec(), config.param_seed)  # the same initial weights for both
     results = {}
     for method in ("dfa", "bp"):
         member = config.with_method(method).replace(no_plots=True)
-        results[method.upper()] = run(member, os.path.join(out_dir, method), progress=progress, params=params,
-                                      data=data)
+        results[method.upper()] = _compare_member(member, os.path.join(out_dir, method), resume, progress,
+                                                  params, data)
     metrics = {label: r.metrics for label, r in results.items()}
     if not config.no_plots:
         run_files.write_plots(out_dir, metrics, run_files.read_history(os.path.join(out_dir, "dfa")),
@@ -404,6 +453,17 @@ def compare(config: RunConfig, out_dir: str, *, progress: bool = False, data: Op
                "results": {k: {kk: v for kk, v in m.items() if kk != "confusion"} for k, m in metrics.items()}}
     atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1, allow_nan=False))
     return results
+
+
+def _compare_member(member: RunConfig, member_dir: str, resume: bool, progress: bool, params, data: Data
+                    ) -> RunResult:
+    if resume and os.path.isfile(os.path.join(member_dir, CHECKPOINT_NAME)):
+        metrics_path = os.path.join(member_dir, run_files.METRICS_NAME)
+        if os.path.isfile(metrics_path):  # this method's run had finished
+            with open(metrics_path) as f:
+                return RunResult(member_dir, json.load(f), None)
+        return run(member, member_dir, resume=True, progress=progress, data=data)
+    return run(member, member_dir, progress=progress, params=params, data=data)
 
 
 __all__ = [
@@ -416,6 +476,7 @@ __all__ = [
     "check_widths",
     "compare",
     "device_scope",
+    "check_device",
     "load_data",
     "resolve_dataset",
     "run",

@@ -32,6 +32,7 @@ from dfa_train import run_files
 from dfa_train.checkpoint import atomic_write_text
 from dfa_train.config import FEEDBACK_SEED_OFFSET, RunConfig
 from dfa_train.run import Data, check_widths, device_scope, load_data
+from dfa_train.run_dir import check_new_folder
 
 SUMMARY_VERSION = 1
 SEEDS_FORMS = "a range such as 0-7, a list such as 0,3,5, or one seed such as 4 (seeds are ints >= 0)"
@@ -237,6 +238,7 @@ def sweep(config: RunConfig, seeds: Sequence[int], out_dir: str, *, lrs: Optiona
       ValueError: no seeds, or ``out_dir`` already holds a sweep.
     """
     lrs = (config.lr,) if lrs is None else tuple(float(lr) for lr in lrs)
+    check_new_folder(out_dir)
     members = members_of(config, seeds, lrs, out_dir)
     if os.path.exists(os.path.join(out_dir, "summary.json")) or any(
             os.path.exists(os.path.join(m.run_dir, run_files.CONFIG_NAME)) for m in members):
