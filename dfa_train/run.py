@@ -323,12 +323,13 @@ def _start(config: RunConfig, run_dir: str, params, checkpointer: Checkpointer):
     return params, feedback
 
 
-def _restart(config: RunConfig, run_dir: str, checkpointer: Checkpointer):
-    """A resumed run: checks the config, truncates the history. Returns (params, feedback, ResumeState)."""
+def _restart(config: RunConfig, run_dir: str, checkpointer: Checkpointer, n_train: int):
+    """A resumed run: checks the config, makes the history match the checkpoint (truncated, or
+    rebuilt where history.jsonl was cut or lost). Returns (params, feedback, ResumeState)."""
     _check_resumable(run_files.read_config(run_dir), config)
     ckpt = load_checkpoint(os.path.join(run_dir, CHECKPOINT_NAME))
     checkpointer.saved_epoch = ckpt.resume.epoch
-    run_files.write_history(run_dir, run_files.read_history(run_dir, ckpt.resume.epoch))
+    run_files.write_history(run_dir, run_files.history_for_resume(run_dir, ckpt.resume, n_train))
     run_files.write_config(run_dir, config)
     return ckpt.params, ckpt.feedback, ckpt.resume
 
@@ -391,7 +392,7 @@ def run(config: RunConfig, out_dir: str, *, resume: bool = False, progress: bool
                                 {"config": config.to_dict(), "backend": config.backend})
     with claim(out_dir, resume) as folder, Interrupts() as interrupts:
         if resume:
-            params, feedback, state = _restart(config, out_dir, checkpointer)
+            params, feedback, state = _restart(config, out_dir, checkpointer, data[0].shape[0])
         else:
             with interrupts.deferred():
                 params, feedback = _start(config, out_dir, params, checkpointer)

@@ -21,7 +21,7 @@ import numpy as np
 
 from dfa_train.checkpoint import atomic_write_text
 from dfa_train.config import RunConfig
-from dfa_train.state import EpochEnd, History
+from dfa_train.state import EpochEnd, History, ResumeState
 
 CONFIG_NAME = "config.json"
 HISTORY_NAME = "history.jsonl"
@@ -67,6 +67,46 @@ def read_history(run_dir: str, up_to_epoch: Optional[int] = None) -> List[Dict[s
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     return [r for r in records if up_to_epoch is None or r["epoch"] <= up_to_epoch]
+
+
+def _readable_records(path: str) -> List[Dict[str, Any]]:
+    """history.jsonl's records, stopping at the first line that is not a whole record (a write cut
+    short by a crash); [] without the file."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                break
+            records.append(record)
+    return records
+
+
+def history_for_resume(run_dir: str, resume: ResumeState, n_train: int) -> List[Dict[str, Any]]:
+    """The history of the checkpoint's ``resume.epoch`` epochs, one record each.
+
+    Records come from history.jsonl where it has them; a missing file, a cut last line or
+    missing epochs are rebuilt from the checkpoint, which holds each epoch's loss, errors and
+    time (the rebuilt records have no alignment angles). Records past the checkpoint go.
+    """
+    kept = {r["epoch"]: r for r in _readable_records(os.path.join(run_dir, HISTORY_NAME))}
+    records = []
+    for i in range(resume.epoch):
+        if i + 1 in kept:
+            records.append(kept[i + 1])
+            continue
+        time_s = resume.time_s[i] if i < len(resume.time_s) else 0.0
+        records.append({
+            "epoch": i + 1, "loss": finite_or_none(resume.loss[i]), "train_error": resume.train_error[i],
+            "test_accuracy": resume.test_accuracy[i] if i < len(resume.test_accuracy) else None,
+            "time_s": time_s, "samples_per_s": n_train / time_s if time_s > 0 else None, "alignment": [],
+        })
+    return records
 
 
 def write_history(run_dir: str, records: Sequence[Mapping[str, Any]]) -> None:

@@ -203,3 +203,36 @@ def test_a_silent_mirror_is_announced_and_times_out(tmp_path, monkeypatch, capsy
     assert rc == 0
     err = capsys.readouterr().err
     assert f"dfa: downloading http://127.0.0.1:{port}/" in err and "waits up to 0.3 s" in err
+
+
+@pytest.mark.parametrize("damage", ["cut_last_line", "missing", "garbage"])
+def test_a_damaged_history_is_rebuilt_from_the_checkpoint_on_resume(tmp_path, damage):
+    """history.jsonl cut mid-line by a crash, deleted, or overwritten: resume still works, and the
+    history again has one record per epoch, with the losses the checkpoint kept."""
+    straight, out = tmp_path / "straight", tmp_path / "r"
+    assert cli.main(["train", *XOR, "--epochs", "4", "--out", str(straight)]) == 0
+    assert cli.main(["train", *XOR, "--epochs", "2", "--out", str(out)]) == 0
+    path = out / "history.jsonl"
+    if damage == "cut_last_line":
+        path.write_text(path.read_text()[:-15])
+    elif damage == "missing":
+        path.unlink()
+    else:
+        path.write_text("not json at all\n")
+    assert cli.main(["train", "--resume", str(out), "--epochs", "4"]) == 0
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    expected = [json.loads(line) for line in (straight / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert [r["loss"] for r in records] == [r["loss"] for r in expected]
+
+
+@pytest.mark.parametrize("text,named", [
+    ("{not json", "config.json"),
+    ('{"version": 1}', "config.json"),
+])
+def test_a_damaged_config_names_the_file(tmp_path, capsys, text, named):
+    out = tmp_path / "r"
+    assert cli.main(["train", *XOR, "--epochs", "1", "--out", str(out)]) == 0
+    (out / "config.json").write_text(text)
+    assert _exit_code(["train", "--resume", str(out), "--epochs", "2"]) == 1
+    assert named in capsys.readouterr().err
