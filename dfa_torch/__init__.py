@@ -17,6 +17,14 @@ from dfa_torch.dfa import (
     feedback_projection,
     group,
 )
+from dfa_torch.epoch import predict_labels, train_epoch
+from dfa_torch.many import (
+    init_opt_state_many,
+    memory_free,
+    predict_labels_many,
+    stack_hyper,
+    train_epoch_many,
+)
 from dfa_torch.mlp import Activations, forward, forward_with_activations, logits, loss
 from dfa_torch.optim import apply_updates, make_optimizer
 from dfa_torch.train import METHODS, train_step
@@ -40,10 +48,17 @@ __all__ = [
     "forward",
     "forward_with_activations",
     "group",
+    "init_opt_state_many",
     "logits",
     "loss",
     "make_optimizer",
+    "memory_free",
     "precision_scope",
+    "predict_labels",
+    "predict_labels_many",
+    "stack_hyper",
     "to_numpy",
+    "train_epoch",
+    "train_epoch_many",
     "train_step",
 ]

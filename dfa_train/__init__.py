@@ -8,6 +8,7 @@ Imports neither torch nor JAX at import time: a backend is looked up by name thr
 ``dfa_core.get_backend`` when a run starts.
 """
 
+from dfa_train.many import fit_many
 from dfa_train.state import AlignmentRecord, EpochEnd, History, NonFiniteLossError, ResumeState
 from dfa_train.trainer import confusion_matrix, fit, labels_of
 
@@ -19,5 +20,6 @@ __all__ = [
     "ResumeState",
     "confusion_matrix",
     "fit",
+    "fit_many",
     "labels_of",
 ]

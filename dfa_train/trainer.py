@@ -3,6 +3,9 @@
 Imports neither torch nor JAX: the backend module does the arithmetic. Batches are
 drawn with NumPy (``np.random.default_rng(seed).permutation`` once per epoch), so the
 torch and JAX backends see the same batches in the same order and, in float64, give
+the same history. By default an epoch is one call of the backend's compiled
+``train_epoch`` over data put on the device once (``engine='epoch'``); ``engine='step'``
+keeps the per-step loop (one ``train_step`` call per batch from Python), which gives
 the same history.
 
     from dfa_core import MLPSpec, OptimizerSpec
@@ -15,11 +18,12 @@ the same history.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import time
 from types import ModuleType
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -37,7 +41,13 @@ from dfa_train.state import (
     opt_state_to_numpy,
 )
 
-_BACKEND_FUNCTIONS = ("asarray", "to_numpy", "precision_scope", "forward", "make_optimizer", "train_step")
+_BACKEND_FUNCTIONS = (
+    "asarray", "to_numpy", "precision_scope", "forward", "make_optimizer", "train_step", "train_epoch",
+    "predict_labels",
+)
+
+ENGINES = ("epoch", "step")
+"""fit's engines: 'epoch' runs each epoch as one compiled call, 'step' one call per batch."""
 
 
 def _optimizer_config(opt: OptimizerSpec) -> Dict[str, Any]:
@@ -107,6 +117,298 @@ def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    """fit's checked options: what stays fixed for the whole run."""
+
+    be: ModuleType  # the backend module (dfa_torch or dfa_jax)
+    spec: MLPSpec
+    method: str  # 'dfa' or 'bp'
+    mode: str  # DFA grouping
+    optimizer: OptimizerSpec
+    epochs: int  # total epochs, >= 1 (a resumed run counts the ones already done)
+    batch_size: int  # samples per step, >= 1
+    seed: int  # seeds the NumPy generator that orders the batches
+    tol: Optional[float]  # early-stop threshold on the train error change; None never stops
+    patience: int  # consecutive epochs within tol needed to stop, >= 1
+    align_every: int  # measure angles every this many global steps; 0 never
+    eval_batch_size: int  # rows per forward pass when measuring errors
+    donate: bool  # let steps reuse the previous params' buffers
+    engine: str  # one of ENGINES
+    stop_on_nonfinite: bool
+    on_epoch: Optional[Callable[[EpochEnd], None]]
+    on_batch: Optional[Callable[[int, int, int], None]]
+
+
+class _Data(NamedTuple):
+    """The datasets, checked and put on the backend's device once."""
+
+    x: Any  # (N, n_0) native array
+    y: Any  # (N, n_L) native array
+    labels: np.ndarray  # (N,) int64 true training labels
+    x_test: Any  # (M, n_0) native array, or None
+    test_labels: Optional[np.ndarray]  # (M,) int64, or None
+    feedback: Any  # (B_1, ..., B_{L-1}) native arrays, B_l (n_l, n_L)
+
+
+@dataclasses.dataclass
+class _Loop:
+    """What changes from epoch to epoch (and what a ResumeState restores)."""
+
+    params: Any  # ((W_l, b_l), ...) native arrays
+    opt_state: Any  # the backend optimizer's state
+    rng: np.random.Generator  # draws each epoch's batch order
+    first_epoch: int = 0
+    global_step: int = 0
+    within_tol: int = 0
+    losses: List[float] = dataclasses.field(default_factory=list)
+    errors: List[float] = dataclasses.field(default_factory=list)
+    accuracies: List[float] = dataclasses.field(default_factory=list)
+    times: List[float] = dataclasses.field(default_factory=list)
+    records: List[AlignmentRecord] = dataclasses.field(default_factory=list)
+    pred: Optional[np.ndarray] = None  # (N,) labels predicted after the last epoch
+    test_pred: Optional[np.ndarray] = None  # (M,)
+    stopped_early: bool = False
+
+
+def _settings(backend, spec, method, mode, optimizer, epochs, batch_size, seed, tol, patience, align_every,
+              eval_batch_size, donate, engine, stop_on_nonfinite, on_epoch, on_batch) -> _Settings:
+    """Checks fit's options (not the data) and returns them as one frozen record."""
+    be = _resolve_backend(backend)
+    validation.check_spec(spec)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    validation.check_mode(mode)
+    if method == "bp" and mode != "sample":
+        raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {mode!r}")
+    optimizer = OptimizerSpec() if optimizer is None else optimizer
+    if not isinstance(optimizer, OptimizerSpec):
+        raise TypeError(f"optimizer must be a dfa_core.OptimizerSpec, got {type(optimizer).__name__}")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0):
+        raise ValueError(f"tol must be None or a number >= 0, got {tol!r}")
+    if not isinstance(donate, bool):
+        raise TypeError(f"donate must be a bool, got {donate!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+    for name, fn in (("on_epoch", on_epoch), ("on_batch", on_batch)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+    return _Settings(
+        be, spec, method, mode, optimizer,
+        epochs=_check_int("epochs", epochs, 1),
+        batch_size=_check_int("batch_size", batch_size, 1),
+        seed=_check_int("seed", seed, 0),
+        tol=tol,
+        patience=_check_int("patience", patience, 1),
+        align_every=_check_int("align_every", align_every, 0),
+        eval_batch_size=_check_int("eval_batch_size", eval_batch_size, 1),
+        donate=donate, engine=engine, stop_on_nonfinite=bool(stop_on_nonfinite), on_epoch=on_epoch,
+        on_batch=on_batch,
+    )
+
+
+def _start(run: _Settings, params_np, resume: Optional[ResumeState]) -> _Loop:
+    """The loop state before the first epoch to run: fresh, or restored from ``resume``."""
+    be = run.be
+    params = be.asarray(params_np)
+    opt_state = be.make_optimizer(run.optimizer, run.spec.dtype).init(params)
+    loop = _Loop(params, opt_state, np.random.default_rng(run.seed))
+    if resume is not None:
+        if resume.opt_state is not None:
+            loop.opt_state = opt_state_from_numpy(be, opt_state, resume.opt_state)
+        loop.rng.bit_generator.state = resume.rng_state
+        loop.losses, loop.errors = list(resume.loss), list(resume.train_error)
+        loop.accuracies, loop.times = list(resume.test_accuracy), list(resume.time_s)
+        loop.within_tol, loop.global_step, loop.first_epoch = resume.within_tol, resume.global_step, resume.epoch
+    return loop
+
+
+def _record_angles(loop: _Loop, epoch: int, step: int, weights, deltas) -> None:
+    loop.records.append(AlignmentRecord(step, epoch, tuple(map(float, weights)), tuple(map(float, deltas))))
+
+
+def _epoch_by_steps(run: _Settings, data: _Data, loop: _Loop, epoch: int, order: np.ndarray) -> np.ndarray:
+    """engine='step': one ``train_step`` call per batch from Python; returns the (num_batches,) losses."""
+    be, spec, n = run.be, run.spec, order.shape[0]
+    step = be.train_step(spec, run.optimizer, run.method, run.mode, run.donate)
+    align_step = None
+    if run.align_every:
+        align_step = be.train_step(spec, run.optimizer, run.method, run.mode, run.donate, with_alignment=True)
+    order, num_batches, batch_losses = be.asarray(order), -(-n // run.batch_size), []
+    for i, start in enumerate(range(0, n, run.batch_size)):
+        idx = order[start : start + run.batch_size]
+        xb, yb = data.x[idx], data.y[idx]
+        if align_step is not None and loop.global_step % run.align_every == 0:
+            # One compiled step that also measures DFA-vs-BP angles before updating.
+            loop.params, loop.opt_state, batch_loss, angles = align_step(
+                loop.params, data.feedback, loop.opt_state, xb, yb
+            )
+            _record_angles(loop, epoch, loop.global_step, *be.to_numpy(tuple(angles)))
+        else:
+            loop.params, loop.opt_state, batch_loss = step(loop.params, data.feedback, loop.opt_state, xb, yb)
+        batch_losses.append(batch_loss)
+        loop.global_step += 1
+        if run.on_batch is not None:
+            run.on_batch(epoch, i, num_batches)
+    # One host transfer per epoch; it also waits for the epoch's work to finish.
+    return np.asarray(be.to_numpy(tuple(batch_losses)), dtype=np.float64)
+
+
+def _epoch_compiled(run: _Settings, data: _Data, loop: _Loop, epoch: int, order: np.ndarray) -> np.ndarray:
+    """engine='epoch': one ``train_epoch`` call; returns the (num_batches,) losses.
+
+    ``on_batch`` cannot run inside the compiled epoch, so it is called for every batch
+    index after the epoch has finished (cheap Python calls, no synchronisation).
+    """
+    be = run.be
+    epoch_fn = be.train_epoch(
+        run.spec, run.optimizer, run.method, run.mode, run.batch_size, run.donate, run.align_every
+    )
+    loop.params, loop.opt_state, losses, angles = epoch_fn(
+        loop.params, data.feedback, loop.opt_state, data.x, data.y, be.asarray(order), loop.global_step
+    )
+    steps = loop.global_step + np.arange(losses.shape[0])
+    due = np.flatnonzero(steps % run.align_every == 0) if run.align_every else np.zeros(0, dtype=np.int64)
+    # One host transfer per epoch (angles only when some were measured); it also waits for the epoch.
+    losses, angles = be.to_numpy((losses, angles)) if due.size else (be.to_numpy(losses), None)
+    for i in due:
+        _record_angles(loop, epoch, int(steps[i]), angles[i, 0], angles[i, 1])
+    loop.global_step += losses.shape[0]
+    if run.on_batch is not None:
+        for i in range(losses.shape[0]):
+            run.on_batch(epoch, i, losses.shape[0])
+    return np.asarray(losses, dtype=np.float64)
+
+
+def _predict(run: _Settings, params, x) -> np.ndarray:
+    """(rows,) int64 predicted labels of native inputs x (rows, n_0)."""
+    if run.engine == "step":
+        return _predict_labels(run.be, run.spec, params, x, x.shape[0], run.eval_batch_size)
+    labels = run.be.predict_labels(run.spec, run.eval_batch_size)(params, x)
+    return np.asarray(run.be.to_numpy(labels), dtype=np.int64)
+
+
+def _evaluate(run: _Settings, data: _Data, loop: _Loop) -> None:
+    """Measures the current params on the training (and test) set into ``loop.pred``/``test_pred``."""
+    loop.pred = _predict(run, loop.params, data.x)
+    if data.x_test is not None:
+        loop.test_pred = _predict(run, loop.params, data.x_test)
+
+
+def _run_epoch(run: _Settings, data: _Data, loop: _Loop, epoch: int) -> None:
+    """Trains one epoch, then records its loss, time, train error and test accuracy."""
+    n = data.labels.shape[0]
+    order = loop.rng.permutation(n).astype(np.int32)
+    start_time = time.perf_counter()
+    run_batches = _epoch_compiled if run.engine == "epoch" else _epoch_by_steps
+    batch_losses = run_batches(run, data, loop, epoch, order)
+    loop.times.append(time.perf_counter() - start_time)
+    if run.spec.reduction == "mean":
+        sizes = np.diff(np.append(np.arange(0, n, run.batch_size), n))
+        batch_losses = batch_losses * sizes
+    loop.losses.append(float(np.sum(batch_losses) / n))
+    if run.stop_on_nonfinite and not math.isfinite(loop.losses[-1]):
+        raise NonFiniteLossError(epoch + 1, loop.losses[-1])
+    _evaluate(run, data, loop)
+    loop.errors.append(float(np.mean(loop.pred != data.labels)))
+    if data.test_labels is not None:
+        loop.accuracies.append(float(np.mean(loop.test_pred == data.test_labels)))
+
+
+def _should_stop(run: _Settings, loop: _Loop, epoch: int) -> bool:
+    """Counts epochs whose train error moved by at most tol; True once ``patience`` in a row."""
+    if run.tol is None or epoch < 1:
+        return False
+    loop.within_tol = loop.within_tol + 1 if abs(loop.errors[-1] - loop.errors[-2]) <= run.tol else 0
+    if loop.within_tol < run.patience:
+        return False
+    loop.stopped_early = epoch + 1 < run.epochs
+    return True
+
+
+def _epoch_end(run: _Settings, data: _Data, loop: _Loop, epoch: int, feedback_np) -> EpochEnd:
+    """What on_epoch gets: the epoch's numbers and NumPy copies of params and optimizer state."""
+    be = run.be
+    opt_np = opt_state_to_numpy(be, loop.opt_state)
+    resume_here = ResumeState(
+        epoch + 1, loop.global_step, loop.rng.bit_generator.state, opt_np, tuple(loop.losses),
+        tuple(loop.errors), tuple(loop.accuracies), tuple(loop.times), loop.within_tol,
+    )
+    n, seconds = data.labels.shape[0], loop.times[-1]
+    return EpochEnd(
+        epoch=epoch + 1,
+        epochs=run.epochs,
+        global_step=loop.global_step,
+        loss=loop.losses[-1],
+        train_error=loop.errors[-1],
+        test_accuracy=loop.accuracies[-1] if data.test_labels is not None else None,
+        time_s=seconds,
+        samples_per_s=n / seconds if seconds > 0 else float("inf"),
+        alignment=tuple(r for r in loop.records if r.epoch == epoch),
+        params=tuple((np.asarray(w), np.asarray(b)) for w, b in be.to_numpy(loop.params)),
+        feedback=tuple(np.asarray(b) for b in feedback_np),
+        opt_state=opt_np,
+        resume=resume_here,
+    )
+
+
+def _history(run: _Settings, data: _Data, loop: _Loop, params_out, feedback_np, drawn: Dict[str, Any]) -> History:
+    """The History of a finished run; ``drawn`` holds the seeds of what fit drew itself (or None)."""
+    spec, has_test = run.spec, data.test_labels is not None
+    num_classes = max(spec.n_out, 2)
+    if has_test:
+        confusion = confusion_matrix(data.test_labels, loop.test_pred, num_classes)
+    else:
+        confusion = confusion_matrix(data.labels, loop.pred, num_classes)
+    config = {
+        "backend": run.be.__name__,
+        "layer_sizes": list(spec.layer_sizes),
+        "activation": spec.activation,
+        "output": spec.output,
+        "reduction": spec.reduction,
+        "dtype": spec.dtype,
+        "method": run.method,
+        "mode": run.mode,
+        "optimizer": _optimizer_config(run.optimizer),
+        "epochs": run.epochs,
+        "batch_size": run.batch_size,
+        "seed": run.seed,
+        **drawn,
+        "tol": run.tol,
+        "patience": run.patience,
+        "align_every": run.align_every,
+        "n_train": int(data.labels.shape[0]),
+        "n_test": int(data.test_labels.shape[0]) if has_test else 0,
+    }
+    return History(
+        loss=tuple(loop.losses),
+        train_error=tuple(loop.errors),
+        test_accuracy=tuple(loop.accuracies),
+        time_s=tuple(loop.times),
+        confusion=confusion,
+        confusion_split="test" if has_test else "train",
+        alignment=tuple(loop.records),
+        stopped_early=loop.stopped_early,
+        config=config,
+        params=tuple((np.asarray(w), np.asarray(b)) for w, b in params_out),
+        feedback=tuple(np.asarray(b) for b in feedback_np),
+    )
+
+
+def _train(run: _Settings, data: _Data, loop: _Loop, feedback_np):
+    """The epoch loop; returns the final params as NumPy. Call inside the backend's precision scope."""
+    for epoch in range(loop.first_epoch, run.epochs):
+        _run_epoch(run, data, loop, epoch)
+        stop = _should_stop(run, loop, epoch)
+        if run.on_epoch is not None:
+            run.on_epoch(_epoch_end(run, data, loop, epoch, feedback_np))
+        if stop:
+            break
+    if loop.pred is None:  # resumed after the last epoch: nothing ran, measure the given params
+        _evaluate(run, data, loop)
+    return run.be.to_numpy(loop.params)
+
+
 def fit(
     backend: Union[str, ModuleType],
     spec: MLPSpec,
@@ -137,14 +439,17 @@ def fit(
     on_epoch: Optional[Callable[[EpochEnd], None]] = None,
     on_batch: Optional[Callable[[int, int, int], None]] = None,
     stop_on_nonfinite: bool = False,
+    engine: str = "epoch",
 ) -> History:
     """Trains ``spec`` by DFA or BP on one backend and records a ``History``.
 
-    Every step is one call of ``backend.train_step(spec, optimizer, method, mode)`` on a
-    batch gathered from arrays converted to the backend once; the data are validated
-    once, up front, not per batch. Epoch e visits the samples in the order
-    ``rng.permutation(N)`` of ``rng = np.random.default_rng(seed)`` (one draw per epoch),
-    in batches of ``batch_size`` (the last one may be smaller).
+    The data are validated once, up front, and converted to the backend once. Epoch e
+    visits the samples in the order ``rng.permutation(N)`` of
+    ``rng = np.random.default_rng(seed)`` (one draw per epoch), in batches of
+    ``batch_size`` (the last one may be smaller). With ``engine='epoch'`` (default) the
+    epoch is one call of ``backend.train_epoch`` (on JAX one compiled program) and the
+    errors are measured by ``backend.predict_labels``; with ``engine='step'`` every step
+    is one call of ``backend.train_step`` from Python. Both give the same history.
 
     Args:
       backend: 'torch', 'jax' or a backend module (``dfa_torch``, ``dfa_jax``).
@@ -183,10 +488,14 @@ def fit(
         an uninterrupted run.
       on_epoch: called after each epoch with an ``EpochEnd`` (NumPy copies of params and
         optimizer state: a host transfer per epoch).
-      on_batch: called after each step as ``on_batch(epoch, batch_index, num_batches)``
-        (0-based); it gets no arrays, so it forces no synchronisation.
+      on_batch: called as ``on_batch(epoch, batch_index, num_batches)`` (0-based) once
+        per batch; it gets no arrays, so it forces no synchronisation. With
+        ``engine='epoch'`` the calls for all of an epoch's batches come together after
+        the epoch has run (a progress bar advances by steps, but once per epoch); with
+        ``engine='step'`` each call follows its step.
       stop_on_nonfinite: raise ``NonFiniteLossError`` (before ``on_epoch``) when an
         epoch's loss is NaN or infinite.
+      engine: 'epoch' (one compiled call per epoch) or 'step' (one call per step).
 
     Returns:
       History: per epoch loss (mean per-sample loss over the epoch, each batch's loss
@@ -199,34 +508,12 @@ def fit(
       ValueError, TypeError: a bad backend, spec, option or dataset, before training.
       ImportError: the backend's framework is not installed.
     """
-    be = _resolve_backend(backend)
-    validation.check_spec(spec)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    validation.check_mode(mode)
-    if method == "bp" and mode != "sample":
-        raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {mode!r}")
-    optimizer = OptimizerSpec() if optimizer is None else optimizer
-    if not isinstance(optimizer, OptimizerSpec):
-        raise TypeError(f"optimizer must be a dfa_core.OptimizerSpec, got {type(optimizer).__name__}")
-    epochs = _check_int("epochs", epochs, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    seed = _check_int("seed", seed, 0)
-    patience = _check_int("patience", patience, 1)
-    align_every = _check_int("align_every", align_every, 0)
-    eval_batch_size = _check_int("eval_batch_size", eval_batch_size, 1)
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0):
-        raise ValueError(f"tol must be None or a number >= 0, got {tol!r}")
-    if not isinstance(donate, bool):
-        raise TypeError(f"donate must be a bool, got {donate!r}")
+    run = _settings(backend, spec, method, mode, optimizer, epochs, batch_size, seed, tol, patience, align_every,
+                    eval_batch_size, donate, engine, stop_on_nonfinite, on_epoch, on_batch)
     if (x_test is None) != (y_test is None):
         raise ValueError("x_test and y_test must be given together (or neither)")
     if resume is not None and not isinstance(resume, ResumeState):
         raise TypeError(f"resume must be a dfa_train.trainer.ResumeState, got {type(resume).__name__}")
-    for name, fn in (("on_epoch", on_epoch), ("on_batch", on_batch)):
-        if fn is not None and not callable(fn):
-            raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
-
     x_np, y_np = _check_data(spec, x_train, y_train, mode, "training")
     test = _check_data(spec, x_test, y_test, "sample", "test") if x_test is not None else None
     params_np = init_params(spec, param_seed) if params is None else params
@@ -234,146 +521,28 @@ def fit(
     feedback_np = init_feedback(
         spec, feedback_seed, feedback_dist, feedback_scale, feedback_transform, matrices=feedback
     )
-    step = be.train_step(spec, optimizer, method, mode, donate)
-    tx = be.make_optimizer(optimizer, spec.dtype)
-    align_step = be.train_step(spec, optimizer, method, mode, donate, with_alignment=True) if align_every else None
-
-    n = x_np.shape[0]
-    num_classes = max(spec.n_out, 2)
-    y_labels = labels_of(y_np)
-    rng = np.random.default_rng(seed)
-    losses, errors, accuracies, times, records = [], [], [], [], []
-    stopped_early, within_tol, global_step, first_epoch = False, 0, 0, 0
-    if resume is not None:
-        rng.bit_generator.state = resume.rng_state
-        losses, errors = list(resume.loss), list(resume.train_error)
-        accuracies, times = list(resume.test_accuracy), list(resume.time_s)
-        within_tol, global_step, first_epoch = resume.within_tol, resume.global_step, resume.epoch
-    pred = test_pred = None
-    num_batches = -(-n // batch_size)
-
-    with be.precision_scope(spec.dtype):
-        x_nat, y_nat = be.asarray(x_np), be.asarray(y_np)
-        x_test_nat = be.asarray(test[0]) if test is not None else None
-        params_nat = be.asarray(params_np)
-        feedback_nat = be.asarray(feedback_np)
-        opt_state = tx.init(params_nat)
-        if resume is not None and resume.opt_state is not None:
-            opt_state = opt_state_from_numpy(be, opt_state, resume.opt_state)
-        for epoch in range(first_epoch, epochs):
-            order = be.asarray(rng.permutation(n).astype(np.int32))
-            batch_losses = []
-            start_time = time.perf_counter()
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                xb, yb = x_nat[idx], y_nat[idx]
-                if align_step is not None and global_step % align_every == 0:
-                    # One compiled step that also measures DFA-vs-BP angles before updating.
-                    params_nat, opt_state, batch_loss, angles = align_step(params_nat, feedback_nat, opt_state, xb, yb)
-                    angles = be.to_numpy(tuple(angles))
-                    records.append(
-                        AlignmentRecord(global_step, epoch, tuple(map(float, angles[0])), tuple(map(float, angles[1])))
-                    )
-                else:
-                    params_nat, opt_state, batch_loss = step(params_nat, feedback_nat, opt_state, xb, yb)
-                batch_losses.append(batch_loss)
-                global_step += 1
-                if on_batch is not None:
-                    on_batch(epoch, start // batch_size, num_batches)
-            # One host transfer per epoch; it also waits for the epoch's work to finish.
-            batch_losses = np.asarray(be.to_numpy(tuple(batch_losses)), dtype=np.float64)
-            times.append(time.perf_counter() - start_time)
-            if spec.reduction == "mean":
-                sizes = np.diff(np.append(np.arange(0, n, batch_size), n))
-                batch_losses = batch_losses * sizes
-            losses.append(float(np.sum(batch_losses) / n))
-            if stop_on_nonfinite and not math.isfinite(losses[-1]):
-                raise NonFiniteLossError(epoch + 1, losses[-1])
-            pred = _predict_labels(be, spec, params_nat, x_nat, n, eval_batch_size)
-            errors.append(float(np.mean(pred != y_labels)))
-            if test is not None:
-                test_pred = _predict_labels(be, spec, params_nat, x_test_nat, test[0].shape[0], eval_batch_size)
-                accuracies.append(float(np.mean(test_pred == labels_of(test[1]))))
-            stop = False
-            if tol is not None and epoch >= 1:
-                within_tol = within_tol + 1 if abs(errors[-1] - errors[-2]) <= tol else 0
-                if within_tol >= patience:
-                    stopped_early = epoch + 1 < epochs
-                    stop = True
-            if on_epoch is not None:
-                opt_np = opt_state_to_numpy(be, opt_state)
-                resume_here = ResumeState(
-                    epoch + 1, global_step, rng.bit_generator.state, opt_np, tuple(losses), tuple(errors),
-                    tuple(accuracies), tuple(times), within_tol,
-                )
-                on_epoch(
-                    EpochEnd(
-                        epoch=epoch + 1,
-                        epochs=epochs,
-                        global_step=global_step,
-                        loss=losses[-1],
-                        train_error=errors[-1],
-                        test_accuracy=accuracies[-1] if test is not None else None,
-                        time_s=times[-1],
-                        samples_per_s=n / times[-1] if times[-1] > 0 else float("inf"),
-                        alignment=tuple(r for r in records if r.epoch == epoch),
-                        params=tuple((np.asarray(w), np.asarray(b)) for w, b in be.to_numpy(params_nat)),
-                        feedback=tuple(np.asarray(b) for b in feedback_np),
-                        opt_state=opt_np,
-                        resume=resume_here,
-                    )
-                )
-            if stop:
-                break
-        params_out = be.to_numpy(params_nat)
-        if pred is None:  # resumed after the last epoch: nothing ran, measure the given params
-            pred = _predict_labels(be, spec, params_nat, x_nat, n, eval_batch_size)
-            if test is not None:
-                test_pred = _predict_labels(be, spec, params_nat, x_test_nat, test[0].shape[0], eval_batch_size)
-    if test is not None:
-        confusion = confusion_matrix(labels_of(test[1]), test_pred, num_classes)
-    else:
-        confusion = confusion_matrix(y_labels, pred, num_classes)
-    config = {
-        "backend": be.__name__,
-        "layer_sizes": list(spec.layer_sizes),
-        "activation": spec.activation,
-        "output": spec.output,
-        "reduction": spec.reduction,
-        "dtype": spec.dtype,
-        "method": method,
-        "mode": mode,
-        "optimizer": _optimizer_config(optimizer),
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "seed": seed,
+    drawn = {
         "param_seed": param_seed if params is None else None,
         "feedback_seed": feedback_seed if feedback is None else None,
         "feedback_dist": feedback_dist if feedback is None else "given",
         "feedback_scale": feedback_scale if feedback is None else None,
-        "tol": tol,
-        "patience": patience,
-        "align_every": align_every,
-        "n_train": n,
-        "n_test": int(test[0].shape[0]) if test is not None else 0,
     }
-    return History(
-        loss=tuple(losses),
-        train_error=tuple(errors),
-        test_accuracy=tuple(accuracies),
-        time_s=tuple(times),
-        confusion=confusion,
-        confusion_split="test" if test is not None else "train",
-        alignment=tuple(records),
-        stopped_early=stopped_early,
-        config=config,
-        params=tuple((np.asarray(w), np.asarray(b)) for w, b in params_out),
-        feedback=tuple(np.asarray(b) for b in feedback_np),
-    )
+    be = run.be
+    with be.precision_scope(spec.dtype):
+        data = _Data(
+            *be.asarray((x_np, y_np)), labels_of(y_np),
+            be.asarray(test[0]) if test is not None else None,
+            labels_of(test[1]) if test is not None else None,
+            be.asarray(feedback_np),
+        )
+        loop = _start(run, params_np, resume)
+        params_out = _train(run, data, loop, feedback_np)
+    return _history(run, data, loop, params_out, feedback_np, drawn)
 
 
 __all__ = [
     "AlignmentRecord",
+    "ENGINES",
     "EpochEnd",
     "History",
     "METHODS",

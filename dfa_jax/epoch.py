@@ -1,0 +1,196 @@
+"""A whole training epoch, and the labels of a dataset, each as one jitted program (JAX).
+
+Mirrors ``dfa_torch.epoch`` name for name. The per-step path (``train_step`` called from
+a Python loop) pays a dispatch, a host-side gather and a transfer per batch; here the
+epoch is a ``lax.scan`` over the full batches plus one step on the ragged remainder,
+with the batches gathered from the device-resident training set inside the program.
+The update is ``train_step``'s own jitted function, so the math is written once.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from dfa_core import validation
+from dfa_core.spec import MLPSpec, OptimizerSpec
+from dfa_jax import alignment
+from dfa_jax.arrays import precision_scope
+from dfa_jax.dfa import TRACE_COUNTS
+from dfa_jax.mlp import forward
+from dfa_jax.train import _build_step
+
+Array = jax.Array
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def train_epoch(
+    spec: MLPSpec,
+    opt: OptimizerSpec,
+    method: str = "dfa",
+    mode: str = "sample",
+    batch_size: int = 200,
+    donate: bool = False,
+    align_every: int = 0,
+):
+    """Builds epoch(params, feedback, opt_state, x, y, order, step0) -> (params, opt_state, losses, angles).
+
+    One jitted program per argument combination (cached) and per data shape: batch i
+    is ``order[i * batch_size:(i + 1) * batch_size]``, gathered from ``x`` and ``y``
+    on the device; the full batches run under ``lax.scan`` and a ragged last batch
+    (N % batch_size samples) as one more step of its own size, so mean reductions and
+    class grouping see exactly the samples of that batch. Every step is ``train_step``'s.
+
+    The returned function takes:
+      params: ((W_l, b_l), ...), W_l (n_l, n_{l-1}), b_l (n_l,), JAX arrays of spec.dtype.
+      feedback: (B_1, ..., B_{L-1}), B_l (n_l, n_L); ignored for 'bp'.
+      opt_state: from ``make_optimizer(opt, spec.dtype).init(params)``.
+      x: the whole training set, (N, n_0), spec.dtype, unchecked (check it once).
+      y: its targets, (N, n_L); one-hot for 'class_mean'.
+      order: (N,) integer permutation of range(N) (NumPy or JAX; sent as int32).
+      step0: global index of the epoch's first step (Python int or 0-d integer array).
+
+    and returns params and opt_state after the epoch, ``losses`` (num_batches,) (each
+    batch's loss before its update, as ``train_step`` returns it, on the device) and
+    ``angles`` (num_batches, 2, L): rows i with (step0 + i) % align_every == 0 hold the
+    DFA-vs-BP angles (weights, deltas) in degrees measured before that step's update,
+    as ``train_step(..., with_alignment=True)`` gives them; other rows are NaN (a
+    ``lax.cond`` skips their cost). ``angles`` is None when align_every == 0.
+
+    Args:
+      spec: the network.
+      opt: the optimizer.
+      method: 'dfa' or 'bp'.
+      mode: DFA grouping, one of dfa_core.MODES ('sample' for 'bp').
+      batch_size: samples per step, >= 1.
+      donate: let XLA reuse the params and opt_state buffers passed in (they become
+        invalid after the call).
+      align_every: measure the angles every ``align_every`` global steps; 0 never.
+
+    Raises:
+      ValueError, TypeError: a bad spec, optimizer, method, mode, batch_size or
+        align_every, before anything is traced.
+    """
+    validation.check_train_step(spec, opt, method, mode)
+    batch_size = _check_count("batch_size", batch_size, 1)
+    align_every = _check_count("align_every", align_every, 0)
+    return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
+
+
+def _angles_if_due(spec: MLPSpec, mode: str, due: Array, params, feedback, xb: Array, yb: Array) -> Array:
+    """(2, L) angles (weights, deltas) when ``due``, else NaN; the cond skips the measure."""
+
+    def measure():
+        angles = alignment.alignment_angles_unchecked(spec, params, feedback, xb, yb, mode)
+        return jnp.stack([angles.weights, angles.deltas])
+
+    return lax.cond(due, measure, lambda: jnp.full((2, spec.num_layers), jnp.nan, dtype=xb.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every):
+    step = _build_step(spec, opt, method, mode, False, False).jitted
+
+    def one_batch(state, feedback, x, y, idx_B, phase):
+        params, opt_state = state
+        # order is a permutation, so clipping never moves an index; it spares fill's mask.
+        xb, yb = jnp.take(x, idx_B, axis=0, mode="clip"), jnp.take(y, idx_B, axis=0, mode="clip")
+        angles = None
+        if align_every:  # measured on the params before this step's update
+            angles = _angles_if_due(spec, mode, phase % align_every == 0, params, feedback, xb, yb)
+        params, opt_state, batch_loss = step(params, feedback, opt_state, xb, yb)
+        return (params, opt_state), (batch_loss, angles)
+
+    def epoch(params, feedback, opt_state, x, y, order, phase):
+        TRACE_COUNTS[f"train_epoch_{method}"] += 1
+        num_full = x.shape[0] // batch_size
+        cut = num_full * batch_size
+        state, parts = (params, opt_state), []
+        if num_full:
+            xs = (order[:cut].reshape(num_full, batch_size), phase + jnp.arange(num_full, dtype=jnp.int32))
+            body = lambda s, xs_i: one_batch(s, feedback, x, y, *xs_i)
+            state, outs = lax.scan(body, state, xs)
+            parts.append(outs)
+        if cut < x.shape[0]:  # the ragged last batch, at its own size
+            state, outs = one_batch(state, feedback, x, y, order[cut:], phase + num_full)
+            parts.append(jax.tree_util.tree_map(lambda t: t[None], outs))
+        losses, angles = jax.tree_util.tree_map(lambda *ts: jnp.concatenate(ts), *parts)
+        return state[0], state[1], losses, angles
+
+    jitted = jax.jit(epoch, donate_argnums=(0, 2) if donate else ())
+
+    @functools.wraps(epoch)
+    def run(params, feedback, opt_state, x, y, order, step0=0):
+        with precision_scope(spec.dtype):
+            # Only step0 modulo align_every matters: keeps the int32 counter from overflowing.
+            phase = jnp.asarray(step0 % align_every if align_every else 0, dtype=jnp.int32)
+            return jitted(params, feedback, opt_state, x, y, jnp.asarray(order, dtype=jnp.int32), phase)
+
+    run.jitted = jitted
+    return run
+
+
+def _labels(spec: MLPSpec, params, x: Array) -> Array:
+    y_hat = forward(spec, params, x)
+    if spec.n_out == 1:
+        return (y_hat[:, 0] > 0.5).astype(jnp.int32)
+    return jnp.argmax(y_hat, axis=1).astype(jnp.int32)
+
+
+def predict_labels(spec: MLPSpec, batch_size: int = 10000):
+    """Builds predict(params, x) -> (N,) int32 class labels on the device, one jitted program.
+
+    The label of a row is argmax of the network's output, or y_hat > 0.5 with one
+    output unit (``dfa_train.trainer.labels_of``). Rows are pushed through the network
+    ``batch_size`` at a time (a ``lax.scan`` over the full chunks, then the remainder),
+    which bounds the activations' memory. Jitted once per spec, batch_size and N.
+
+    The returned function takes params ((W_l, b_l), ...) and x (N, n_0), JAX arrays of
+    spec.dtype.
+
+    Raises:
+      ValueError, TypeError: a bad spec or batch_size.
+    """
+    validation.check_spec(spec)
+    return _build_predict(spec, _check_count("batch_size", batch_size, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _build_predict(spec, batch_size):
+    def predict(params, x):
+        TRACE_COUNTS["predict_labels"] += 1
+        num_full = x.shape[0] // batch_size
+        cut = num_full * batch_size
+        parts = []
+        if num_full == 1:
+            parts.append(_labels(spec, params, x[:cut]))
+        elif num_full > 1:
+            chunks = x[:cut].reshape(num_full, batch_size, x.shape[1])
+            parts.append(lax.map(lambda xc: _labels(spec, params, xc), chunks).reshape(cut))
+        if cut < x.shape[0]:
+            parts.append(_labels(spec, params, x[cut:]))
+        return jnp.concatenate(parts)
+
+    jitted = jax.jit(predict)
+
+    @functools.wraps(predict)
+    def run(params, x):
+        with precision_scope(spec.dtype):
+            return jitted(params, x)
+
+    run.jitted = jitted
+    return run
+
+
+__all__ = ["predict_labels", "train_epoch"]

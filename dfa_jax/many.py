@@ -1,0 +1,279 @@
+"""Many networks trained at once (JAX): a ``jax.vmap`` over members of one jitted epoch.
+
+Mirrors ``dfa_torch.many`` name for name; ``dfa_train.fit_many`` drives it. Every array
+of a member (params, feedback, optimizer state, batch order, optimizer hyper-parameters)
+is stacked along a leading member axis M, and one member's epoch (a ``lax.scan`` over
+its full batches, then one step on the ragged remainder, gathered on the device from the
+shared training set) is vmapped over that axis and jitted: M members are one program.
+The learning rate, momentum, b1, b2 and eps are traced arrays, so members that differ
+only in those numbers share the program; the optimizer's name (and nesterov) fixes its
+structure and keys the compilation.
+
+The math is the backend's own: ``dfa_grads_and_loss`` / ``bp_grads_and_loss`` for the
+gradients, optax's ``sgd`` / ``adam`` (as ``make_optimizer`` builds them, here from
+traced hyper-parameters) for the update, ``alignment_angles_unchecked`` for the angles.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from dfa_core import validation
+from dfa_core.spec import OPTIMIZERS, MLPSpec, OptimizerSpec
+from dfa_jax import alignment
+from dfa_jax.arrays import precision_scope
+from dfa_jax.dfa import TRACE_COUNTS, bp_grads_and_loss, dfa_grads_and_loss
+from dfa_jax.mlp import forward
+from dfa_jax.optim import apply_updates
+
+Array = jax.Array
+
+
+class Hyper(NamedTuple):
+    """Optimizer hyper-parameters of M members, each (M,) of the run's dtype (unused ones too)."""
+
+    learning_rate: Array  # (M,): step size
+    momentum: Array  # (M,): 'momentum' decay of the trace
+    b1: Array  # (M,): 'adam' first-moment decay
+    b2: Array  # (M,): 'adam' second-moment decay
+    eps: Array  # (M,): 'adam' denominator offset
+
+
+def stack_hyper(opts: Sequence[OptimizerSpec], dtype: str = "float32") -> Hyper:
+    """The hyper-parameters of ``opts`` (one OptimizerSpec per member) as ``Hyper`` arrays (M,)."""
+    fields = [[getattr(o, f) for o in opts] for f in Hyper._fields]
+    with precision_scope(dtype):
+        return Hyper(*(jnp.asarray(np.asarray(v, dtype=np.float64), dtype=dtype) for v in fields))
+
+
+def _check_structure(optimizer: str, nesterov: bool) -> Tuple[str, bool]:
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+    return optimizer, nesterov and optimizer == "momentum"
+
+
+def _transform(optimizer: str, nesterov: bool, hyper: Hyper) -> optax.GradientTransformation:
+    """``make_optimizer``'s optax transform for one member, from its (traced) hyper-parameters ()."""
+    if optimizer == "sgd":
+        return optax.sgd(hyper.learning_rate)
+    if optimizer == "momentum":
+        return optax.sgd(hyper.learning_rate, momentum=hyper.momentum, nesterov=nesterov)
+    return optax.adam(hyper.learning_rate, b1=hyper.b1, b2=hyper.b2, eps=hyper.eps)
+
+
+def init_opt_state_many(optimizer: str, nesterov: bool, params, hyper: Hyper):
+    """Optimizer states of M members: ``make_optimizer(...).init`` vmapped over the member axis.
+
+    Args:
+      optimizer: 'sgd', 'momentum' or 'adam'.
+      nesterov: Nesterov momentum ('momentum' only).
+      params: ((W_l, b_l), ...) stacked, W_l (M, n_l, n_{l-1}), b_l (M, n_l).
+      hyper: ``stack_hyper`` of the members.
+
+    Returns:
+      The optax state with a leading member axis on every leaf (Adam's count is (M,)).
+    """
+    optimizer, nesterov = _check_structure(optimizer, nesterov)
+    with precision_scope(validation.dtype_name(params[0][0])):
+        return jax.vmap(lambda p, h: _transform(optimizer, nesterov, h).init(p))(params, hyper)
+
+
+def train_epoch_many(
+    spec: MLPSpec,
+    optimizer: str = "sgd",
+    nesterov: bool = False,
+    method: str = "dfa",
+    mode: str = "sample",
+    batch_size: int = 200,
+    align_every: int = 0,
+):
+    """Builds epoch(params, feedback, opt_state, hyper, active, x, y, orders, step0) for M members.
+
+    One jitted program per argument combination (cached) and per shape (M, N): member m
+    runs ``train_step``'s update over the batches ``orders[m, i*batch_size:(i+1)*batch_size]``
+    of the shared, device-resident ``x``/``y`` (a ``lax.scan`` over the full batches, then
+    one step of N % batch_size samples), under ``jax.vmap`` over the member axis. A member
+    whose ``active`` is False computes but keeps its params and optimizer state (frozen).
+
+    The returned function takes params ((W_l, b_l), ...) with W_l (M, n_l, n_{l-1}),
+    b_l (M, n_l); feedback (B_l (M, n_l, n_L), ...) (ignored for 'bp'); opt_state from
+    ``init_opt_state_many``; hyper ``Hyper`` (M,); active (M,) bool; x (N, n_0) and y (N, n_L)
+    of spec.dtype (checked once by the caller); orders (M, N) int32, one permutation of
+    range(N) per member; step0 the global index of the epoch's first step. It returns
+    (params, opt_state, losses (M, S) each batch's loss before its update, angles
+    (M, S, 2, L) or None): S = ceil(N / batch_size); rows s with (step0 + s) % align_every
+    == 0 hold the DFA-vs-BP angles (weights, deltas) in degrees measured before that
+    step's update, other rows NaN; None when align_every == 0. The params and opt_state
+    passed in are donated (invalid after the call).
+
+    Args:
+      spec: the network.
+      optimizer: 'sgd', 'momentum' or 'adam' (the numbers come from ``hyper``).
+      nesterov: Nesterov momentum ('momentum' only).
+      method: 'dfa' or 'bp'.
+      mode: DFA grouping, one of dfa_core.MODES ('sample' for 'bp').
+      batch_size: samples per step, >= 1.
+      align_every: measure the angles every ``align_every`` global steps; 0 never.
+
+    Raises:
+      ValueError, TypeError: bad arguments, before anything is traced.
+    """
+    optimizer, nesterov = _check_structure(optimizer, nesterov)
+    validation.check_train_step(spec, OptimizerSpec(optimizer, nesterov=nesterov), method, mode)
+    for name, value, minimum in (("batch_size", batch_size, 1), ("align_every", align_every, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every)
+
+
+def _member_step(spec, optimizer, nesterov, method, mode, align_every):
+    """One member's step(state, feedback, hyper, x, y, idx_B, phase) -> (state, (loss, angles))."""
+
+    def step(state, feedback, hyper, x, y, idx_B, phase):
+        params, opt_state = state
+        # orders are permutations, so clipping never moves an index; it spares the gather's mask.
+        xb, yb = jnp.take(x, idx_B, axis=0, mode="clip"), jnp.take(y, idx_B, axis=0, mode="clip")
+        angles = None
+        if align_every:  # measured on the params before this step's update; phase is not vmapped
+            angles = lax.cond(
+                phase % align_every == 0,
+                lambda: jnp.stack(alignment.alignment_angles_unchecked(spec, params, feedback, xb, yb, mode)),
+                lambda: jnp.full((2, spec.num_layers), jnp.nan, dtype=xb.dtype),
+            )
+        if method == "dfa":
+            grads, batch_loss = dfa_grads_and_loss(spec, params, feedback, xb, yb, mode)
+        else:
+            grads, batch_loss = bp_grads_and_loss(spec, params, xb, yb)
+        updates, opt_state = _transform(optimizer, nesterov, hyper).update(grads, opt_state, params)
+        return (apply_updates(params, updates), opt_state), (batch_loss, angles)
+
+    return step
+
+
+@functools.lru_cache(maxsize=None)
+def _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every):
+    step = _member_step(spec, optimizer, nesterov, method, mode, align_every)
+
+    def member_epoch(params, feedback, opt_state, hyper, active, x, y, order_N, phase):
+        num_full = x.shape[0] // batch_size
+        cut = num_full * batch_size
+        state, parts = (params, opt_state), []
+        if num_full:
+            xs = (order_N[:cut].reshape(num_full, batch_size), phase + jnp.arange(num_full, dtype=jnp.int32))
+            state, outs = lax.scan(lambda s, xs_i: step(s, feedback, hyper, x, y, *xs_i), state, xs)
+            parts.append(outs)
+        if cut < x.shape[0]:  # the ragged last batch, at its own size
+            state, outs = step(state, feedback, hyper, x, y, order_N[cut:], phase + num_full)
+            parts.append(jax.tree_util.tree_map(lambda t: t[None], outs))
+        losses, angles = jax.tree_util.tree_map(lambda *ts: jnp.concatenate(ts), *parts)
+        # A stopped member keeps the params and state it stopped with.
+        params, opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(active, new, old), state,
+                                                   (params, opt_state))
+        return params, opt_state, (losses, angles)
+
+    def epoch(params, feedback, opt_state, hyper, active, x, y, orders, phase):
+        TRACE_COUNTS[f"train_epoch_many_{method}"] += 1
+        params, opt_state, (losses, angles) = jax.vmap(
+            member_epoch, in_axes=(0, 0, 0, 0, 0, None, None, 0, None)
+        )(params, feedback, opt_state, hyper, active, x, y, orders, phase)
+        return params, opt_state, losses, angles
+
+    jitted = jax.jit(epoch, donate_argnums=(0, 2))
+
+    @functools.wraps(epoch)
+    def run(params, feedback, opt_state, hyper, active, x, y, orders, step0=0):
+        with precision_scope(spec.dtype):
+            # Only step0 modulo align_every matters: keeps the int32 counter from overflowing.
+            phase = jnp.asarray(step0 % align_every if align_every else 0, dtype=jnp.int32)
+            active = jnp.asarray(active, dtype=bool)
+            return jitted(params, feedback, opt_state, hyper, active, x, y, jnp.asarray(orders, jnp.int32), phase)
+
+    run.jitted = jitted
+    return run
+
+
+def _labels(spec: MLPSpec, params, x: Array) -> Array:
+    y_hat = forward(spec, params, x)
+    if spec.n_out == 1:
+        return (y_hat[:, 0] > 0.5).astype(jnp.int32)
+    return jnp.argmax(y_hat, axis=1).astype(jnp.int32)
+
+
+def predict_labels_many(spec: MLPSpec, batch_size: int = 10000):
+    """Builds predict(params, x) -> (M, N) int32 labels of M members, one jitted program.
+
+    A label is argmax of the output, or y_hat > 0.5 with one output unit
+    (``dfa_train.labels_of``). Rows go through the M networks ``batch_size`` at a time
+    (a ``lax.map`` over the full chunks, then the remainder), which bounds the
+    activations to (M, batch_size, n_l). params are stacked ((W_l (M, n_l, n_{l-1}),
+    b_l (M, n_l)), ...), x (N, n_0) is shared; both JAX arrays of spec.dtype.
+
+    Raises:
+      ValueError, TypeError: a bad spec or batch_size.
+    """
+    validation.check_spec(spec)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return _build_predict(spec, batch_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_predict(spec, batch_size):
+    labels_M = jax.vmap(lambda p, xc: _labels(spec, p, xc), in_axes=(0, None))
+
+    def predict(params, x):
+        TRACE_COUNTS["predict_labels_many"] += 1
+        num_full = x.shape[0] // batch_size
+        cut = num_full * batch_size
+        parts = []
+        if num_full:
+            chunks = x[:cut].reshape(num_full, batch_size, x.shape[1])
+            out = lax.map(lambda xc: labels_M(params, xc), chunks)  # (num_full, M, batch_size)
+            parts.append(jnp.moveaxis(out, 0, 1).reshape(-1, cut))
+        if cut < x.shape[0]:
+            parts.append(labels_M(params, x[cut:]))
+        return jnp.concatenate(parts, axis=1)
+
+    jitted = jax.jit(predict)
+
+    @functools.wraps(predict)
+    def run(params, x):
+        with precision_scope(spec.dtype):
+            return jitted(params, x)
+
+    run.jitted = jitted
+    return run
+
+
+def memory_free() -> Optional[Tuple[int, str]]:
+    """(free bytes, device name) of JAX's default device where it reports them, else None.
+
+    Accelerators report ``memory_stats()`` (bytes_limit - bytes_in_use); JAX's CPU device
+    does not, and the caller reads the host's free memory instead.
+    """
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return None
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), f"{device.platform}:{device.id}"
+
+
+__all__ = [
+    "Hyper",
+    "init_opt_state_many",
+    "memory_free",
+    "predict_labels_many",
+    "stack_hyper",
+    "train_epoch_many",
+]

@@ -1,0 +1,143 @@
+"""A whole training epoch, and the labels of a dataset, over device-resident data (torch).
+
+The torch twin of ``dfa_jax.epoch``, name for name. torch has no whole-epoch compiler
+here, so the epoch is a Python loop of ``train_step``'s own step over batches gathered
+on the device with ``index_select``; it reads nothing back to the host (the losses are
+stacked on the device), so it never waits for the device inside the epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+
+import torch
+
+from dfa_core import validation
+from dfa_core.spec import MLPSpec, OptimizerSpec
+from dfa_torch.mlp import forward
+from dfa_torch.train import _build_step
+
+Tensor = torch.Tensor
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def train_epoch(
+    spec: MLPSpec,
+    opt: OptimizerSpec,
+    method: str = "dfa",
+    mode: str = "sample",
+    batch_size: int = 200,
+    donate: bool = False,
+    align_every: int = 0,
+):
+    """Builds epoch(params, feedback, opt_state, x, y, order, step0) -> (params, opt_state, losses, angles).
+
+    The torch twin of ``dfa_jax.train_epoch`` (cached per argument combination): batch
+    i is ``order[i * batch_size:(i + 1) * batch_size]``, gathered from ``x`` and ``y``
+    on their device; the ragged last batch (N % batch_size samples) is one step of its
+    own size. Every step is ``train_step``'s (the with_alignment one on measured steps).
+
+    The returned function takes:
+      params: ((W_l, b_l), ...), W_l (n_l, n_{l-1}), b_l (n_l,), tensors of spec.dtype.
+      feedback: (B_1, ..., B_{L-1}), B_l (n_l, n_L); ignored for 'bp'.
+      opt_state: from ``make_optimizer(opt, spec.dtype).init(params)``.
+      x: the whole training set, (N, n_0), spec.dtype, unchecked (check it once).
+      y: its targets, (N, n_L); one-hot for 'class_mean'.
+      order: (N,) integer permutation of range(N) (NumPy or a tensor).
+      step0: global index of the epoch's first step (Python int or 0-d integer tensor,
+        read once).
+
+    and returns params and opt_state after the epoch, ``losses`` (num_batches,) (each
+    batch's loss before its update, on the device) and ``angles`` (num_batches, 2, L):
+    rows i with (step0 + i) % align_every == 0 hold the DFA-vs-BP angles (weights,
+    deltas) in degrees measured before that step's update; other rows are NaN.
+    ``angles`` is None when align_every == 0.
+
+    Args:
+      spec: the network.
+      opt: the optimizer.
+      method: 'dfa' or 'bp'.
+      mode: DFA grouping, one of dfa_core.MODES ('sample' for 'bp').
+      batch_size: samples per step, >= 1.
+      donate: let the steps write the new params into the tensors passed in (in place).
+      align_every: measure the angles every ``align_every`` global steps; 0 never.
+
+    Raises:
+      ValueError, TypeError: a bad spec, optimizer, method, mode, batch_size or
+        align_every, before anything runs.
+    """
+    validation.check_train_step(spec, opt, method, mode)
+    batch_size = _check_count("batch_size", batch_size, 1)
+    align_every = _check_count("align_every", align_every, 0)
+    return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every):
+    step = _build_step(spec, opt, method, mode, donate, False)
+    align_step = _build_step(spec, opt, method, mode, donate, True) if align_every else None
+
+    def epoch(params, feedback, opt_state, x, y, order, step0=0):
+        order = torch.as_tensor(order, device=x.device)
+        step0 = int(step0)
+        num_batches = -(-x.shape[0] // batch_size)
+        losses, angles = [], None
+        if align_every:
+            angles = torch.full((num_batches, 2, spec.num_layers), math.nan, dtype=x.dtype, device=x.device)
+        for i in range(num_batches):
+            idx_B = order[i * batch_size : (i + 1) * batch_size]
+            xb, yb = x.index_select(0, idx_B), y.index_select(0, idx_B)
+            if align_every and (step0 + i) % align_every == 0:
+                params, opt_state, batch_loss, measured = align_step(params, feedback, opt_state, xb, yb)
+                angles[i, 0], angles[i, 1] = measured.weights, measured.deltas
+            else:
+                params, opt_state, batch_loss = step(params, feedback, opt_state, xb, yb)
+            losses.append(batch_loss)
+        return params, opt_state, torch.stack(losses), angles
+
+    return epoch
+
+
+def _labels(spec: MLPSpec, params, x: Tensor) -> Tensor:
+    y_hat = forward(spec, params, x)
+    if spec.n_out == 1:
+        return (y_hat[:, 0] > 0.5).to(torch.int32)
+    return torch.argmax(y_hat, dim=1).to(torch.int32)
+
+
+def predict_labels(spec: MLPSpec, batch_size: int = 10000):
+    """Builds predict(params, x) -> (N,) int32 class labels on x's device.
+
+    The torch twin of ``dfa_jax.predict_labels``: argmax of the network's output, or
+    y_hat > 0.5 with one output unit (``dfa_train.trainer.labels_of``), computed
+    ``batch_size`` rows at a time under ``torch.no_grad``, concatenated on the device.
+
+    The returned function takes params ((W_l, b_l), ...) and x (N, n_0), tensors of
+    spec.dtype.
+
+    Raises:
+      ValueError, TypeError: a bad spec or batch_size.
+    """
+    validation.check_spec(spec)
+    return _build_predict(spec, _check_count("batch_size", batch_size, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _build_predict(spec, batch_size):
+    def predict(params, x):
+        with torch.no_grad():
+            return torch.cat([_labels(spec, params, x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+
+    return predict
+
+
+__all__ = ["predict_labels", "train_epoch"]

@@ -1,0 +1,273 @@
+"""Many networks trained at once (torch): ``torch.func.vmap`` over members of one step.
+
+Mirrors ``dfa_jax.many`` name for name; ``dfa_train.fit_many`` drives it. Every array of
+a member (params, feedback, optimizer state, batch order, optimizer hyper-parameters) is
+stacked along a leading member axis M, and one member's step is vmapped over that axis,
+so each step of M members is one set of batched kernels (the matmuls become ``bmm``).
+An epoch is a Python loop over the batches, gathered on the device from the shared
+training set; nothing leaves the device until the caller reads the results.
+
+The math is the backend's own: ``dfa_grads_and_loss`` for DFA, ``torch.func.grad`` of
+``loss`` for BP (``bp_grads_and_loss`` calls ``torch.autograd.grad``, which vmap cannot
+batch; both give the same values), ``alignment_angles_unchecked`` for the angles. The
+optimizer update is ``make_optimizer``'s, in the same order of operations, written with
+tensor hyper-parameters (per member) instead of Python floats.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.func
+
+from dfa_core import validation
+from dfa_core.spec import OPTIMIZERS, MLPSpec, OptimizerSpec
+from dfa_core.tree import tree_map
+from dfa_torch import alignment
+from dfa_torch.arrays import torch_dtype
+from dfa_torch.dfa import dfa_grads_and_loss
+from dfa_torch.mlp import forward, loss
+from dfa_torch.optim import AdamState, EmptyState, TraceState
+
+Tensor = torch.Tensor
+
+
+class Hyper(NamedTuple):
+    """Optimizer hyper-parameters of M members, each (M,) of the run's dtype (unused ones too)."""
+
+    learning_rate: Tensor  # (M,): step size
+    momentum: Tensor  # (M,): 'momentum' decay of the trace
+    b1: Tensor  # (M,): 'adam' first-moment decay
+    b2: Tensor  # (M,): 'adam' second-moment decay
+    eps: Tensor  # (M,): 'adam' denominator offset
+
+
+def stack_hyper(opts: Sequence[OptimizerSpec], dtype: str = "float32") -> Hyper:
+    """The hyper-parameters of ``opts`` (one OptimizerSpec per member) as ``Hyper`` tensors (M,)."""
+    fields = [[getattr(o, f) for o in opts] for f in Hyper._fields]
+    device = torch.get_default_device()
+    return Hyper(*(torch.as_tensor(np.asarray(v, dtype=np.float64), device=device).to(torch_dtype(dtype))
+                   for v in fields))
+
+
+def _check_structure(optimizer: str, nesterov: bool) -> Tuple[str, bool]:
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+    return optimizer, nesterov and optimizer == "momentum"
+
+
+def _init(optimizer: str, params):
+    """One member's state, as ``make_optimizer(...).init`` builds it."""
+    if optimizer == "sgd":
+        return EmptyState()
+    if optimizer == "momentum":
+        return TraceState(tree_map(torch.zeros_like, params))
+    count = torch.zeros((), dtype=torch.int32, device=params[0][0].device)
+    return AdamState(count, tree_map(torch.zeros_like, params), tree_map(torch.zeros_like, params))
+
+
+def _update(optimizer: str, nesterov: bool, hyper: Hyper, grads, state):
+    """One member's ``make_optimizer(...).update``, hyper-parameters as 0-d tensors: (updates, state)."""
+    lr = hyper.learning_rate
+    if optimizer == "sgd":
+        return tree_map(lambda g: g * -lr, grads), state
+    if optimizer == "momentum":
+        m = hyper.momentum
+        trace = tree_map(lambda g, t: g + t * m, grads, state.trace)
+        direction = tree_map(lambda g, t: g + t * m, grads, trace) if nesterov else trace
+        return tree_map(lambda d: d * -lr, direction), TraceState(trace)
+    b1, b2, eps = hyper.b1, hyper.b2, hyper.eps
+    mu = tree_map(lambda g, t: g * (1 - b1) + t * b1, grads, state.mu)
+    nu = tree_map(lambda g, t: (g * g) * (1 - b2) + t * b2, grads, state.nu)
+    count = state.count + 1
+    bc1, bc2 = 1 - b1 ** count.to(b1.dtype), 1 - b2 ** count.to(b2.dtype)
+    step = tree_map(lambda m_, v: (m_ / bc1) / (torch.sqrt(v / bc2) + eps) * -lr, mu, nu)
+    return step, AdamState(count, mu, nu)
+
+
+def init_opt_state_many(optimizer: str, nesterov: bool, params, hyper: Hyper):
+    """Optimizer states of M members: ``make_optimizer(...).init`` with a member axis.
+
+    Args:
+      optimizer: 'sgd', 'momentum' or 'adam'.
+      nesterov: Nesterov momentum ('momentum' only).
+      params: ((W_l, b_l), ...) stacked, W_l (M, n_l, n_{l-1}), b_l (M, n_l).
+      hyper: ``stack_hyper`` of the members.
+
+    Returns:
+      The ``dfa_torch.optim`` state with a leading member axis on every tensor (Adam's
+      count is (M,)).
+    """
+    optimizer, nesterov = _check_structure(optimizer, nesterov)
+    del nesterov
+    state = _init(optimizer, params)
+    if optimizer == "adam":  # the count is per member, as jax.vmap gives it on JAX
+        state = state._replace(count=torch.zeros(hyper.learning_rate.shape, dtype=torch.int32,
+                                                 device=params[0][0].device))
+    return state
+
+
+def train_epoch_many(
+    spec: MLPSpec,
+    optimizer: str = "sgd",
+    nesterov: bool = False,
+    method: str = "dfa",
+    mode: str = "sample",
+    batch_size: int = 200,
+    align_every: int = 0,
+):
+    """Builds epoch(params, feedback, opt_state, hyper, active, x, y, orders, step0) for M members.
+
+    The torch twin of ``dfa_jax.many.train_epoch_many`` (cached per argument combination):
+    member m runs ``train_step``'s update over the batches
+    ``orders[m, i*batch_size:(i+1)*batch_size]`` of the shared ``x``/``y`` (the last
+    batch holds the N % batch_size rest), each step one ``torch.func.vmap`` over the
+    member axis. A member whose ``active`` is False computes but keeps its params and
+    optimizer state (frozen).
+
+    The returned function takes params ((W_l, b_l), ...) with W_l (M, n_l, n_{l-1}),
+    b_l (M, n_l); feedback (B_l (M, n_l, n_L), ...) (ignored for 'bp'); opt_state from
+    ``init_opt_state_many``; hyper ``Hyper`` (M,); active (M,) bool; x (N, n_0) and y (N, n_L)
+    of spec.dtype (checked once by the caller); orders (M, N) integers, one permutation
+    of range(N) per member; step0 the global index of the epoch's first step. It returns
+    (params, opt_state, losses (M, S) each batch's loss before its update, angles
+    (M, S, 2, L) or None): S = ceil(N / batch_size); rows s with (step0 + s) % align_every
+    == 0 hold the DFA-vs-BP angles (weights, deltas) in degrees measured before that
+    step's update, other rows NaN; None when align_every == 0. The tensors passed in are
+    not modified.
+
+    Args:
+      spec: the network.
+      optimizer: 'sgd', 'momentum' or 'adam' (the numbers come from ``hyper``).
+      nesterov: Nesterov momentum ('momentum' only).
+      method: 'dfa' or 'bp'.
+      mode: DFA grouping, one of dfa_core.MODES ('sample' for 'bp').
+      batch_size: samples per step, >= 1.
+      align_every: measure the angles every ``align_every`` global steps; 0 never.
+
+    Raises:
+      ValueError, TypeError: bad arguments, before anything runs.
+    """
+    optimizer, nesterov = _check_structure(optimizer, nesterov)
+    validation.check_train_step(spec, OptimizerSpec(optimizer, nesterov=nesterov), method, mode)
+    for name, value, minimum in (("batch_size", batch_size, 1), ("align_every", align_every, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every)
+
+
+def _member_step(spec, optimizer, nesterov, method):
+    """One member's step(params, feedback, opt_state, hyper, x, y, mode) -> (params, opt_state, loss)."""
+    bp = torch.func.grad_and_value(lambda p, x, y: loss(spec, p, x, y))
+
+    def step(params, feedback, opt_state, hyper, xb, yb, mode):
+        if method == "dfa":
+            grads, batch_loss = dfa_grads_and_loss(spec, params, feedback, xb, yb, mode)
+        else:
+            grads, batch_loss = bp(params, xb, yb)
+        updates, opt_state = _update(optimizer, nesterov, hyper, grads, opt_state)
+        return tree_map(torch.add, params, updates), opt_state, batch_loss
+
+    return step
+
+
+def _keep_active(active: Tensor, new, old):
+    """new where a member is active, else old, leaf by leaf over a member axis."""
+
+    def keep(n, o):
+        return torch.where(active.view((-1,) + (1,) * (n.dim() - 1)), n, o)
+
+    if isinstance(new, tuple) and hasattr(new, "_fields"):
+        return type(new)(*(_keep_active(active, n, o) for n, o in zip(new, old)))
+    return tree_map(keep, new, old)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every):
+    vstep = torch.func.vmap(_member_step(spec, optimizer, nesterov, method), in_dims=(0, 0, 0, 0, 0, 0, None))
+    vangles = torch.func.vmap(
+        lambda p, f, x, y: torch.stack(tuple(alignment.alignment_angles_unchecked(spec, p, f, x, y, mode))))
+
+    @torch.no_grad()
+    def epoch(params, feedback, opt_state, hyper, active, x, y, orders, step0=0):
+        orders = torch.as_tensor(orders, device=x.device).long()
+        active = torch.as_tensor(active, device=x.device).bool()
+        p, s, losses, angles = params, opt_state, [], []
+        for i, start in enumerate(range(0, orders.shape[1], batch_size)):
+            idx_MxB = orders[:, start : start + batch_size]
+            xb, yb = x[idx_MxB], y[idx_MxB]  # (M, B, n_0), (M, B, n_L)
+            if align_every:  # measured on the params before this step's update
+                if (step0 + i) % align_every == 0:
+                    angles.append(vangles(p, feedback, xb, yb))
+                else:
+                    angles.append(torch.full((orders.shape[0], 2, spec.num_layers), float("nan"),
+                                             dtype=x.dtype, device=x.device))
+            p, s, batch_loss = vstep(p, feedback, s, hyper, xb, yb, mode)
+            losses.append(batch_loss)
+        # A stopped member keeps the params and state it stopped with.
+        p, s = _keep_active(active, p, params), _keep_active(active, s, opt_state)
+        return p, s, torch.stack(losses, dim=1), torch.stack(angles, dim=1) if align_every else None
+
+    return epoch
+
+
+def _labels(spec: MLPSpec, params, x: Tensor) -> Tensor:
+    y_hat = forward(spec, params, x)
+    if spec.n_out == 1:
+        return (y_hat[:, 0] > 0.5).to(torch.int32)
+    return torch.argmax(y_hat, dim=1).to(torch.int32)
+
+
+def predict_labels_many(spec: MLPSpec, batch_size: int = 10000):
+    """Builds predict(params, x) -> (M, N) int32 labels of M members.
+
+    The torch twin of ``dfa_jax.many.predict_labels_many``: argmax of the output, or
+    y_hat > 0.5 with one output unit (``dfa_train.labels_of``); rows go through the M
+    networks (``torch.func.vmap`` over the member axis) ``batch_size`` at a time. params
+    are stacked ((W_l (M, n_l, n_{l-1}), b_l (M, n_l)), ...), x (N, n_0) is shared.
+
+    Raises:
+      ValueError, TypeError: a bad spec or batch_size.
+    """
+    validation.check_spec(spec)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    return _build_predict(spec, batch_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_predict(spec, batch_size):
+    labels_M = torch.func.vmap(lambda p, xc: _labels(spec, p, xc), in_dims=(0, None))
+
+    @torch.no_grad()
+    def predict(params, x):
+        return torch.cat([labels_M(params, x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)], dim=1)
+
+    return predict
+
+
+def memory_free() -> Optional[Tuple[int, str]]:
+    """(free bytes, device name) of torch's default device when it is a CUDA GPU, else None.
+
+    On the CPU the caller reads the host's free memory instead.
+    """
+    device = torch.get_default_device()
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free), str(device)
+
+
+__all__ = [
+    "Hyper",
+    "init_opt_state_many",
+    "memory_free",
+    "predict_labels_many",
+    "stack_hyper",
+    "train_epoch_many",
+]

@@ -1,0 +1,489 @@
+"""Many networks at once: ``fit_many`` trains M members (seeds, feedback draws, optimizers) together.
+
+DFA results are reported as mean +- std over seeds and feedback draws; ``fit_many`` trains
+those members in one program instead of M runs of ``fit``. Each member's ``History``
+equals the one ``fit(backend, spec, x, y, **fit_kwargs, **member)`` returns (float64:
+same losses, params and angles to rounding, same error counts). Imports neither torch
+nor JAX: the backend's ``train_epoch_many`` / ``predict_labels_many`` do the arithmetic.
+
+    from dfa_core import MLPSpec, OptimizerSpec
+    from dfa_train import fit_many
+    histories = fit_many("jax", MLPSpec((784, 200, 10)), x, y, epochs=10,
+                         members=[{"seed": s, "feedback_seed": 100 + s} for s in range(8)])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import numbers
+import time
+from types import ModuleType
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from dfa_core import validation
+from dfa_core.init import init_feedback, init_params
+from dfa_core.registry import get_backend
+from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec
+from dfa_core.tree import tree_map
+from dfa_train.state import AlignmentRecord, History
+from dfa_train.trainer import _check_data, confusion_matrix, fit, labels_of
+
+MEMBER_KEYS = ("seed", "param_seed", "feedback_seed", "feedback_scale", "optimizer")
+"""What a member may set for itself; everything else is shared by all members."""
+
+SHARED_OPTIONS = (
+    "x_test", "y_test", "method", "mode", "optimizer", "epochs", "batch_size", "seed", "param_seed",
+    "feedback_seed", "feedback_dist", "feedback_scale", "tol", "patience", "align_every", "eval_batch_size",
+)
+"""``fit``'s keyword options that ``fit_many`` takes (with ``fit``'s defaults)."""
+
+REFUSED_OPTIONS = (
+    "params", "feedback", "feedback_transform", "resume", "on_epoch", "on_batch", "donate",
+    "stop_on_nonfinite", "engine",
+)
+"""``fit``'s options that have no meaning for many members trained in one program."""
+
+_BACKEND_FUNCTIONS = ("asarray", "to_numpy", "precision_scope", "stack_hyper", "init_opt_state_many",
+                      "train_epoch_many", "predict_labels_many", "memory_free")
+_MEMINFO = "/proc/meminfo"
+
+
+class Member(NamedTuple):
+    """One member's own settings (the rest is shared)."""
+
+    seed: int  # seeds the NumPy generator of its batch order
+    param_seed: int  # init_params(spec, param_seed)
+    feedback_seed: int  # init_feedback(spec, feedback_seed, dist, feedback_scale)
+    feedback_scale: float
+    optimizer: OptimizerSpec
+
+
+def _resolve_backend(backend) -> ModuleType:
+    be = get_backend(backend) if isinstance(backend, str) else backend
+    if not isinstance(be, ModuleType) or not all(hasattr(be, f) for f in _BACKEND_FUNCTIONS):
+        raise TypeError(f"backend must be 'torch', 'jax' or a backend module such as dfa_torch, got {backend!r}")
+    return be
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_options(spec: MLPSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    """fit's shared options with fit's defaults, checked as fit checks them."""
+    refused = sorted(k for k in fit_kwargs if k in REFUSED_OPTIONS)
+    if refused:
+        raise TypeError(
+            f"fit_many does not take {refused}: they make no sense for many members trained in one "
+            f"program (give per-member seeds in members instead); it takes {list(SHARED_OPTIONS)}"
+        )
+    unknown = sorted(k for k in fit_kwargs if k not in SHARED_OPTIONS)
+    if unknown:
+        raise TypeError(f"fit_many got unexpected keyword arguments {unknown}; it takes {list(SHARED_OPTIONS)}")
+    defaults = inspect.signature(fit).parameters
+    opts = {k: fit_kwargs.get(k, defaults[k].default) for k in SHARED_OPTIONS}
+    validation.check_spec(spec)
+    if opts["method"] not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {opts['method']!r}")
+    validation.check_mode(opts["mode"])
+    if opts["method"] == "bp" and opts["mode"] != "sample":
+        raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {opts['mode']!r}")
+    for name, minimum in (("epochs", 1), ("batch_size", 1), ("patience", 1), ("align_every", 0),
+                          ("eval_batch_size", 1)):
+        opts[name] = _check_int(name, opts[name], minimum)
+    tol = opts["tol"]
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0):
+        raise ValueError(f"tol must be None or a number >= 0, got {tol!r}")
+    if (opts["x_test"] is None) != (opts["y_test"] is None):
+        raise ValueError("x_test and y_test must be given together (or neither)")
+    opts["optimizer"] = OptimizerSpec() if opts["optimizer"] is None else opts["optimizer"]
+    if not isinstance(opts["optimizer"], OptimizerSpec):
+        raise TypeError(f"optimizer must be a dfa_core.OptimizerSpec, got {type(opts['optimizer']).__name__}")
+    return opts
+
+
+def _check_members(members, opts: Dict[str, Any]) -> List[Member]:
+    """One ``Member`` per entry: the shared value of each key, overridden by the entry's."""
+    if isinstance(members, (str, bytes, Mapping)) or not isinstance(members, Sequence):
+        raise TypeError(f"members must be a sequence of dicts, got {type(members).__name__}")
+    if len(members) == 0:
+        raise ValueError("members must hold at least one member (a dict, possibly empty)")
+    out = []
+    for i, entry in enumerate(members):
+        if not isinstance(entry, Mapping):
+            raise TypeError(f"members[{i}] must be a dict, got {type(entry).__name__}")
+        bad = sorted(str(k) for k in entry if k not in MEMBER_KEYS)
+        if bad:
+            raise ValueError(f"members[{i}] has keys {bad}; a member may set only {list(MEMBER_KEYS)}")
+        m = Member(**{k: entry.get(k, opts[k]) for k in MEMBER_KEYS})
+        if m.optimizer is None:  # fit's default, as fit(optimizer=None) reads it
+            m = m._replace(optimizer=OptimizerSpec())
+        try:
+            m = m._replace(seed=_check_int("seed", m.seed, 0))
+            for name in ("param_seed", "feedback_seed"):
+                _check_int(name, getattr(m, name), 0)
+            if not isinstance(m.optimizer, OptimizerSpec):
+                raise TypeError(f"optimizer must be a dfa_core.OptimizerSpec, got {type(m.optimizer).__name__}")
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"members[{i}]: {err}") from None
+        out.append(m)
+    return out
+
+
+def _structure(opt: OptimizerSpec) -> Tuple[str, bool]:
+    """What fixes an optimizer's program: its name, and nesterov for 'momentum'."""
+    return opt.name, opt.name == "momentum" and opt.nesterov
+
+
+def _groups(members: Sequence[Member]) -> Dict[Tuple[str, bool], List[int]]:
+    """Member indices by optimizer structure, in order of first appearance; each group is one program."""
+    groups: Dict[Tuple[str, bool], List[int]] = {}
+    for i, m in enumerate(members):
+        groups.setdefault(_structure(m.optimizer), []).append(i)
+    return groups
+
+
+_STATE_COPIES = {"sgd": 0, "momentum": 1, "adam": 2}  # optimizer-state trees shaped like params
+
+
+def estimate_memory(
+    spec: MLPSpec,
+    num_members: int,
+    n_train: int,
+    n_test: int = 0,
+    batch_size: int = 200,
+    eval_batch_size: int = 10000,
+    optimizer: str = "sgd",
+    method: str = "dfa",
+    align: bool = False,
+) -> int:
+    """Bytes that ``num_members`` members of ``spec`` trained together need at their peak (an estimate).
+
+    Per member, in spec.dtype, what lives for the whole run: params (P numbers), the
+    optimizer state (sgd 0, momentum P, adam 2P), the feedback (DFA) and the batch
+    order (N int32); plus the larger of what a step allocates (the new params and state,
+    grads and updates, a batch of B x (n_0 + n_L) and its activations 2 x B x H, with
+    H = n_1 + ... + n_L; the alignment's backprop adds 3 x B x H and 2 x P) and what an
+    evaluation pass allocates (2 x min(eval_batch_size, N) x H: pre- and post-activations).
+    Shared: the data (N + N_test) x (n_0 + n_L). For 784-200-10, M = 8, N = 10000, B = 200,
+    float32, XLA's memory analysis of the JAX programs gives 0.9-1.0x of it at the peak
+    (training, or evaluation with eval_batch_size 10000).
+
+    Args:
+      spec: the network (its dtype sets the bytes per number).
+      num_members: M, >= 1.
+      n_train: training samples N.
+      n_test: test samples.
+      batch_size: samples per step B.
+      eval_batch_size: rows per evaluation pass.
+      optimizer: 'sgd', 'momentum' or 'adam'.
+      method: 'dfa' (feedback counted) or 'bp'.
+      align: whether alignment angles are measured.
+
+    Returns:
+      The estimate in bytes (int).
+    """
+    validation.check_spec(spec)
+    size = np.dtype(spec.dtype).itemsize
+    p, state = spec.num_params(), _STATE_COPIES[optimizer] * spec.num_params()
+    h, io = sum(spec.layer_sizes[1:]), spec.n_in + spec.n_out
+    b = min(batch_size, n_train)
+    lasting = p + state + (sum(n * spec.n_out for n in spec.hidden_sizes) if method == "dfa" else 0)
+    step = 3 * p + state + b * io + 2 * b * h + ((3 * b * h + 2 * p) if align else 0)
+    evaluation = 2 * min(eval_batch_size, max(n_train, n_test)) * h
+    shared = (n_train + n_test) * io
+    return int(num_members * ((lasting + max(step, evaluation)) * size + 4 * n_train) + shared * size)
+
+
+def _host_available() -> Optional[int]:
+    """MemAvailable of /proc/meminfo in bytes; None where the file does not exist (not Linux)."""
+    try:
+        with open(_MEMINFO) as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except OSError:
+        return None
+    return None
+
+
+def available_memory(backend: Union[str, ModuleType]) -> Optional[Tuple[int, str]]:
+    """(bytes free, where) on the backend's default device; None when nothing reports it.
+
+    A GPU reports its own free memory (``torch.cuda.mem_get_info``, JAX's
+    ``device.memory_stats()``); on the CPU it is the host's ``MemAvailable``.
+    """
+    got = _resolve_backend(backend).memory_free()
+    if got is not None:
+        return got
+    host = _host_available()
+    return None if host is None else (host, "host memory (MemAvailable)")
+
+
+def _check_memory(be, spec: MLPSpec, opts, groups, n_train: int, n_test: int) -> None:
+    """Refuses, before allocating, a run whose largest group would not fit (groups run one after another)."""
+    need, worst = 0, None
+    for (name, _), idx in groups.items():
+        est = estimate_memory(spec, len(idx), n_train, n_test, opts["batch_size"], opts["eval_batch_size"],
+                              name, opts["method"], bool(opts["align_every"]))
+        if est > need:
+            need, worst = est, (name, len(idx))
+    free = available_memory(be)
+    if free is not None and need > free[0]:
+        raise ValueError(
+            f"fit_many would need about {need:,} bytes ({need / 2**20:.1f} MiB: {worst[1]} '{worst[0]}' members of "
+            f"{list(spec.layer_sizes)} in {spec.dtype}, {n_train} training samples, batch {opts['batch_size']}) "
+            f"but {free[1]} has {free[0]:,} bytes ({free[0] / 2**20:.1f} MiB) free; train fewer members per call, "
+            "a smaller eval_batch_size or batch_size"
+        )
+
+
+class _Data(NamedTuple):
+    """The datasets, checked and put on the backend's device once, shared by all members."""
+
+    x: Any  # (N, n_0) native array
+    y: Any  # (N, n_L) native array
+    labels: np.ndarray  # (N,) int64 true training labels
+    x_test: Any  # (N_test, n_0) native array, or None
+    test_labels: Optional[np.ndarray]  # (N_test,) int64, or None
+
+
+@dataclasses.dataclass
+class _Record:
+    """One member's history so far (fit's loop state, less what lives on the device)."""
+
+    losses: List[float] = dataclasses.field(default_factory=list)
+    errors: List[float] = dataclasses.field(default_factory=list)
+    accuracies: List[float] = dataclasses.field(default_factory=list)
+    times: List[float] = dataclasses.field(default_factory=list)
+    alignment: List[AlignmentRecord] = dataclasses.field(default_factory=list)
+    within_tol: int = 0
+    stopped_early: bool = False
+    active: bool = True  # False once tol stopped it: its params and results freeze
+    pred: Optional[np.ndarray] = None  # (N,) train labels after its last epoch
+    test_pred: Optional[np.ndarray] = None  # (N_test,)
+    params: Any = None  # its final ((W_l, b_l), ...) NumPy arrays
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+    """M NumPy trees of the same structure -> one tree whose leaves have a leading member axis."""
+    return tree_map(lambda *leaves: np.stack(leaves), *trees)
+
+
+def _record_epoch(spec: MLPSpec, rec: _Record, m: int, epoch: int, step0: int, host: Dict[str, np.ndarray], opts,
+                  data: _Data, seconds: float) -> None:
+    """Appends member m's epoch to its record, as fit's loop does, and applies fit's tol rule."""
+    n = data.labels.shape[0]
+    batch_losses = np.asarray(host["losses"][m], dtype=np.float64)
+    if spec.reduction == "mean":
+        batch_losses = batch_losses * np.diff(np.append(np.arange(0, n, opts["batch_size"]), n))
+    rec.losses.append(float(np.sum(batch_losses) / n))
+    rec.times.append(seconds)
+    rec.pred = np.asarray(host["pred"][m], dtype=np.int64)
+    rec.errors.append(float(np.mean(rec.pred != data.labels)))
+    if data.test_labels is not None:
+        rec.test_pred = np.asarray(host["test_pred"][m], dtype=np.int64)
+        rec.accuracies.append(float(np.mean(rec.test_pred == data.test_labels)))
+    if "angles" in host:
+        for s in range(batch_losses.shape[0]):
+            if (step0 + s) % opts["align_every"] == 0:
+                weights, deltas = host["angles"][m, s]
+                rec.alignment.append(AlignmentRecord(step0 + s, epoch, tuple(map(float, weights)),
+                                                     tuple(map(float, deltas))))
+    if opts["tol"] is not None and epoch >= 1:
+        rec.within_tol = rec.within_tol + 1 if abs(rec.errors[-1] - rec.errors[-2]) <= opts["tol"] else 0
+        if rec.within_tol >= opts["patience"]:
+            rec.stopped_early = epoch + 1 < opts["epochs"]
+            rec.active = False
+
+
+def _run_group(be, spec: MLPSpec, opts, members: Sequence[Member], feedback_np, data: _Data) -> List[_Record]:
+    """Trains one group (members of one optimizer structure) as one program; returns their records."""
+    name, nesterov = _structure(members[0].optimizer)
+    params = be.asarray(_stack([init_params(spec, m.param_seed) for m in members]))
+    feedback = be.asarray(_stack(feedback_np))
+    hyper = be.stack_hyper([m.optimizer for m in members], spec.dtype)
+    opt_state = be.init_opt_state_many(name, nesterov, params, hyper)
+    epoch_fn = be.train_epoch_many(spec, name, nesterov, opts["method"], opts["mode"], opts["batch_size"],
+                                   opts["align_every"])
+    predict = be.predict_labels_many(spec, opts["eval_batch_size"])
+    rngs = [np.random.default_rng(m.seed) for m in members]
+    recs = [_Record() for _ in members]
+    n = data.labels.shape[0]
+    num_batches = -(-n // opts["batch_size"])
+    for epoch in range(opts["epochs"]):
+        # Each member keeps fit's batch order: one permutation per epoch from its own seed.
+        orders = be.asarray(np.stack([rng.permutation(n) for rng in rngs]).astype(np.int32))
+        active = np.array([r.active for r in recs])
+        step0 = epoch * num_batches
+        start = time.perf_counter()
+        params, opt_state, losses, angles = epoch_fn(params, feedback, opt_state, hyper, active, data.x, data.y,
+                                                     orders, step0)
+        device = {"losses": losses, "pred": predict(params, data.x)}
+        if data.x_test is not None:
+            device["test_pred"] = predict(params, data.x_test)
+        if angles is not None:
+            device["angles"] = angles
+        # The epoch's one host transfer; it also waits for the epoch and its evaluation.
+        host = dict(zip(device, be.to_numpy(tuple(device.values()))))
+        seconds = time.perf_counter() - start
+        for m, rec in enumerate(recs):
+            if rec.active:
+                _record_epoch(spec, rec, m, epoch, step0, host, opts, data, seconds)
+        if not any(r.active for r in recs):
+            break
+    params_np = be.to_numpy(params)
+    for m, rec in enumerate(recs):
+        rec.params = tuple((np.array(w[m]), np.array(b[m])) for w, b in params_np)
+    return recs
+
+
+def _optimizer_config(opt: OptimizerSpec) -> Dict[str, Any]:
+    """The optimizer as fit's History.config records it."""
+    config = {"name": opt.name, "learning_rate": opt.learning_rate}
+    if opt.name == "momentum":
+        config.update(momentum=opt.momentum, nesterov=opt.nesterov)
+    elif opt.name == "adam":
+        config.update(b1=opt.b1, b2=opt.b2, eps=opt.eps)
+    return config
+
+
+def _history(be, spec: MLPSpec, opts, member: Member, rec: _Record, feedback_np, data: _Data) -> History:
+    """Member's History, with the config fit(**fit_kwargs, **member) records."""
+    has_test = data.test_labels is not None
+    num_classes = max(spec.n_out, 2)
+    if has_test:
+        confusion = confusion_matrix(data.test_labels, rec.test_pred, num_classes)
+    else:
+        confusion = confusion_matrix(data.labels, rec.pred, num_classes)
+    config = {
+        "backend": be.__name__,
+        "layer_sizes": list(spec.layer_sizes),
+        "activation": spec.activation,
+        "output": spec.output,
+        "reduction": spec.reduction,
+        "dtype": spec.dtype,
+        "method": opts["method"],
+        "mode": opts["mode"],
+        "optimizer": _optimizer_config(member.optimizer),
+        "epochs": opts["epochs"],
+        "batch_size": opts["batch_size"],
+        "seed": member.seed,
+        "param_seed": member.param_seed,
+        "feedback_seed": member.feedback_seed,
+        "feedback_dist": opts["feedback_dist"],
+        "feedback_scale": member.feedback_scale,
+        "tol": opts["tol"],
+        "patience": opts["patience"],
+        "align_every": opts["align_every"],
+        "n_train": int(data.labels.shape[0]),
+        "n_test": int(data.test_labels.shape[0]) if has_test else 0,
+    }
+    return History(
+        loss=tuple(rec.losses),
+        train_error=tuple(rec.errors),
+        test_accuracy=tuple(rec.accuracies),
+        time_s=tuple(rec.times),
+        confusion=confusion,
+        confusion_split="test" if has_test else "train",
+        alignment=tuple(rec.alignment),
+        stopped_early=rec.stopped_early,
+        config=config,
+        params=rec.params,
+        feedback=tuple(np.asarray(b) for b in feedback_np),
+    )
+
+
+def fit_many(
+    backend: Union[str, ModuleType],
+    spec: MLPSpec,
+    x_train,
+    y_train,
+    *,
+    members: Sequence[Mapping[str, Any]],
+    **fit_kwargs,
+) -> Tuple[History, ...]:
+    """Trains M members of ``spec`` together; member m's History equals fit's for it alone.
+
+    Members that share an optimizer structure (its name; and nesterov for 'momentum')
+    train as one program: on JAX one jitted ``jax.vmap`` over the members of a
+    ``lax.scan`` over the epoch's batches (``<backend>.train_epoch_many``), on torch
+    one ``torch.func.vmap`` per step; the learning rate, momentum, b1, b2 and eps are
+    per-member arrays, so members that differ only in those numbers share it. Groups of
+    other structures run one after another. The data live on the device once; each
+    member draws its own batch order (``np.random.default_rng(seed).permutation(N)``
+    per epoch, as fit); an epoch of a group ends with one host transfer (losses,
+    predictions, angles). With ``tol`` a member stops as fit would: its history ends
+    and its params freeze at its stop epoch while the others go on.
+
+    Args:
+      backend: 'torch', 'jax' or a backend module (``dfa_torch``, ``dfa_jax``).
+      spec: the network (its dtype is the dtype of every member).
+      x_train: inputs, (N, n_0).
+      y_train: targets, (N, n_L).
+      members: non-empty sequence of dicts; each may set ``seed``, ``param_seed``,
+        ``feedback_seed``, ``feedback_scale`` and ``optimizer`` (an OptimizerSpec) for
+        itself, over the shared values. ``{}`` is a member with the shared settings.
+      **fit_kwargs: fit's options shared by all members: x_test, y_test, method, mode,
+        optimizer, epochs, batch_size, seed, param_seed, feedback_seed, feedback_dist,
+        feedback_scale, tol, patience, align_every, eval_batch_size (fit's defaults).
+
+    Returns:
+      One History per member, in the members' order, each equal to
+      ``fit(backend, spec, x_train, y_train, **fit_kwargs, **member)`` except
+      ``time_s``: the wall seconds of the member's group's epoch (all its members
+      together, evaluation included).
+
+    Raises:
+      TypeError: an option fit_many cannot honour (params, feedback, feedback_transform,
+        resume, on_epoch, on_batch, donate, stop_on_nonfinite, engine) or an unknown one;
+        a member that is not a dict or holds a value of the wrong type.
+      ValueError: a member key other than ``MEMBER_KEYS`` (naming the member's index),
+        bad options or data as fit raises them, or an estimated memory
+        (``estimate_memory``) above what the device has free (``available_memory``).
+      ImportError: the backend's framework is not installed.
+    """
+    be = _resolve_backend(backend)
+    opts = _check_options(spec, fit_kwargs)
+    member_list = _check_members(members, opts)
+    x_np, y_np = _check_data(spec, x_train, y_train, opts["mode"], "training")
+    test = None
+    if opts["x_test"] is not None:
+        test = _check_data(spec, opts["x_test"], opts["y_test"], "sample", "test")
+    feedback_np = []
+    for i, m in enumerate(member_list):
+        try:
+            feedback_np.append(init_feedback(spec, m.feedback_seed, opts["feedback_dist"], m.feedback_scale))
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"members[{i}]: {err}") from None
+    groups = _groups(member_list)
+    _check_memory(be, spec, opts, groups, x_np.shape[0], 0 if test is None else test[0].shape[0])
+    records: List[Optional[_Record]] = [None] * len(member_list)
+    with be.precision_scope(spec.dtype):
+        data = _Data(*be.asarray((x_np, y_np)), labels_of(y_np),
+                     be.asarray(test[0]) if test is not None else None,
+                     labels_of(test[1]) if test is not None else None)
+        for idx in groups.values():
+            recs = _run_group(be, spec, opts, [member_list[i] for i in idx], [feedback_np[i] for i in idx], data)
+            for i, rec in zip(idx, recs):
+                records[i] = rec
+    return tuple(_history(be, spec, opts, m, rec, fb, data)
+                 for m, rec, fb in zip(member_list, records, feedback_np))
+
+
+__all__ = [
+    "MEMBER_KEYS",
+    "REFUSED_OPTIONS",
+    "SHARED_OPTIONS",
+    "Member",
+    "available_memory",
+    "estimate_memory",
+    "fit_many",
+]
