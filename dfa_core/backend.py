@@ -49,6 +49,13 @@ BACKEND_API = (
     "train_step",
     "train_epoch",
     "predict_labels",
+    # many members in one program (fit_many)
+    "Hyper",
+    "stack_hyper",
+    "init_opt_state_many",
+    "train_epoch_many",
+    "predict_labels_many",
+    "memory_free",
 )
 """Every public name a backend module exports, in the order of ``Backend`` below."""
 
@@ -139,3 +146,26 @@ class Backend(Protocol):
 
     def predict_labels(self, spec: MLPSpec, batch_size: int = 10000) -> Callable:
         """predict(params, x) -> (N,) labels: argmax of y_hat, or y_hat > 0.5 with one output."""
+
+    Hyper: type  # NamedTuple of per-member optimizer numbers (learning_rate, momentum, b1, b2, eps), each (M,)
+
+    def stack_hyper(self, opts: Tuple[OptimizerSpec, ...], dtype: str = "float32") -> Any:
+        """The members' optimizer numbers as a ``Hyper`` of (M,) arrays."""
+
+    def init_opt_state_many(self, optimizer: str, nesterov: bool, params: Params, hyper: Any) -> Any:
+        """The stacked optimizer state of M members (params with a leading member axis)."""
+
+    def train_epoch_many(self, spec: MLPSpec, optimizer: str = "sgd", nesterov: bool = False, method: str = "dfa",
+                         mode: str = "sample", batch_size: int = 200, align_every: int = 0) -> Callable:
+        """epoch(params, feedback, opt_state, hyper, active, x, y, orders, step0) for M members at once.
+
+        ``train_epoch`` per member (orders (M, N), one permutation each), all in one program;
+        inactive members compute but stay frozen. Returns (params, opt_state, losses (M, S),
+        angles (M, S, 2, L) or None).
+        """
+
+    def predict_labels_many(self, spec: MLPSpec, batch_size: int = 10000) -> Callable:
+        """predict(params, x) -> (M, N) labels of M stacked members."""
+
+    def memory_free(self) -> Optional[Tuple[int, str]]:
+        """(bytes free, where) on the backend's device as the framework reports it; None on CPU."""

@@ -169,3 +169,12 @@ class OptimizerSpec:
             raise ValueError(f"eps must be > 0, got {self.eps}")
         if not isinstance(self.nesterov, bool):
             raise TypeError(f"nesterov must be a bool, got {self.nesterov!r}")
+
+    def to_dict(self) -> dict:
+        """The fields this optimizer uses, as JSON-ready values (what run records store)."""
+        out = {"name": self.name, "learning_rate": self.learning_rate}
+        if self.name == "momentum":
+            out.update(momentum=self.momentum, nesterov=self.nesterov)
+        elif self.name == "adam":
+            out.update(b1=self.b1, b2=self.b2, eps=self.eps)
+        return out

@@ -7,9 +7,20 @@ reduced natively by each backend and reported through :func:`raise_for_values`.
 
 from __future__ import annotations
 
+import numbers
+
 from dfa_core.spec import METHODS, MODES, MLPSpec, OptimizerSpec
 
 _NUMERIC_PREFIXES = ("float", "int", "uint", "bool", "bfloat")
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``; bools and non-integers are TypeErrors naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def dtype_name(array) -> str:

@@ -3,6 +3,7 @@
 Mirrors ``dfa_torch`` name for name; choose it with ``dfa_core.get_backend("jax")``.
 """
 
+from dfa_core.backend import BACKEND_API
 from dfa_jax.arrays import NAME, asarray, precision_scope, to_numpy
 from dfa_jax.dfa import (
     TRACE_COUNTS,
@@ -19,6 +20,7 @@ from dfa_jax.dfa import (
 )
 from dfa_jax.epoch import predict_labels, train_epoch
 from dfa_jax.many import (
+    Hyper,
     init_opt_state_many,
     memory_free,
     predict_labels_many,
@@ -29,36 +31,5 @@ from dfa_jax.mlp import Activations, forward, forward_with_activations, logits, 
 from dfa_jax.optim import apply_updates, make_optimizer
 from dfa_jax.train import METHODS, train_step
 
-__all__ = [
-    "NAME",
-    "TRACE_COUNTS",
-    "Activations",
-    "Grouped",
-    "METHODS",
-    "apply_updates",
-    "asarray",
-    "bp_grads",
-    "bp_grads_and_loss",
-    "bp_grads_unchecked",
-    "dfa_grads",
-    "dfa_grads_and_loss",
-    "dfa_grads_unchecked",
-    "dfa_layer_grads",
-    "feedback_projection",
-    "forward",
-    "forward_with_activations",
-    "group",
-    "init_opt_state_many",
-    "logits",
-    "loss",
-    "make_optimizer",
-    "memory_free",
-    "precision_scope",
-    "predict_labels",
-    "predict_labels_many",
-    "stack_hyper",
-    "to_numpy",
-    "train_epoch",
-    "train_epoch_many",
-    "train_step",
-]
+# The backend contract's names (dfa_core.backend.BACKEND_API), then this module's extras.
+__all__ = [*BACKEND_API, "METHODS", "TRACE_COUNTS"]

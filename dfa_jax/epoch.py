@@ -10,7 +10,6 @@ The update is ``train_step``'s own jitted function, so the math is written once.
 from __future__ import annotations
 
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +24,6 @@ from dfa_jax.mlp import forward
 from dfa_jax.train import _build_step
 
 Array = jax.Array
-
-
-def _check_count(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def train_epoch(
@@ -83,8 +74,8 @@ def train_epoch(
         align_every, before anything is traced.
     """
     validation.check_train_step(spec, opt, method, mode)
-    batch_size = _check_count("batch_size", batch_size, 1)
-    align_every = _check_count("align_every", align_every, 0)
+    batch_size = validation.check_int("batch_size", batch_size, 1)
+    align_every = validation.check_int("align_every", align_every, 0)
     return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
 
 
@@ -163,7 +154,7 @@ def predict_labels(spec: MLPSpec, batch_size: int = 10000):
       ValueError, TypeError: a bad spec or batch_size.
     """
     validation.check_spec(spec)
-    return _build_predict(spec, _check_count("batch_size", batch_size, 1))
+    return _build_predict(spec, validation.check_int("batch_size", batch_size, 1))
 
 
 @functools.lru_cache(maxsize=None)

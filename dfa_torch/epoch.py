@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import torch
 
@@ -20,14 +19,6 @@ from dfa_torch.mlp import forward
 from dfa_torch.train import _build_step
 
 Tensor = torch.Tensor
-
-
-def _check_count(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def train_epoch(
@@ -76,8 +67,8 @@ def train_epoch(
         align_every, before anything runs.
     """
     validation.check_train_step(spec, opt, method, mode)
-    batch_size = _check_count("batch_size", batch_size, 1)
-    align_every = _check_count("align_every", align_every, 0)
+    batch_size = validation.check_int("batch_size", batch_size, 1)
+    align_every = validation.check_int("align_every", align_every, 0)
     return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
 
 
@@ -128,7 +119,7 @@ def predict_labels(spec: MLPSpec, batch_size: int = 10000):
       ValueError, TypeError: a bad spec or batch_size.
     """
     validation.check_spec(spec)
-    return _build_predict(spec, _check_count("batch_size", batch_size, 1))
+    return _build_predict(spec, validation.check_int("batch_size", batch_size, 1))
 
 
 @functools.lru_cache(maxsize=None)

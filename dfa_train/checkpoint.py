@@ -134,6 +134,7 @@ def save_checkpoint(path: str, checkpoint: Checkpoint) -> None:
         "test_accuracy": list(resume.test_accuracy),
         "time_s": list(resume.time_s),
         "within_tol": resume.within_tol,
+        "reference_loss": resume.reference_loss,
         "meta": checkpoint.meta,
     }
     # NaN losses are legal in the history (JSON's NaN extension is read back by json.loads).
@@ -221,6 +222,7 @@ def load_checkpoint(path: str) -> Checkpoint:
         test_accuracy=tuple(meta["test_accuracy"]),
         time_s=tuple(meta["time_s"]),
         within_tol=meta["within_tol"],
+        reference_loss=meta.get("reference_loss"),
     )
     return Checkpoint(params, feedback, resume, meta["meta"])
 

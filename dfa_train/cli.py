@@ -161,6 +161,9 @@ def _add_training_args(p: argparse.ArgumentParser, with_method: bool, lr_list: b
     p.add_argument("--feedback-scale", type=_positive_float, default=_DEFAULTS["feedback_scale"])
     p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1) or JAX platform (cpu, gpu)")
     p.add_argument("--tol", type=float, default=None, help="stop when the training error moves by <= tol")
+    p.add_argument("--diverge-factor", type=float, default=_DEFAULTS["diverge_factor"],
+                   help="stop (exit 3) when an epoch's loss exceeds this multiple of the initial loss; 0 turns "
+                        "the guard off (NaN/inf always stop)")
     p.add_argument("--patience", type=_positive_int, default=_DEFAULTS["patience"])
     p.add_argument("--align-every", type=_non_negative_int, default=_DEFAULTS["align_every"],
                    help="measure DFA-vs-BP angles every K steps (0: never)")
@@ -260,7 +263,7 @@ def _subparsers(parser):
 # Options that only steer this invocation, never the run's results.
 _RESUME_FREE = ("resume", "progress", "out")
 _RESUME_SETTABLE = ("epochs", "checkpoint_every", "device", "backend", "data_dir", "no_download", "no_plots",
-                    "download_timeout")
+                    "download_timeout", "diverge_factor")
 
 
 def _resume_config(parser, args, argv: Sequence[str], run_dir: str) -> RunConfig:
@@ -275,9 +278,14 @@ def _resume_config(parser, args, argv: Sequence[str], run_dir: str) -> RunConfig
                        if k not in _RESUME_SETTABLE and k in saved and _plain(v) != _plain(saved[k]))
     if conflicts:
         parser.error("--resume continues the run as config.json describes it; these options differ from it "
-                     f"and cannot change on resume: {', '.join('--' + k.replace('_', '-') for k in conflicts)} "
-                     f"(settable on resume: {', '.join('--' + k.replace('_', '-') for k in _RESUME_SETTABLE)})")
+                     f"and cannot change on resume: {', '.join(_option(k) for k in conflicts)} "
+                     f"(settable on resume: {', '.join(_option(k) for k in _RESUME_SETTABLE)})")
     return config.replace(**{k: v for k, v in given.items() if k in _RESUME_SETTABLE})
+
+
+def _option(dest: str) -> str:
+    """The command-line spelling of an option's destination."""
+    return {"download_timeout": "--timeout"}.get(dest, "--" + dest.replace("_", "-"))
 
 
 def _plain(value):
@@ -359,7 +367,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     from dfa_train.data import DatasetNotFoundError
-    from dfa_train.state import NonFiniteLossError
+    from dfa_train.state import DivergenceError
 
     commands = {"train": cmd_train, "compare": cmd_compare, "sweep": cmd_sweep, "summary": cmd_summary}
     try:
@@ -369,10 +377,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("\n" + _interrupted_message(args.command, getattr(args, "run_dir", None)), file=sys.stderr)
         return EXIT_INTERRUPTED
-    except NonFiniteLossError as err:
+    except DivergenceError as err:
         print(f"dfa: error: {err}", file=sys.stderr)
         return EXIT_NONFINITE
-    except (DatasetNotFoundError, OSError, ValueError, TypeError, ImportError) as err:
+    except (DatasetNotFoundError, OSError, ValueError, TypeError, ImportError, MemoryError) as err:
         print(f"dfa: error: {err}", file=sys.stderr)
         return EXIT_FAILURE
 

@@ -120,6 +120,7 @@ class RunConfig:
     checkpoint_every: str = "auto"  # 'N' epochs, 'Ns' seconds or 'auto' (checkpoints cost < 5% of the run)
     no_download: bool = False  # never download MNIST
     download_timeout: float = 30.0  # seconds a download may wait for data before the next mirror, > 0
+    diverge_factor: float = 1000.0  # stop when the loss passes this multiple of the initial loss (> 1); 0: off
     no_plots: bool = False  # write no PNG figures
 
     def __post_init__(self):
@@ -141,7 +142,10 @@ class RunConfig:
                  "momentum": _check_real("momentum", self.momentum, 0.0, 1.0, low_open=False),
                  "feedback_scale": _check_real("feedback_scale", self.feedback_scale, 0.0, low_open=True),
                  "tol": _check_real("tol", self.tol, 0.0, low_open=False, optional=True),
-                 "download_timeout": _check_real("download_timeout", self.download_timeout, 0.0, low_open=True)}
+                 "download_timeout": _check_real("download_timeout", self.download_timeout, 0.0, low_open=True),
+                 "diverge_factor": _check_real("diverge_factor", self.diverge_factor, 0.0, low_open=False)}
+        if 0 < reals["diverge_factor"] <= 1:
+            raise ConfigError("diverge_factor", f"expected 0 (off) or a number > 1, got {self.diverge_factor!r}")
         for field, value in reals.items():
             object.__setattr__(self, field, value)
         for field in ("standardize", "no_download", "no_plots"):

@@ -25,9 +25,10 @@ import numpy as np
 
 from dfa_core import validation
 from dfa_core.init import init_feedback, init_params
-from dfa_core.registry import get_backend
+from dfa_core.registry import resolve_backend
 from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec
 from dfa_core.tree import tree_map
+from dfa_train import memory
 from dfa_train.state import AlignmentRecord, History
 from dfa_train.trainer import _check_data, confusion_matrix, fit, labels_of
 
@@ -46,9 +47,6 @@ REFUSED_OPTIONS = (
 )
 """``fit``'s options that have no meaning for many members trained in one program."""
 
-_BACKEND_FUNCTIONS = ("asarray", "to_numpy", "precision_scope", "stack_hyper", "init_opt_state_many",
-                      "train_epoch_many", "predict_labels_many", "memory_free")
-_MEMINFO = "/proc/meminfo"
 
 
 class Member(NamedTuple):
@@ -59,21 +57,6 @@ class Member(NamedTuple):
     feedback_seed: int  # init_feedback(spec, feedback_seed, dist, feedback_scale)
     feedback_scale: float
     optimizer: OptimizerSpec
-
-
-def _resolve_backend(backend) -> ModuleType:
-    be = get_backend(backend) if isinstance(backend, str) else backend
-    if not isinstance(be, ModuleType) or not all(hasattr(be, f) for f in _BACKEND_FUNCTIONS):
-        raise TypeError(f"backend must be 'torch', 'jax' or a backend module such as dfa_torch, got {backend!r}")
-    return be
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_options(spec: MLPSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
@@ -97,7 +80,7 @@ def _check_options(spec: MLPSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, An
         raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {opts['mode']!r}")
     for name, minimum in (("epochs", 1), ("batch_size", 1), ("patience", 1), ("align_every", 0),
                           ("eval_batch_size", 1)):
-        opts[name] = _check_int(name, opts[name], minimum)
+        opts[name] = validation.check_int(name, opts[name], minimum)
     tol = opts["tol"]
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0):
         raise ValueError(f"tol must be None or a number >= 0, got {tol!r}")
@@ -126,9 +109,9 @@ def _check_members(members, opts: Dict[str, Any]) -> List[Member]:
         if m.optimizer is None:  # fit's default, as fit(optimizer=None) reads it
             m = m._replace(optimizer=OptimizerSpec())
         try:
-            m = m._replace(seed=_check_int("seed", m.seed, 0))
+            m = m._replace(seed=validation.check_int("seed", m.seed, 0))
             for name in ("param_seed", "feedback_seed"):
-                _check_int(name, getattr(m, name), 0)
+                validation.check_int(name, getattr(m, name), 0)
             if not isinstance(m.optimizer, OptimizerSpec):
                 raise TypeError(f"optimizer must be a dfa_core.OptimizerSpec, got {type(m.optimizer).__name__}")
         except (TypeError, ValueError) as err:
@@ -150,99 +133,17 @@ def _groups(members: Sequence[Member]) -> Dict[Tuple[str, bool], List[int]]:
     return groups
 
 
-_STATE_COPIES = {"sgd": 0, "momentum": 1, "adam": 2}  # optimizer-state trees shaped like params
-
-
-def estimate_memory(
-    spec: MLPSpec,
-    num_members: int,
-    n_train: int,
-    n_test: int = 0,
-    batch_size: int = 200,
-    eval_batch_size: int = 10000,
-    optimizer: str = "sgd",
-    method: str = "dfa",
-    align: bool = False,
-) -> int:
-    """Bytes that ``num_members`` members of ``spec`` trained together need at their peak (an estimate).
-
-    Per member, in spec.dtype, what lives for the whole run: params (P numbers), the
-    optimizer state (sgd 0, momentum P, adam 2P), the feedback (DFA) and the batch
-    order (N int32); plus the larger of what a step allocates (the new params and state,
-    grads and updates, a batch of B x (n_0 + n_L) and its activations 2 x B x H, with
-    H = n_1 + ... + n_L; the alignment's backprop adds 3 x B x H and 2 x P) and what an
-    evaluation pass allocates (2 x min(eval_batch_size, N) x H: pre- and post-activations).
-    Shared: the data (N + N_test) x (n_0 + n_L). For 784-200-10, M = 8, N = 10000, B = 200,
-    float32, XLA's memory analysis of the JAX programs gives 0.9-1.0x of it at the peak
-    (training, or evaluation with eval_batch_size 10000).
-
-    Args:
-      spec: the network (its dtype sets the bytes per number).
-      num_members: M, >= 1.
-      n_train: training samples N.
-      n_test: test samples.
-      batch_size: samples per step B.
-      eval_batch_size: rows per evaluation pass.
-      optimizer: 'sgd', 'momentum' or 'adam'.
-      method: 'dfa' (feedback counted) or 'bp'.
-      align: whether alignment angles are measured.
-
-    Returns:
-      The estimate in bytes (int).
-    """
-    validation.check_spec(spec)
-    size = np.dtype(spec.dtype).itemsize
-    p, state = spec.num_params(), _STATE_COPIES[optimizer] * spec.num_params()
-    h, io = sum(spec.layer_sizes[1:]), spec.n_in + spec.n_out
-    b = min(batch_size, n_train)
-    lasting = p + state + (sum(n * spec.n_out for n in spec.hidden_sizes) if method == "dfa" else 0)
-    step = 3 * p + state + b * io + 2 * b * h + ((3 * b * h + 2 * p) if align else 0)
-    evaluation = 2 * min(eval_batch_size, max(n_train, n_test)) * h
-    shared = (n_train + n_test) * io
-    return int(num_members * ((lasting + max(step, evaluation)) * size + 4 * n_train) + shared * size)
-
-
-def _host_available() -> Optional[int]:
-    """MemAvailable of /proc/meminfo in bytes; None where the file does not exist (not Linux)."""
-    try:
-        with open(_MEMINFO) as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # the file counts kB
-    except OSError:
-        return None
-    return None
-
-
-def available_memory(backend: Union[str, ModuleType]) -> Optional[Tuple[int, str]]:
-    """(bytes free, where) on the backend's default device; None when nothing reports it.
-
-    A GPU reports its own free memory (``torch.cuda.mem_get_info``, JAX's
-    ``device.memory_stats()``); on the CPU it is the host's ``MemAvailable``.
-    """
-    got = _resolve_backend(backend).memory_free()
-    if got is not None:
-        return got
-    host = _host_available()
-    return None if host is None else (host, "host memory (MemAvailable)")
-
-
 def _check_memory(be, spec: MLPSpec, opts, groups, n_train: int, n_test: int) -> None:
     """Refuses, before allocating, a run whose largest group would not fit (groups run one after another)."""
     need, worst = 0, None
     for (name, _), idx in groups.items():
-        est = estimate_memory(spec, len(idx), n_train, n_test, opts["batch_size"], opts["eval_batch_size"],
-                              name, opts["method"], bool(opts["align_every"]))
+        est = memory.estimate_memory(spec, len(idx), n_train, n_test, opts["batch_size"], opts["eval_batch_size"],
+                                     name, opts["method"], bool(opts["align_every"]))
         if est > need:
             need, worst = est, (name, len(idx))
-    free = available_memory(be)
-    if free is not None and need > free[0]:
-        raise ValueError(
-            f"fit_many would need about {need:,} bytes ({need / 2**20:.1f} MiB: {worst[1]} '{worst[0]}' members of "
-            f"{list(spec.layer_sizes)} in {spec.dtype}, {n_train} training samples, batch {opts['batch_size']}) "
-            f"but {free[1]} has {free[0]:,} bytes ({free[0] / 2**20:.1f} MiB) free; train fewer members per call, "
-            "a smaller eval_batch_size or batch_size"
-        )
+    memory.check_memory(be, need, f"fit_many ({worst[1]} '{worst[0]}' members of {list(spec.layer_sizes)} in "
+                                  f"{spec.dtype}, {n_train} training samples, batch {opts['batch_size']}; train "
+                                  "fewer members per call, a smaller eval_batch_size or batch_size)")
 
 
 class _Data(NamedTuple):
@@ -345,16 +246,6 @@ def _run_group(be, spec: MLPSpec, opts, members: Sequence[Member], feedback_np, 
     return recs
 
 
-def _optimizer_config(opt: OptimizerSpec) -> Dict[str, Any]:
-    """The optimizer as fit's History.config records it."""
-    config = {"name": opt.name, "learning_rate": opt.learning_rate}
-    if opt.name == "momentum":
-        config.update(momentum=opt.momentum, nesterov=opt.nesterov)
-    elif opt.name == "adam":
-        config.update(b1=opt.b1, b2=opt.b2, eps=opt.eps)
-    return config
-
-
 def _history(be, spec: MLPSpec, opts, member: Member, rec: _Record, feedback_np, data: _Data) -> History:
     """Member's History, with the config fit(**fit_kwargs, **member) records."""
     has_test = data.test_labels is not None
@@ -372,7 +263,7 @@ def _history(be, spec: MLPSpec, opts, member: Member, rec: _Record, feedback_np,
         "dtype": spec.dtype,
         "method": opts["method"],
         "mode": opts["mode"],
-        "optimizer": _optimizer_config(member.optimizer),
+        "optimizer": member.optimizer.to_dict(),
         "epochs": opts["epochs"],
         "batch_size": opts["batch_size"],
         "seed": member.seed,
@@ -450,7 +341,7 @@ def fit_many(
         (``estimate_memory``) above what the device has free (``available_memory``).
       ImportError: the backend's framework is not installed.
     """
-    be = _resolve_backend(backend)
+    be = resolve_backend(backend)
     opts = _check_options(spec, fit_kwargs)
     member_list = _check_members(members, opts)
     x_np, y_np = _check_data(spec, x_train, y_train, opts["mode"], "training")
@@ -483,7 +374,5 @@ __all__ = [
     "REFUSED_OPTIONS",
     "SHARED_OPTIONS",
     "Member",
-    "available_memory",
-    "estimate_memory",
     "fit_many",
 ]

@@ -33,13 +33,14 @@ from dfa_train.cadence import CheckpointEvery, checkpoint_due
 from dfa_train.checkpoint import CHECKPOINT_NAME, Checkpoint, atomic_write_text, load_checkpoint, save_checkpoint
 from dfa_train.config import ConfigError, RunConfig
 from dfa_train.run_dir import check_new_folder, claim
-from dfa_train.state import EpochEnd, History, NonFiniteLossError, ResumeState
+from dfa_train import memory
+from dfa_train.state import DivergenceError, EpochEnd, History, ResumeState
 from dfa_train.tables import comparison_table
 
 Data = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train (N, n_0), y_train (N, n_L), x_test, y_test
 
 RESUME_MAY_CHANGE = ("epochs", "backend", "device", "checkpoint_every", "data_dir", "no_download", "no_plots",
-                     "download_timeout")
+                     "download_timeout", "diverge_factor")
 """Fields a resumed run may set differently from its config.json; any other change is refused."""
 
 
@@ -344,7 +345,7 @@ def _train(config: RunConfig, data: Data, params, feedback, state, on_epoch, bar
             mode=config.mode, optimizer=config.optimizer_spec(), epochs=config.epochs,
             batch_size=config.batch_size, seed=config.seed, params=params, feedback=feedback, tol=config.tol,
             patience=config.patience, align_every=config.align_every, resume=state, on_epoch=on_epoch,
-            on_batch=bar.batch, stop_on_nonfinite=True,
+            on_batch=bar.batch, stop_on_nonfinite=True, diverge_factor=config.diverge_factor or None,
         )
 
 
@@ -380,7 +381,9 @@ def run(config: RunConfig, out_dir: str, *, resume: bool = False, progress: bool
     Raises:
       ConfigError: the layer widths do not fit the data (nothing is written).
       ValueError: a new run into a folder that holds one, or a resume with changed settings.
-      NonFiniteLossError: the loss became NaN/inf (the checkpoint holds the last finite epoch).
+      DivergenceError: the loss or params became NaN/inf, or the loss exploded past
+        ``config.diverge_factor`` (the checkpoint holds the last finite epoch).
+      MemoryError: the run would not fit in memory (estimated before anything is allocated).
       KeyboardInterrupt: Ctrl-C or SIGTERM (the checkpoint holds the last finished epoch).
     """
     if not isinstance(config, RunConfig):
@@ -388,6 +391,8 @@ def run(config: RunConfig, out_dir: str, *, resume: bool = False, progress: bool
     check_device(config.backend, config.device)
     data = load_data(config) if data is None else data
     check_widths(config, data)
+    memory.check_run_memory(config.backend, config.spec(), data[0].shape[0], data[2].shape[0], config.batch_size,
+                            10000, config.optimizer, config.method, bool(config.align_every))
     checkpointer = Checkpointer(os.path.join(out_dir, CHECKPOINT_NAME), config.checkpoint_cadence(),
                                 {"config": config.to_dict(), "backend": config.backend})
     with claim(out_dir, resume) as folder, Interrupts() as interrupts:
@@ -411,7 +416,7 @@ def run(config: RunConfig, out_dir: str, *, resume: bool = False, progress: bool
 
         try:
             history = _train(config, data, params, feedback, state, on_epoch, bar)
-        except (KeyboardInterrupt, NonFiniteLossError):
+        except (KeyboardInterrupt, DivergenceError):
             with interrupts.deferred():
                 checkpointer.flush()
             raise

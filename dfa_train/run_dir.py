@@ -23,6 +23,7 @@ from typing import Iterator, List
 
 from dfa_train.checkpoint import CHECKPOINT_NAME, TEMP_PREFIX, remove_stale_temps
 from dfa_train.config import ConfigError
+from dfa_train.state import DivergenceError
 
 LOCK_NAME = ".lock"
 
@@ -122,9 +123,11 @@ def claim(out_dir: str, resume: bool) -> Iterator[Claim]:
     try:
         yield state
     except BaseException as err:
-        # An interrupted new run keeps its epoch-0 checkpoint (it resumes); any other failure
+        # An interrupted or diverged new run keeps its epoch-0 checkpoint (it resumes, or shows what
+        # diverged); any other failure
         # before the first epoch, or an interrupt before that checkpoint, leaves nothing behind.
-        resumable = isinstance(err, KeyboardInterrupt) and os.path.exists(os.path.join(out_dir, CHECKPOINT_NAME))
+        resumable = isinstance(err, (KeyboardInterrupt, DivergenceError)) and os.path.exists(
+            os.path.join(out_dir, CHECKPOINT_NAME))
         if not resume and not state.first_epoch_written and not resumable:
             lock.close()
             _remove_new_run(out_dir, created, names_before)

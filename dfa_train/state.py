@@ -97,6 +97,7 @@ class ResumeState(NamedTuple):
     test_accuracy: Tuple[float, ...] = ()
     time_s: Tuple[float, ...] = ()
     within_tol: int = 0  # consecutive epochs within ``tol`` so far
+    reference_loss: Optional[float] = None  # per-sample loss of the run's first batch before any update
 
 
 class EpochEnd(NamedTuple):
@@ -117,16 +118,33 @@ class EpochEnd(NamedTuple):
     resume: ResumeState  # pass to ``fit(resume=...)`` with ``params`` to continue from here
 
 
-class NonFiniteLossError(FloatingPointError):
-    """An epoch's loss was NaN or infinite (``fit(stop_on_nonfinite=True)``)."""
+class DivergenceError(FloatingPointError):
+    """Training diverged and was stopped (``fit(stop_on_nonfinite=True)`` or ``diverge_factor``)."""
 
-    def __init__(self, epoch: int, loss: float):
+    def __init__(self, epoch: int, loss: float, what: str):
         super().__init__(
-            f"epoch {epoch}: the training loss is {loss}; training stopped. Lower the learning rate "
-            "(--lr), use reduction 'mean' or check the inputs; the last checkpoint holds the last finite state"
+            f"epoch {epoch}: {what}; training stopped. Lower the learning rate (--lr), use reduction "
+            "'mean' or check the inputs; the last checkpoint holds the last finite state"
         )
         self.epoch = epoch
         self.loss = loss
+
+
+class NonFiniteLossError(DivergenceError):
+    """An epoch's loss, or the params after it, were NaN or infinite (``fit(stop_on_nonfinite=True)``)."""
+
+    def __init__(self, epoch: int, loss: float, what: str = ""):
+        super().__init__(epoch, loss, what or f"the training loss is {loss}")
+
+
+class LossExplodedError(DivergenceError):
+    """An epoch's loss rose above ``diverge_factor`` times the run's initial loss."""
+
+    def __init__(self, epoch: int, loss: float, reference: float, factor: float):
+        super().__init__(epoch, loss, f"the training loss {loss:.4g} is over {factor:g} times the initial "
+                                      f"per-sample loss {reference:.4g} (the divergence guard; switch it off with "
+                                      "--diverge-factor 0)")
+        self.reference = reference
 
 
 def _finite_or_none(value) -> Optional[float]:
@@ -220,6 +238,8 @@ def opt_state_from_numpy(backend: ModuleType, template, arrays: Dict[str, np.nda
 
 __all__ = [
     "AlignmentRecord",
+    "DivergenceError",
+    "LossExplodedError",
     "EpochEnd",
     "History",
     "NonFiniteLossError",

@@ -29,52 +29,22 @@ import numpy as np
 
 from dfa_core import validation
 from dfa_core.init import DEFAULT_FEEDBACK_SCALE, init_feedback, init_params
-from dfa_core.registry import get_backend
+from dfa_core.registry import resolve_backend
 from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec
+from dfa_train import memory
 from dfa_train.state import (
     AlignmentRecord,
     EpochEnd,
     History,
+    LossExplodedError,
     NonFiniteLossError,
     ResumeState,
     opt_state_from_numpy,
     opt_state_to_numpy,
 )
 
-_BACKEND_FUNCTIONS = (
-    "asarray", "to_numpy", "precision_scope", "forward", "make_optimizer", "train_step", "train_epoch",
-    "predict_labels",
-)
-
 ENGINES = ("epoch", "step")
 """fit's engines: 'epoch' runs each epoch as one compiled call, 'step' one call per batch."""
-
-
-def _optimizer_config(opt: OptimizerSpec) -> Dict[str, Any]:
-    config = {"name": opt.name, "learning_rate": opt.learning_rate}
-    if opt.name == "momentum":
-        config.update(momentum=opt.momentum, nesterov=opt.nesterov)
-    elif opt.name == "adam":
-        config.update(b1=opt.b1, b2=opt.b2, eps=opt.eps)
-    return config
-
-
-def _resolve_backend(backend) -> ModuleType:
-    if isinstance(backend, str):
-        return get_backend(backend)
-    if isinstance(backend, ModuleType) and all(hasattr(backend, f) for f in _BACKEND_FUNCTIONS):
-        return backend
-    raise TypeError(
-        f"backend must be a name ('torch' or 'jax') or a backend module such as dfa_torch, got {backend!r}"
-    )
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_data(spec: MLPSpec, x, y, mode: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -136,6 +106,7 @@ class _Settings:
     donate: bool  # let steps reuse the previous params' buffers
     engine: str  # one of ENGINES
     stop_on_nonfinite: bool
+    diverge_factor: Optional[float]  # stop when the loss exceeds this multiple of the initial loss; None never
     on_epoch: Optional[Callable[[EpochEnd], None]]
     on_batch: Optional[Callable[[int, int, int], None]]
 
@@ -169,12 +140,13 @@ class _Loop:
     pred: Optional[np.ndarray] = None  # (N,) labels predicted after the last epoch
     test_pred: Optional[np.ndarray] = None  # (M,)
     stopped_early: bool = False
+    reference_loss: Optional[float] = None  # per-sample loss of the run's first batch, before any update
 
 
 def _settings(backend, spec, method, mode, optimizer, epochs, batch_size, seed, tol, patience, align_every,
-              eval_batch_size, donate, engine, stop_on_nonfinite, on_epoch, on_batch) -> _Settings:
+              eval_batch_size, donate, engine, stop_on_nonfinite, diverge_factor, on_epoch, on_batch) -> _Settings:
     """Checks fit's options (not the data) and returns them as one frozen record."""
-    be = _resolve_backend(backend)
+    be = resolve_backend(backend)
     validation.check_spec(spec)
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
@@ -188,6 +160,9 @@ def _settings(backend, spec, method, mode, optimizer, epochs, batch_size, seed, 
         raise ValueError(f"tol must be None or a number >= 0, got {tol!r}")
     if not isinstance(donate, bool):
         raise TypeError(f"donate must be a bool, got {donate!r}")
+    if diverge_factor is not None and (isinstance(diverge_factor, bool) or not isinstance(diverge_factor, numbers.Real)
+                                       or not 1 < diverge_factor < math.inf):
+        raise ValueError(f"diverge_factor must be None or a finite number > 1, got {diverge_factor!r}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     for name, fn in (("on_epoch", on_epoch), ("on_batch", on_batch)):
@@ -195,14 +170,15 @@ def _settings(backend, spec, method, mode, optimizer, epochs, batch_size, seed, 
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
     return _Settings(
         be, spec, method, mode, optimizer,
-        epochs=_check_int("epochs", epochs, 1),
-        batch_size=_check_int("batch_size", batch_size, 1),
-        seed=_check_int("seed", seed, 0),
+        epochs=validation.check_int("epochs", epochs, 1),
+        batch_size=validation.check_int("batch_size", batch_size, 1),
+        seed=validation.check_int("seed", seed, 0),
         tol=tol,
-        patience=_check_int("patience", patience, 1),
-        align_every=_check_int("align_every", align_every, 0),
-        eval_batch_size=_check_int("eval_batch_size", eval_batch_size, 1),
-        donate=donate, engine=engine, stop_on_nonfinite=bool(stop_on_nonfinite), on_epoch=on_epoch,
+        patience=validation.check_int("patience", patience, 1),
+        align_every=validation.check_int("align_every", align_every, 0),
+        eval_batch_size=validation.check_int("eval_batch_size", eval_batch_size, 1),
+        donate=donate, engine=engine, stop_on_nonfinite=bool(stop_on_nonfinite),
+        diverge_factor=None if diverge_factor is None else float(diverge_factor), on_epoch=on_epoch,
         on_batch=on_batch,
     )
 
@@ -220,6 +196,7 @@ def _start(run: _Settings, params_np, resume: Optional[ResumeState]) -> _Loop:
         loop.losses, loop.errors = list(resume.loss), list(resume.train_error)
         loop.accuracies, loop.times = list(resume.test_accuracy), list(resume.time_s)
         loop.within_tol, loop.global_step, loop.first_epoch = resume.within_tol, resume.global_step, resume.epoch
+        loop.reference_loss = resume.reference_loss
     return loop
 
 
@@ -306,13 +283,29 @@ def _run_epoch(run: _Settings, data: _Data, loop: _Loop, epoch: int) -> None:
     if run.spec.reduction == "mean":
         sizes = np.diff(np.append(np.arange(0, n, run.batch_size), n))
         batch_losses = batch_losses * sizes
+    if loop.reference_loss is None and epoch == 0:
+        loop.reference_loss = float(batch_losses[0]) / min(run.batch_size, n)
     loop.losses.append(float(np.sum(batch_losses) / n))
-    if run.stop_on_nonfinite and not math.isfinite(loop.losses[-1]):
-        raise NonFiniteLossError(epoch + 1, loop.losses[-1])
+    _check_divergence(run, loop, epoch)
     _evaluate(run, data, loop)
     loop.errors.append(float(np.mean(loop.pred != data.labels)))
     if data.test_labels is not None:
         loop.accuracies.append(float(np.mean(loop.test_pred == data.test_labels)))
+
+
+def _check_divergence(run: _Settings, loop: _Loop, epoch: int) -> None:
+    """Raises a DivergenceError for a NaN/inf loss or params (stop_on_nonfinite), or a loss above
+    diverge_factor times the initial per-sample loss: before the epoch reaches on_epoch."""
+    loss = loop.losses[-1]
+    if run.stop_on_nonfinite and not math.isfinite(loss):
+        raise NonFiniteLossError(epoch + 1, loss)
+    if run.stop_on_nonfinite:
+        for l, pair in enumerate(run.be.to_numpy(loop.params), start=1):
+            if not all(np.all(np.isfinite(a)) for a in pair):
+                raise NonFiniteLossError(epoch + 1, loss, f"layer {l}'s params overflowed to NaN/inf (loss {loss})")
+    ref = loop.reference_loss
+    if run.diverge_factor is not None and ref is not None and ref > 0 and loss > run.diverge_factor * ref:
+        raise LossExplodedError(epoch + 1, loss, ref, run.diverge_factor)
 
 
 def _should_stop(run: _Settings, loop: _Loop, epoch: int) -> bool:
@@ -332,7 +325,7 @@ def _epoch_end(run: _Settings, data: _Data, loop: _Loop, epoch: int, feedback_np
     opt_np = opt_state_to_numpy(be, loop.opt_state)
     resume_here = ResumeState(
         epoch + 1, loop.global_step, loop.rng.bit_generator.state, opt_np, tuple(loop.losses),
-        tuple(loop.errors), tuple(loop.accuracies), tuple(loop.times), loop.within_tol,
+        tuple(loop.errors), tuple(loop.accuracies), tuple(loop.times), loop.within_tol, loop.reference_loss,
     )
     n, seconds = data.labels.shape[0], loop.times[-1]
     return EpochEnd(
@@ -369,7 +362,7 @@ def _history(run: _Settings, data: _Data, loop: _Loop, params_out, feedback_np, 
         "dtype": spec.dtype,
         "method": run.method,
         "mode": run.mode,
-        "optimizer": _optimizer_config(run.optimizer),
+        "optimizer": run.optimizer.to_dict(),
         "epochs": run.epochs,
         "batch_size": run.batch_size,
         "seed": run.seed,
@@ -439,6 +432,7 @@ def fit(
     on_epoch: Optional[Callable[[EpochEnd], None]] = None,
     on_batch: Optional[Callable[[int, int, int], None]] = None,
     stop_on_nonfinite: bool = False,
+    diverge_factor: Optional[float] = None,
     engine: str = "epoch",
 ) -> History:
     """Trains ``spec`` by DFA or BP on one backend and records a ``History``.
@@ -494,7 +488,12 @@ def fit(
         the epoch has run (a progress bar advances by steps, but once per epoch); with
         ``engine='step'`` each call follows its step.
       stop_on_nonfinite: raise ``NonFiniteLossError`` (before ``on_epoch``) when an
-        epoch's loss is NaN or infinite.
+        epoch's loss, or the params after it, are NaN or infinite.
+      diverge_factor: raise ``LossExplodedError`` (before ``on_epoch``) when an epoch's
+        loss exceeds this multiple (> 1) of the initial per-sample loss, the loss of the
+        run's first batch before any update (kept in ``ResumeState``); None never does.
+        A finite loss far above where training started means the run has diverged even
+        though nothing is NaN yet (the ``dfa`` command uses 1000).
       engine: 'epoch' (one compiled call per epoch) or 'step' (one call per step).
 
     Returns:
@@ -506,16 +505,20 @@ def fit(
 
     Raises:
       ValueError, TypeError: a bad backend, spec, option or dataset, before training.
+      MemoryError: the run would not fit in the device's free memory (estimated first).
       ImportError: the backend's framework is not installed.
+      NonFiniteLossError, LossExplodedError: see ``stop_on_nonfinite`` and ``diverge_factor``.
     """
     run = _settings(backend, spec, method, mode, optimizer, epochs, batch_size, seed, tol, patience, align_every,
-                    eval_batch_size, donate, engine, stop_on_nonfinite, on_epoch, on_batch)
+                    eval_batch_size, donate, engine, stop_on_nonfinite, diverge_factor, on_epoch, on_batch)
     if (x_test is None) != (y_test is None):
         raise ValueError("x_test and y_test must be given together (or neither)")
     if resume is not None and not isinstance(resume, ResumeState):
         raise TypeError(f"resume must be a dfa_train.trainer.ResumeState, got {type(resume).__name__}")
     x_np, y_np = _check_data(spec, x_train, y_train, mode, "training")
     test = _check_data(spec, x_test, y_test, "sample", "test") if x_test is not None else None
+    memory.check_run_memory(run.be, spec, x_np.shape[0], 0 if test is None else test[0].shape[0], run.batch_size,
+                            run.eval_batch_size, run.optimizer.name, method, bool(run.align_every))
     params_np = init_params(spec, param_seed) if params is None else params
     validation.check_params(spec, params_np)
     feedback_np = init_feedback(

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import dfa_train.many as many
+import dfa_train.memory as memory
 from dfa_core import MLPSpec, OptimizerSpec
 from dfa_train import fit, fit_many
 
@@ -150,7 +150,7 @@ def test_memory_estimate_counts_every_member():
     spec32 = MLPSpec((784, 200, 10))
 
     def est(members, **kw):
-        return many.estimate_memory(spec32, members, 10000, 2000, batch_size=200, **kw)
+        return memory.estimate_memory(spec32, members, 10000, 2000, batch_size=200, **kw)
 
     per_member = est(2) - est(1)
     assert est(8) - est(7) == per_member > 0
@@ -158,20 +158,20 @@ def test_memory_estimate_counts_every_member():
     assert est(8, optimizer="adam") >= floor
     assert est(1, optimizer="adam") > est(1, optimizer="momentum") > est(1)
     spec64 = MLPSpec((784, 200, 10), dtype="float64")
-    ratio = many.estimate_memory(spec64, 8, 10000, 2000) / est(8)
+    ratio = memory.estimate_memory(spec64, 8, 10000, 2000) / est(8)
     assert 1.9 < ratio <= 2.0
 
 
 def test_memory_refusal_names_estimate_and_limit(monkeypatch):
     """fit_many refuses members whose estimate exceeds the free memory, naming both; at the limit it runs."""
-    need = many.estimate_memory(SPEC64, 4, 100, 0, batch_size=20)
+    need = memory.estimate_memory(SPEC64, 4, 100, 0, batch_size=20)
     members = [{"seed": s} for s in range(4)]
-    monkeypatch.setattr(many, "available_memory", lambda backend: (need - 1, "test device"))
-    with pytest.raises(ValueError) as info:
+    monkeypatch.setattr(memory, "available_memory", lambda backend: (need - 1, "test device"))
+    with pytest.raises(MemoryError) as info:
         fit_many("torch", SPEC64, X_TRAIN, Y_TRAIN, members=members, epochs=1, batch_size=20)
     message = str(info.value)
     assert f"{need:,} bytes" in message and f"{need - 1:,} bytes" in message and "test device" in message
-    monkeypatch.setattr(many, "available_memory", lambda backend: (need, "test device"))
+    monkeypatch.setattr(memory, "available_memory", lambda backend: (need, "test device"))
     assert len(fit_many("torch", SPEC64, X_TRAIN, Y_TRAIN, members=members, epochs=1, batch_size=20)) == 4
 
 
@@ -179,11 +179,11 @@ def test_available_memory_reads_meminfo_on_cpu(tmp_path, monkeypatch):
     """On the CPU the limit is the host's MemAvailable (the backends report no device memory)."""
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       16000000 kB\nMemFree:  100 kB\nMemAvailable:    2048 kB\n")
-    monkeypatch.setattr(many, "_MEMINFO", str(meminfo))
+    monkeypatch.setattr(memory, "_MEMINFO", str(meminfo))
     for backend in BACKENDS:
-        assert many.available_memory(backend) == (2048 * 1024, "host memory (MemAvailable)")
-    monkeypatch.setattr(many, "_MEMINFO", str(tmp_path / "missing"))
-    assert many.available_memory("torch") is None
+        assert memory.available_memory(backend) == (2048 * 1024, "host memory (MemAvailable)")
+    monkeypatch.setattr(memory, "_MEMINFO", str(tmp_path / "missing"))
+    assert memory.available_memory("torch") is None
 
 
 def test_backend_many_modules_mirror_each_other():

@@ -7,12 +7,11 @@ import sys
 import pytest
 
 from dfa_core import BACKEND_NAMES, get_backend
+from dfa_core.registry import resolve_backend
 
-MIRRORED = [
-    "asarray", "to_numpy", "precision_scope", "forward", "forward_with_activations", "logits", "loss",
-    "group", "feedback_projection", "dfa_layer_grads", "dfa_grads", "bp_grads", "dfa_grads_unchecked",
-    "bp_grads_unchecked", "bp_grads_and_loss", "dfa_grads_and_loss", "make_optimizer", "apply_updates", "train_step", "Activations", "Grouped",
-]
+from dfa_core.backend import BACKEND_API, Backend
+
+MIRRORED = BACKEND_API  # the one list of backend names (dfa_core.backend)
 
 
 def test_unknown_backend_lists_the_choices():
@@ -48,3 +47,22 @@ def test_core_imports_neither_framework():
     code = "import sys, dfa_core; print(sorted(m for m in ('torch', 'jax') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_backends_export_exactly_the_contract_and_satisfy_the_protocol(name):
+    be = get_backend(name)
+    assert list(be.__all__[: len(BACKEND_API)]) == list(BACKEND_API)
+    assert isinstance(be, Backend)
+
+
+def test_a_module_lacking_part_of_the_contract_is_refused():
+    import types
+
+    partial = types.ModuleType("partial_backend")
+    partial.asarray = lambda tree: tree
+    with pytest.raises(TypeError, match="it lacks .*'to_numpy'"):
+        resolve_backend(partial)
+    with pytest.raises(TypeError, match="backend must be a name"):
+        resolve_backend(3)
+    assert resolve_backend("torch") is get_backend("torch")
