@@ -17,7 +17,6 @@ if os.environ.get("DFA_TEST_DEVICE", "cpu") != "cpu":
     torch.set_default_device(os.environ["DFA_TEST_DEVICE"])
 
 
-
 def _test_data():
     """tests/dfa_test_data.py; its folder is on sys.path once a module of tests/ is collected, but
     a marked test elsewhere (parity_tests/) may come first."""

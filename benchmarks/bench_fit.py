@@ -60,15 +60,40 @@ FIT_SEED, PARAM_SEED, FEEDBACK_SEED = 0, 0, 1  # fit's defaults; the minimal loo
 
 MODES = {
     # n_train/n_test: rows of MNIST (or synthetic) used; repeats: timed runs of fit and the minimal loop.
-    "full": {"epochs": 5, "n_train": 60_000, "n_test": 10_000, "repeats": 3, "members": MEMBERS,
-             "peak_sizes_cpu": (1024, 2048), "peak_sizes_cuda": (2048, 4096, 8192),
-             "peak_repeats": 5, "peak_target_s": 0.25},
-    "quick": {"epochs": 2, "n_train": 6_000, "n_test": 2_000, "repeats": 1, "members": MEMBERS,
-              "peak_sizes_cpu": (1024, 2048), "peak_sizes_cuda": (2048, 4096),
-              "peak_repeats": 3, "peak_target_s": 0.05},
+    "full": {
+        "epochs": 5,
+        "n_train": 60_000,
+        "n_test": 10_000,
+        "repeats": 3,
+        "members": MEMBERS,
+        "peak_sizes_cpu": (1024, 2048),
+        "peak_sizes_cuda": (2048, 4096, 8192),
+        "peak_repeats": 5,
+        "peak_target_s": 0.25,
+    },
+    "quick": {
+        "epochs": 2,
+        "n_train": 6_000,
+        "n_test": 2_000,
+        "repeats": 1,
+        "members": MEMBERS,
+        "peak_sizes_cpu": (1024, 2048),
+        "peak_sizes_cuda": (2048, 4096),
+        "peak_repeats": 3,
+        "peak_target_s": 0.05,
+    },
     # --smoke (hidden): checks that every path runs, in seconds; its numbers mean nothing.
-    "smoke": {"epochs": 1, "n_train": 1_000, "n_test": 400, "repeats": 1, "members": 2,
-              "peak_sizes_cpu": (256,), "peak_sizes_cuda": (1024,), "peak_repeats": 2, "peak_target_s": 0.01},
+    "smoke": {
+        "epochs": 1,
+        "n_train": 1_000,
+        "n_test": 400,
+        "repeats": 1,
+        "members": 2,
+        "peak_sizes_cpu": (256,),
+        "peak_sizes_cuda": (1024,),
+        "peak_repeats": 2,
+        "peak_target_s": 0.01,
+    },
 }
 
 TARGETS = {
@@ -84,7 +109,8 @@ FLOPs, matrix products only (activations, f', loss, SGD update, gathers ignored)
   one DFA step on B rows  = bench_train_step.step_flops(sizes, B, 'dfa')
                           = 2*B*sum_l n_{l-1}*n_l (forward) + 2*B*n_L*sum_{l<L} n_l (e @ B^T) + 2*B*sum_l n_{l-1}*n_l (dW)
   fit, per epoch          = steps over the N_train rows + forward passes over N_train and N_test (train error, test accuracy)
-  minimal loop, per epoch = steps over the N_train rows + a forward pass over N_test (test accuracy)"""
+  minimal loop, per epoch = steps over the N_train rows + a forward pass over N_test (test accuracy)"""  # noqa: E501
+# (the formula reads best one term per line, as printed in every result file's header)
 
 
 # ----------------------------------------------------------------------------- work
@@ -165,9 +191,16 @@ def load_fit_many():
 def fit_kwargs(data, epochs: int, engine) -> dict:
     import dfa_core
 
-    kw = {"x_test": data[2], "y_test": data[3], "epochs": epochs, "batch_size": BATCH,
-          "optimizer": dfa_core.OptimizerSpec("sgd", learning_rate=LEARNING_RATE),
-          "seed": FIT_SEED, "param_seed": PARAM_SEED, "feedback_seed": FEEDBACK_SEED}
+    kw = {
+        "x_test": data[2],
+        "y_test": data[3],
+        "epochs": epochs,
+        "batch_size": BATCH,
+        "optimizer": dfa_core.OptimizerSpec("sgd", learning_rate=LEARNING_RATE),
+        "seed": FIT_SEED,
+        "param_seed": PARAM_SEED,
+        "feedback_seed": FEEDBACK_SEED,
+    }
     if engine is not None:
         kw["engine"] = engine
     return kw
@@ -239,8 +272,10 @@ def torch_minimal(env, spec, data, lr: float, batch: int):
 
     @torch.no_grad()
     def run(epochs: int):
-        params = [(torch.from_numpy(w).to(dev), torch.from_numpy(b).to(dev))
-                  for w, b in dfa_core.init_params(spec, PARAM_SEED)]
+        params = [
+            (torch.from_numpy(w).to(dev), torch.from_numpy(b).to(dev))
+            for w, b in dfa_core.init_params(spec, PARAM_SEED)
+        ]
         feedback = [torch.from_numpy(b).to(dev) for b in dfa_core.init_feedback(spec, FEEDBACK_SEED)]
         rng, accs = np.random.default_rng(FIT_SEED), []
         for _ in range(epochs):
@@ -295,8 +330,14 @@ def time_runs(run, epochs: int, repeats: int) -> dict:
 def rates(work: dict, wall: float, samples: int, peak: float) -> dict:
     """Throughput fields of a case that did ``work`` FLOPs on ``samples`` training rows in ``wall`` s."""
     gflop_s = work["total"] / wall / 1e9
-    return {"flop": work, "gflop": work["total"] / 1e9, "gflop_per_s": gflop_s, "samples_per_s": samples / wall,
-            "peak_gflop_per_s": peak, "frac_peak": gflop_s / peak if peak else None}
+    return {
+        "flop": work,
+        "gflop": work["total"] / 1e9,
+        "gflop_per_s": gflop_s,
+        "samples_per_s": samples / wall,
+        "peak_gflop_per_s": peak,
+        "frac_peak": gflop_s / peak if peak else None,
+    }
 
 
 def measure_fit(env, backend, spec, data, mode, engine, peak) -> dict:
@@ -316,9 +357,14 @@ def measure_fit(env, backend, spec, data, mode, engine, peak) -> dict:
     work = epoch_flops(spec.layer_sizes, n_train, n_test, BATCH, eval_train=True)
     work = {k: v * mode["epochs"] for k, v in work.items()}
     wall = timing["wall_s"]["median"]
-    return {**timing, **rates(work, wall, n_train * mode["epochs"], peak),
-            "fit_time_s_median": statistics.median(h.time_s), "test_accuracy": list(h.test_accuracy),
-            "final_loss": h.loss[-1], "loss_finite": bool(np.isfinite(h.loss[-1]))}
+    return {
+        **timing,
+        **rates(work, wall, n_train * mode["epochs"], peak),
+        "fit_time_s_median": statistics.median(h.time_s),
+        "test_accuracy": list(h.test_accuracy),
+        "final_loss": h.loss[-1],
+        "loss_finite": bool(np.isfinite(h.loss[-1])),
+    }
 
 
 def measure_minimal(env, backend, spec, data, mode, peak) -> dict:
@@ -328,8 +374,13 @@ def measure_minimal(env, backend, spec, data, mode, peak) -> dict:
     n_train, n_test = len(data[0]), len(data[2])
     work = epoch_flops(spec.layer_sizes, n_train, n_test, BATCH, eval_train=False)
     work = {k: v * mode["epochs"] for k, v in work.items()}
-    return {**timing, **rates(work, timing["wall_s"]["median"], n_train * mode["epochs"], peak),
-            "test_accuracy": accs, "last_epoch_loss": last_loss, "loss_finite": bool(np.isfinite(last_loss))}
+    return {
+        **timing,
+        **rates(work, timing["wall_s"]["median"], n_train * mode["epochs"], peak),
+        "test_accuracy": accs,
+        "last_epoch_loss": last_loss,
+        "loss_finite": bool(np.isfinite(last_loss)),
+    }
 
 
 def member_overrides(members: int):
@@ -364,12 +415,20 @@ def measure_many(env, backend, spec, data, mode, fit_many, peak):
         seq = [fit(backend, spec, x_train, y_train, **kw, **m) for m in members]
         seq_wall = time.perf_counter() - t0
     acc = lambda hs: [h.test_accuracy[-1] for h in hs]
-    many_rec = {"warmup_s": warmup_s, "wall_s": {"median": many_wall, "min": many_wall, "max": many_wall},
-                "sec_per_epoch": _single(many_wall / epochs), **rates(work, many_wall, samples, peak),
-                "test_accuracy_last": acc(many), "throughput_vs_sequential": seq_wall / many_wall}
-    seq_rec = {"wall_s": {"median": seq_wall, "min": seq_wall, "max": seq_wall},
-               "sec_per_epoch": _single(seq_wall / epochs), **rates(work, seq_wall, samples, peak),
-               "test_accuracy_last": acc(seq)}
+    many_rec = {
+        "warmup_s": warmup_s,
+        "wall_s": {"median": many_wall, "min": many_wall, "max": many_wall},
+        "sec_per_epoch": _single(many_wall / epochs),
+        **rates(work, many_wall, samples, peak),
+        "test_accuracy_last": acc(many),
+        "throughput_vs_sequential": seq_wall / many_wall,
+    }
+    seq_rec = {
+        "wall_s": {"median": seq_wall, "min": seq_wall, "max": seq_wall},
+        "sec_per_epoch": _single(seq_wall / epochs),
+        **rates(work, seq_wall, samples, peak),
+        "test_accuracy_last": acc(seq),
+    }
     return many_rec, seq_rec
 
 
@@ -386,8 +445,10 @@ def fmt_s(s: float) -> str:
 
 def markdown_table(records) -> str:
     rows = [
-        ("| setup | backend | case | epochs | s/epoch median [min, max] | samples/s | GFLOP | GFLOP/s | % peak "
-         "| warm-up s | test acc (last) | vs |"),
+        (
+            "| setup | backend | case | epochs | s/epoch median [min, max] | samples/s | GFLOP | GFLOP/s | % peak "
+            "| warm-up s | test acc (last) | vs |"
+        ),
         "| --- | --- | --- | --: | --- | --: | --: | --: | --: | --: | --: | --- |",
     ]
     for r in records:
@@ -406,7 +467,8 @@ def markdown_table(records) -> str:
         warm = f"{r['warmup_s']:.2f}" if r.get("warmup_s") is not None else "-"
         rows.append(
             head + f"| {fmt_s(t['median'])} [{fmt_s(t['min'])}, {fmt_s(t['max'])}] | {r['samples_per_s']:,.0f} "
-            f"| {r['gflop']:.1f} | {r['gflop_per_s']:.1f} | {100 * (r['frac_peak'] or 0):.0f}% | {warm} | {acc} | {vs} |"
+            f"| {r['gflop']:.1f} | {r['gflop_per_s']:.1f} | {100 * (r['frac_peak'] or 0):.0f}% "
+            f"| {warm} | {acc} | {vs} |"
         )
     return "\n".join(rows)
 
@@ -428,14 +490,18 @@ def target_checks(records, device: str) -> list:
         for r in ok:
             if r["setup"] == setup and r["backend"] == "jax" and default_fit(r):
                 f = r["frac_peak"] or 0.0
-                lines.append(f"{setup}: JAX {case_name(r)} {100 * f:.0f}% of peak "
-                             f"(target >= 55%; {f / 0.55:.2f}x the target): {'PASS' if f >= 0.55 else 'FAIL'}")
+                lines.append(
+                    f"{setup}: JAX {case_name(r)} {100 * f:.0f}% of peak "
+                    f"(target >= 55%; {f / 0.55:.2f}x the target): {'PASS' if f >= 0.55 else 'FAIL'}"
+                )
         for backend, limit in (("jax", 0.5), ("torch", 0.8)):
             for r in ok:
                 if r["setup"] == setup and r["backend"] == backend and r["kind"] == "fit" and "vs_minimal" in r:
                     q = r["vs_minimal"]
-                    lines.append(f"{setup}: {backend} {case_name(r)} time / minimal loop's = {q:.2f} "
-                                 f"(target <= {limit}; {q / limit:.2f}x the limit): {'PASS' if q <= limit else 'FAIL'}")
+                    lines.append(
+                        f"{setup}: {backend} {case_name(r)} time / minimal loop's = {q:.2f} "
+                        f"(target <= {limit}; {q / limit:.2f}x the limit): {'PASS' if q <= limit else 'FAIL'}"
+                    )
         need = 6.0 if device == "cuda" else 2.0
         for r in records:
             if r.get("setup") == setup and r["kind"] == "fit_many":
@@ -443,8 +509,10 @@ def target_checks(records, device: str) -> list:
                     lines.append(f"{setup}: {r['backend']} fit_many: {r['reason']}")
                     continue
                 q = r["throughput_vs_sequential"]
-                lines.append(f"{setup}: {r['backend']} fit_many x{r['members']} throughput / sequential = {q:.2f}x "
-                             f"(target >= {need:g}x; {q / need:.2f}x the target): {'PASS' if q >= need else 'FAIL'}")
+                lines.append(
+                    f"{setup}: {r['backend']} fit_many x{r['members']} throughput / sequential = {q:.2f}x "
+                    f"(target >= {need:g}x; {q / need:.2f}x the target): {'PASS' if q >= need else 'FAIL'}"
+                )
     return lines
 
 
@@ -460,8 +528,11 @@ def add_ratios(records):
 def report_text(records, header: list, device: str) -> str:
     peaks = [r for r in records if r["kind"] == "peak_matmul" and r["status"] == "ok"]
     lines = list(header)
-    lines += [f"    peak {r['framework']:5s} n={r['n']:5d}: {r['gflop_per_s_best']:.1f} GFLOP/s (best), "
-              f"{r['gflop_per_s_median']:.1f} (median)" for r in peaks]
+    lines += [
+        f"    peak {r['framework']:5s} n={r['n']:5d}: {r['gflop_per_s_best']:.1f} GFLOP/s (best), "
+        f"{r['gflop_per_s_median']:.1f} (median)"
+        for r in peaks
+    ]
     lines += ["", markdown_table(records), "", "Issue 8 targets:"]
     lines += ["  " + line for line in target_checks(records, device)]
     return "\n".join(lines)
@@ -472,19 +543,29 @@ def report_text(records, header: list, device: str) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="MNIST subset (6,000 / 2,000), 2 epochs (aimed at < 3 min on 2 CPU cores)")
+    p.add_argument(
+        "--quick", action="store_true", help="MNIST subset (6,000 / 2,000), 2 epochs (aimed at < 3 min on 2 CPU cores)"
+    )
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # every path in seconds; numbers meaningless
     p.add_argument("--epochs", type=int, default=None, help="timed epochs per run (default: 5 full, 2 quick)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma list from {','.join(BACKENDS)}")
     p.add_argument("--setups", default=",".join(SETUPS), help=f"comma list from {','.join(SETUPS)}")
     p.add_argument("--members", type=int, default=None, help=f"fit_many members (default {MEMBERS})")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N); N=1 also makes XLA single-threaded")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch.set_num_threads(N); N=1 also makes XLA single-threaded"
+    )
     p.add_argument("--tf32", action="store_true", help="allow TF32 float32 matmuls on GPU (default: full float32)")
     p.add_argument("--no-many", action="store_true", help="skip fit_many and the 8 sequential fits")
-    p.add_argument("--out", default=None, help="JSONL path (default: benchmarks/results/<host>-<device>-fit.jsonl); "
-                   "the Markdown report goes beside it as .md")
-    p.add_argument("--report", default=None, metavar="JSONL", help="print the table and target checks of a results file")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSONL path (default: benchmarks/results/<host>-<device>-fit.jsonl); "
+        "the Markdown report goes beside it as .md",
+    )
+    p.add_argument(
+        "--report", default=None, metavar="JSONL", help="print the table and target checks of a results file"
+    )
     args = p.parse_args(argv)
 
     def split(s, choices):
@@ -513,10 +594,14 @@ def run_case(emit, case: dict, measure):
         print(f"skip {case['setup']} {case['backend']} {case_name(case)}: {reason}", flush=True)
         return emit({**case, "status": "skipped", "reason": reason})
     rec = emit({**case, "status": "ok", **fields})
-    print(f"{case['setup']:15s} {case['backend']:5s} {case_name(case):22s}: {fmt_s(rec['sec_per_epoch']['median'])} s/epoch, "
-          f"{rec['samples_per_s']:,.0f} samples/s, {rec['gflop_per_s']:.1f} GFLOP/s "
-          f"({100 * (rec['frac_peak'] or 0):.0f}% peak)"
-          + (f", warm-up {rec['warmup_s']:.2f} s" if rec.get("warmup_s") is not None else ""), flush=True)
+    print(
+        f"{case['setup']:15s} {case['backend']:5s} {case_name(case):22s}: "
+        f"{fmt_s(rec['sec_per_epoch']['median'])} s/epoch, "
+        f"{rec['samples_per_s']:,.0f} samples/s, {rec['gflop_per_s']:.1f} GFLOP/s "
+        f"({100 * (rec['frac_peak'] or 0):.0f}% peak)"
+        + (f", warm-up {rec['warmup_s']:.2f} s" if rec.get("warmup_s") is not None else ""),
+        flush=True,
+    )
     return rec
 
 
@@ -566,8 +651,11 @@ def measure_peak(env, emit, args, mode) -> float:
         emit(rec)
         if rec["status"] == "ok":
             peak = max(peak, rec["gflop_per_s_best"])
-            print(f"peak {rec['framework']:5s} n={rec['n']:5d}: {rec['gflop_per_s_best']:.1f} GFLOP/s (best), "
-                  f"{rec['gflop_per_s_median']:.1f} (median)", flush=True)
+            print(
+                f"peak {rec['framework']:5s} n={rec['n']:5d}: {rec['gflop_per_s_best']:.1f} GFLOP/s (best), "
+                f"{rec['gflop_per_s_median']:.1f} (median)",
+                flush=True,
+            )
         else:
             print(f"peak {rec['framework']}: skipped ({rec['reason']})", flush=True)
     print(f"peak = {peak:.1f} GFLOP/s (best of torch and JAX, float32)", flush=True)
@@ -589,25 +677,45 @@ def main(argv=None):
     # Both frameworks are imported whatever --backends says, so the peak is always the best of the two.
     env = bts.Env(args, need_torch=True, need_jax=True)
     info = bts.machine_info(args, env.torch, env.jax)
-    out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                        f"{info['host']}-{args.device}-fit.jsonl")
+    out_path = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"{info['host']}-{args.device}-fit.jsonl"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     data, source = load_data(mode["n_train"], mode["n_test"])
+    many_error = load_fit_many()[1]
+    many_status = "not available: " + (many_error or "") if many_error else "available"
     header = [
-        (f"# bench_fit on {info['host']} ({info['device_name']}), device={args.device}, float32, {args.mode} mode: "
-         f"{mode['epochs']} timed epochs, {mode['repeats']} repeat(s), N_train={len(data[0])}, N_test={len(data[2])}, "
-         f"batch {BATCH}, SGD lr {LEARNING_RATE}, data {source['data_source']}"),
+        (
+            f"# bench_fit on {info['host']} ({info['device_name']}), device={args.device}, float32, {args.mode} mode: "
+            f"{mode['epochs']} timed epochs, {mode['repeats']} repeat(s), "
+            f"N_train={len(data[0])}, N_test={len(data[2])}, "
+            f"batch {BATCH}, SGD lr {LEARNING_RATE}, data {source['data_source']}"
+        ),
         f"# command: python {' '.join(sys.argv)}" if argv is None else f"# argv: {argv}",
         f"# versions: {json.dumps(info['versions'])}",
-        (f"# threads: {json.dumps(info['threads'])}, os.cpu_count()={info['os_cpu_count']}, "
-         f"affinity={info['affinity_cpus']}, loadavg={os.getloadavg()}"),
-        f"# fit engines: {fit_engines()}; fit_many: {'not available: ' + (load_fit_many()[1] or '') if load_fit_many()[1] else 'available'}",
+        (
+            f"# threads: {json.dumps(info['threads'])}, os.cpu_count()={info['os_cpu_count']}, "
+            f"affinity={info['affinity_cpus']}, loadavg={os.getloadavg()}"
+        ),
+        f"# fit engines: {fit_engines()}; fit_many: {many_status}",
         *("# " + line for line in FLOP_FORMULA.splitlines()),
     ]
     print("\n".join(header), flush=True)
-    base = {"bench": "bench_fit", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info, "dtype": "float32",
-            "mode": args.mode, **source, "n_train": len(data[0]), "n_test": len(data[2]), "batch": BATCH,
-            "optimizer": f"sgd(lr={LEARNING_RATE})", "method": "dfa", "group_mode": "sample", **SPEC_KW}
+    base = {
+        "bench": "bench_fit",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **info,
+        "dtype": "float32",
+        "mode": args.mode,
+        **source,
+        "n_train": len(data[0]),
+        "n_test": len(data[2]),
+        "batch": BATCH,
+        "optimizer": f"sgd(lr={LEARNING_RATE})",
+        "method": "dfa",
+        "group_mode": "sample",
+        **SPEC_KW,
+    }
     records = []
 
     def emit(rec):
@@ -621,7 +729,10 @@ def main(argv=None):
     add_ratios(records)
     with open(out_path, "w") as f:
         f.writelines(json.dumps(rec) + "\n" for rec in records)
-    footer = f"\nwrote {len(records)} records to {out_path}; wall {time.perf_counter() - t_start:.1f} s, loadavg {os.getloadavg()}"
+    footer = (
+        f"\nwrote {len(records)} records to {out_path}; wall {time.perf_counter() - t_start:.1f} s, "
+        f"loadavg {os.getloadavg()}"
+    )
     text = report_text(records, header, args.device) + "\n" + footer
     with open(os.path.splitext(out_path)[0] + ".md", "w") as f:
         f.write(text + "\n")

@@ -209,7 +209,9 @@ class Env:
                 self.jax = jax
                 jax.config.update("jax_default_matmul_precision", "tensorfloat32" if args.tf32 else "highest")
                 if args.device == "cuda" and jax.default_backend() != "gpu":
-                    self.jax_error = f"jax default backend is {jax.default_backend()!r}, not 'gpu' (install jax[cuda12])"
+                    self.jax_error = (
+                        f"jax default backend is {jax.default_backend()!r}, not 'gpu' (install jax[cuda12])"
+                    )
             except ImportError as e:
                 self.jax_error = f"jax not importable: {e}"
 
@@ -493,7 +495,8 @@ def fmt_ms(s):
 
 def markdown_table(records) -> str:
     rows = [
-        "| impl | method | net | B | ms/step median [min, max] | samples/s | GFLOP/step | GFLOP/s | % peak | warm-up s |",
+        "| impl | method | net | B | ms/step median [min, max] | samples/s "
+        "| GFLOP/step | GFLOP/s | % peak | warm-up s |",
         "| --- | --- | --- | --: | --- | --: | --: | --: | --: | --: |",
     ]
     for r in records:
@@ -515,14 +518,21 @@ def markdown_table(records) -> str:
 
 def target_checks(records, device: str) -> list:
     """The issue's targets (a)-(e), each as a line with its status."""
-    ok = {(r["impl"], r["method"], r["net"], r["batch"]): r for r in records if r["kind"] == "train_step" and r["status"] == "ok"}
+    ok = {
+        (r["impl"], r["method"], r["net"], r["batch"]): r
+        for r in records
+        if r["kind"] == "train_step" and r["status"] == "ok"
+    }
     med = lambda r: r["sec_per_step"]["median"]
     lines = []
 
     r = ok.get(("jax", "dfa", "784-4096x3-10", 1024))
     if r:
         verdict = "PASS" if r["frac_peak"] >= 0.8 else "FAIL"
-        lines.append(f"(a) JAX DFA 784-4096x3-10 B=1024: {r['gflop_per_s']:.1f} GFLOP/s = {100 * r['frac_peak']:.0f}% of peak (target >= 80%): {verdict}")
+        lines.append(
+            f"(a) JAX DFA 784-4096x3-10 B=1024: {r['gflop_per_s']:.1f} GFLOP/s = "
+            f"{100 * r['frac_peak']:.0f}% of peak (target >= 80%): {verdict}"
+        )
     else:
         lines.append("(a) JAX DFA 784-4096x3-10 B=1024: not measured in this run")
 
@@ -536,7 +546,8 @@ def target_checks(records, device: str) -> list:
             n_pass = sum(q <= 0.75 for _, _, q in pairs)
             # The FLOP ratio is what equal efficiency would give: 0.77 on the deep narrow net, 0.69 on 4096x3.
             detail = ", ".join(
-                f"{net} B={b}: {q:.3f} (FLOP ratio {step_flops(NETS[net], b, 'dfa') / step_flops(NETS[net], b, 'bp'):.3f})"
+                f"{net} B={b}: {q:.3f} "
+                f"(FLOP ratio {step_flops(NETS[net], b, 'dfa') / step_flops(NETS[net], b, 'bp'):.3f})"
                 for net, b, q in sorted(pairs)
             )
             lines.append(f"(b) {impl}: DFA/BP step time (target <= 0.75) {n_pass}/{len(pairs)} pass -- {detail}")
@@ -576,7 +587,11 @@ def target_checks(records, device: str) -> list:
     else:
         lines.append("(d) biotorch not measured (not installed: pip install biotorch)")
 
-    mem = {(r["impl"], r["method"], r["net"], r["batch"]): r for r in records if r["kind"] == "memory" and r["status"] == "ok"}
+    mem = {
+        (r["impl"], r["method"], r["net"], r["batch"]): r
+        for r in records
+        if r["kind"] == "memory" and r["status"] == "ok"
+    }
     got = False
     for (impl, m, net, b), r in sorted(mem.items()):
         if m == "dfa" and (impl, "bp", net, b) in mem:
@@ -584,11 +599,18 @@ def target_checks(records, device: str) -> list:
             got = True
             # On JAX, XLA's planned temporaries are the honest number (its CPU runtime keeps
             # buffers between calls, so the RSS delta is only a lower bound).
-            key = "xla_temp_mib" if r.get("xla_temp_mib") is not None and bp.get("xla_temp_mib") is not None else "step_peak_mib"
+            key = (
+                "xla_temp_mib"
+                if r.get("xla_temp_mib") is not None and bp.get("xla_temp_mib") is not None
+                else "step_peak_mib"
+            )
             verdict = "PASS" if r[key] <= bp[key] else "FAIL"
             what = "XLA temp buffers" if key == "xla_temp_mib" else "step peak memory"
-            extra = (f" (RSS delta DFA {r['step_peak_mib']:.1f} MiB vs BP {bp['step_peak_mib']:.1f} MiB)"
-                     if key == "xla_temp_mib" else "")
+            extra = (
+                f" (RSS delta DFA {r['step_peak_mib']:.1f} MiB vs BP {bp['step_peak_mib']:.1f} MiB)"
+                if key == "xla_temp_mib"
+                else ""
+            )
             lines.append(
                 f"(e) {impl} {net} B={b}: {what} DFA {r[key]:.1f} MiB vs BP {bp[key]:.1f} MiB "
                 f"(target DFA <= BP): {verdict}{extra}"
@@ -610,11 +632,18 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--nets", default=None, help=f"comma list from {','.join(NETS)} (default: the mode's grid)")
     p.add_argument("--batches", default=None, help="comma list of batch sizes (default: the mode's grid)")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads(N); N=1 also makes XLA single-threaded")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch.set_num_threads(N); N=1 also makes XLA single-threaded"
+    )
     p.add_argument("--tf32", action="store_true", help="allow TF32 float32 matmuls on GPU (default: full float32)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-case memory subprocesses (target e)")
     p.add_argument("--out", default=None, help="JSONL path (default: benchmarks/results/<host>-<device>.jsonl)")
-    p.add_argument("--report", default=None, metavar="JSONL", help="print the table and target checks of a results file; run nothing")
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="JSONL",
+        help="print the table and target checks of a results file; run nothing",
+    )
     p.add_argument("--_memory-child", dest="memory_child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -684,16 +713,25 @@ def main(argv=None):
     out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{host_dev}.jsonl")
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
 
-    print(f"# bench_train_step on {info['host']} ({info['device_name']}), device={args.device}, dtype={args.dtype}, "
-          f"{'quick' if args.quick else 'full'} mode")
+    print(
+        f"# bench_train_step on {info['host']} ({info['device_name']}), device={args.device}, dtype={args.dtype}, "
+        f"{'quick' if args.quick else 'full'} mode"
+    )
     print(f"# versions: {json.dumps(info['versions'])}")
-    print(f"# threads: {json.dumps(info['threads'])}, os.cpu_count()={info['os_cpu_count']}, "
-          f"affinity={info['affinity_cpus']}, loadavg={os.getloadavg()}")
+    print(
+        f"# threads: {json.dumps(info['threads'])}, os.cpu_count()={info['os_cpu_count']}, "
+        f"affinity={info['affinity_cpus']}, loadavg={os.getloadavg()}"
+    )
     print(FLOP_FORMULA)
     sys.stdout.flush()
 
-    base = {"bench": "bench_train_step", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info, "dtype": args.dtype,
-            "mode": "quick" if args.quick else "full"}
+    base = {
+        "bench": "bench_train_step",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **info,
+        "dtype": args.dtype,
+        "mode": "quick" if args.quick else "full",
+    }
     records = []
 
     def emit(rec):
@@ -716,8 +754,11 @@ def main(argv=None):
             emit(rec)
             if rec["status"] == "ok":
                 peak = max(peak, rec["gflop_per_s_best"])
-                print(f"peak {rec['framework']:5s} n={rec['n']:5d}: {rec['gflop_per_s_best']:.1f} GFLOP/s (best), "
-                      f"{rec['gflop_per_s_median']:.1f} (median)", flush=True)
+                print(
+                    f"peak {rec['framework']:5s} n={rec['n']:5d}: {rec['gflop_per_s_best']:.1f} GFLOP/s (best), "
+                    f"{rec['gflop_per_s_median']:.1f} (median)",
+                    flush=True,
+                )
             else:
                 print(f"peak {rec['framework']}: skipped ({rec['reason']})", flush=True)
         print(f"peak = {peak:.1f} GFLOP/s (best of torch and JAX, {args.dtype})", flush=True)
@@ -732,10 +773,19 @@ def main(argv=None):
 
     for impl, method, net, batch in cases:
         sizes = NETS[net]
-        case = {"kind": "train_step", "impl": impl, "method": method, "net": net, "layer_sizes": list(sizes),
-                "batch": batch, "group_mode": "sample", "optimizer": f"sgd(lr={LEARNING_RATE})", **SPEC_KW,
-                "backend": "jax" if impl == "jax" else "torch",
-                "compiler": {"torch": "eager", "torch_compile": "torch.compile", "jax": "jax.jit"}.get(impl, "eager")}
+        case = {
+            "kind": "train_step",
+            "impl": impl,
+            "method": method,
+            "net": net,
+            "layer_sizes": list(sizes),
+            "batch": batch,
+            "group_mode": "sample",
+            "optimizer": f"sgd(lr={LEARNING_RATE})",
+            **SPEC_KW,
+            "backend": "jax" if impl == "jax" else "torch",
+            "compiler": {"torch": "eager", "torch_compile": "torch.compile", "jax": "jax.jit"}.get(impl, "eager"),
+        }
         reason = dtype_error
         if reason is None and impl == "jax":
             reason = env.jax_error
@@ -743,8 +793,11 @@ def main(argv=None):
             reason = env.torch_error or (biotorch_error if impl == "biotorch" else None)
         if reason is None:
             try:
-                run, final_loss = (build_peer(env, impl, sizes, batch) if impl in PEERS
-                                   else build_ours(env, impl, method, sizes, batch))
+                run, final_loss = (
+                    build_peer(env, impl, sizes, batch)
+                    if impl in PEERS
+                    else build_ours(env, impl, method, sizes, batch)
+                )
                 timing = time_case(run, mode["warmup"], mode["repeats"], mode["target_s"])
             except Exception as e:  # report, e.g., a torch.compile failure, and go on
                 reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
@@ -755,25 +808,49 @@ def main(argv=None):
         flops = step_flops(sizes, batch, method)
         sec = timing["sec_per_step"]["median"]
         loss = final_loss()
-        rec = emit({**case, "status": "ok", **timing, "samples_per_s": batch / sec, "flop_per_step": flops,
-                    "gflop_per_step": flops / 1e9, "gflop_per_s": flops / sec / 1e9, "peak_gflop_per_s": peak,
-                    "frac_peak": (flops / sec / 1e9) / peak if peak else None, "final_loss": loss,
-                    "loss_finite": math.isfinite(loss)})
-        print(f"{impl:13s} {method} {net:15s} B={batch:5d}: {fmt_ms(sec)} ms/step, {rec['samples_per_s']:,.0f} samples/s, "
-              f"{rec['gflop_per_s']:.1f} GFLOP/s ({100 * (rec['frac_peak'] or 0):.0f}% peak), warm-up {timing['warmup_s']:.2f} s",
-              flush=True)
+        rec = emit(
+            {
+                **case,
+                "status": "ok",
+                **timing,
+                "samples_per_s": batch / sec,
+                "flop_per_step": flops,
+                "gflop_per_step": flops / 1e9,
+                "gflop_per_s": flops / sec / 1e9,
+                "peak_gflop_per_s": peak,
+                "frac_peak": (flops / sec / 1e9) / peak if peak else None,
+                "final_loss": loss,
+                "loss_finite": math.isfinite(loss),
+            }
+        )
+        print(
+            f"{impl:13s} {method} {net:15s} B={batch:5d}: {fmt_ms(sec)} ms/step, "
+            f"{rec['samples_per_s']:,.0f} samples/s, {rec['gflop_per_s']:.1f} GFLOP/s "
+            f"({100 * (rec['frac_peak'] or 0):.0f}% peak), warm-up {timing['warmup_s']:.2f} s",
+            flush=True,
+        )
 
     if not args.no_memory and dtype_error is None:
         for net, batch in mode["memory"]:
             for impl in ("torch", "jax"):
-                if impl not in args.backends or (impl == "jax" and env.jax_error) or (impl == "torch" and env.torch_error):
+                if (
+                    impl not in args.backends
+                    or (impl == "jax" and env.jax_error)
+                    or (impl == "torch" and env.torch_error)
+                ):
                     continue
                 for method in args.methods:
                     rec = emit(measure_memory(args, impl, method, net, batch))
                     if rec["status"] == "ok":
-                        print(f"memory {impl:5s} {method} {net} B={batch}: step peak {rec['step_peak_mib']:.1f} MiB"
-                              + (f", XLA temp {rec['xla_temp_mib']:.1f} MiB" if rec.get("xla_temp_mib") is not None else ""),
-                              flush=True)
+                        print(
+                            f"memory {impl:5s} {method} {net} B={batch}: step peak {rec['step_peak_mib']:.1f} MiB"
+                            + (
+                                f", XLA temp {rec['xla_temp_mib']:.1f} MiB"
+                                if rec.get("xla_temp_mib") is not None
+                                else ""
+                            ),
+                            flush=True,
+                        )
                     else:
                         print(f"memory {impl} {method} {net} B={batch}: skipped ({rec['reason']})", flush=True)
 
@@ -787,8 +864,10 @@ def main(argv=None):
     print("Issue 5 targets:")
     for line in target_checks(records, args.device):
         print("  " + line)
-    print(f"\nwrote {len(records)} records to {out_path}; wall {time.perf_counter() - t_start:.1f} s, "
-          f"loadavg {os.getloadavg()}")
+    print(
+        f"\nwrote {len(records)} records to {out_path}; wall {time.perf_counter() - t_start:.1f} s, "
+        f"loadavg {os.getloadavg()}"
+    )
 
 
 if __name__ == "__main__":

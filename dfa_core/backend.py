@@ -12,13 +12,19 @@ Shapes: B batch, K groups (rows after grouping), n_l layer widths, L layers, N s
 
 from __future__ import annotations
 
-from typing import Any, Callable, ContextManager, Optional, Protocol, Tuple, runtime_checkable
+from typing import Any, Callable, ContextManager, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 from dfa_core.spec import MLPSpec, OptimizerSpec
 
 Array = Any  # a torch.Tensor or a jax.Array
 Params = Tuple[Tuple[Array, Array], ...]
 Feedback = Tuple[Array, ...]
+# What the checked entry points (dfa_grads, forward, fit ...) accept: NumPy or native
+# arrays, in tuples or lists; they validate and convert before any compute.
+ArrayLike = Any  # a NumPy array, a torch.Tensor or a jax.Array
+ParamsLike = Sequence[Sequence[ArrayLike]]  # ((W_1, b_1), ..., (W_L, b_L))
+FeedbackLike = Sequence[ArrayLike]  # (B_1, ..., B_{L-1})
+Tree = Any  # an array or nested tuples/lists of arrays (params, feedback, optimizer state, a batch)
 
 BACKEND_API = (
     # arrays
@@ -103,16 +109,26 @@ class Backend(Protocol):
     def dfa_layer_grads(self, spec: MLPSpec, grouped: Any, projections: Tuple[Array, ...]) -> Params:
         """delta_l = proj_l * f'(a'_l); gW_l = delta_l^T h'_{l-1}, gb_l = sum delta_l; reduced."""
 
-    def dfa_grads(self, spec: MLPSpec, params: Params, feedback: Feedback, x: Array, y: Array,
-                  mode: str = "sample", check_values: bool = True) -> Params:
+    def dfa_grads(
+        self,
+        spec: MLPSpec,
+        params: Params,
+        feedback: Feedback,
+        x: Array,
+        y: Array,
+        mode: str = "sample",
+        check_values: bool = True,
+    ) -> Params:
         """The DFA gradients of one batch, checked; the output layer's equal BP's."""
 
-    def dfa_grads_unchecked(self, spec: MLPSpec, params: Params, feedback: Feedback, x: Array, y: Array,
-                            mode: str) -> Params:
+    def dfa_grads_unchecked(
+        self, spec: MLPSpec, params: Params, feedback: Feedback, x: Array, y: Array, mode: str
+    ) -> Params:
         """``dfa_grads`` without checks."""
 
-    def dfa_grads_and_loss(self, spec: MLPSpec, params: Params, feedback: Feedback, x: Array, y: Array,
-                           mode: str) -> Tuple[Params, Array]:
+    def dfa_grads_and_loss(
+        self, spec: MLPSpec, params: Params, feedback: Feedback, x: Array, y: Array, mode: str
+    ) -> Tuple[Params, Array]:
         """The fused, memory-lean DFA gradients and the batch's loss (before any update)."""
 
     def bp_grads(self, spec: MLPSpec, params: Params, x: Array, y: Array, check_values: bool = True) -> Params:
@@ -130,12 +146,27 @@ class Backend(Protocol):
     def apply_updates(self, params: Params, updates: Params) -> Params:
         """params + updates, leaf by leaf (a new tuple)."""
 
-    def train_step(self, spec: MLPSpec, opt: OptimizerSpec, method: str = "dfa", mode: str = "sample",
-                   donate: bool = False, with_alignment: bool = False) -> Callable:
+    def train_step(
+        self,
+        spec: MLPSpec,
+        opt: OptimizerSpec,
+        method: str = "dfa",
+        mode: str = "sample",
+        donate: bool = False,
+        with_alignment: bool = False,
+    ) -> Callable:
         """step(params, feedback, opt_state, x, y) -> (params, opt_state, loss[, angles]), compiled once."""
 
-    def train_epoch(self, spec: MLPSpec, opt: OptimizerSpec, method: str = "dfa", mode: str = "sample",
-                    batch_size: int = 200, donate: bool = False, align_every: int = 0) -> Callable:
+    def train_epoch(
+        self,
+        spec: MLPSpec,
+        opt: OptimizerSpec,
+        method: str = "dfa",
+        mode: str = "sample",
+        batch_size: int = 200,
+        donate: bool = False,
+        align_every: int = 0,
+    ) -> Callable:
         """epoch(params, feedback, opt_state, x, y, order, step0) -> (params, opt_state, losses, angles).
 
         One whole epoch over the device-resident set x (N, n_0), y (N, n_L) in the batches
@@ -155,8 +186,16 @@ class Backend(Protocol):
     def init_opt_state_many(self, optimizer: str, nesterov: bool, params: Params, hyper: Any) -> Any:
         """The stacked optimizer state of M members (params with a leading member axis)."""
 
-    def train_epoch_many(self, spec: MLPSpec, optimizer: str = "sgd", nesterov: bool = False, method: str = "dfa",
-                         mode: str = "sample", batch_size: int = 200, align_every: int = 0) -> Callable:
+    def train_epoch_many(
+        self,
+        spec: MLPSpec,
+        optimizer: str = "sgd",
+        nesterov: bool = False,
+        method: str = "dfa",
+        mode: str = "sample",
+        batch_size: int = 200,
+        align_every: int = 0,
+    ) -> Callable:
         """epoch(params, feedback, opt_state, hyper, active, x, y, orders, step0) for M members at once.
 
         ``train_epoch`` per member (orders (M, N), one permutation each), all in one program;

@@ -58,7 +58,7 @@ def init_params(spec: MLPSpec, seed: int = 0, init: str = "default") -> Params:
         raise ValueError(f"init must be one of {list(PARAM_INITS)}, got {init!r}")
     rng = np.random.default_rng(seed)
     params = []
-    for (w_shape, b_shape) in spec.param_shapes:
+    for w_shape, b_shape in spec.param_shapes:
         if init == "zeros":
             w, b = np.zeros(w_shape), np.zeros(b_shape)
         else:

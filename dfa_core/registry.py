@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from types import ModuleType
+from typing import Union
 
 from dfa_core.backend import BACKEND_API
 
@@ -17,7 +18,7 @@ _BACKENDS = {
 BACKEND_NAMES = tuple(_BACKENDS)
 
 
-def resolve_backend(backend) -> ModuleType:
+def resolve_backend(backend: Union[str, ModuleType]) -> ModuleType:
     """A backend given by name ('torch', 'jax') or as a module; a module must have all of BACKEND_API.
 
     Raises:
@@ -29,8 +30,10 @@ def resolve_backend(backend) -> ModuleType:
     missing = [n for n in BACKEND_API if not hasattr(backend, n)] if isinstance(backend, ModuleType) else None
     if missing is None or missing:
         lacks = f" (it lacks {missing})" if missing else ""
-        raise TypeError(f"backend must be a name {list(BACKEND_NAMES)} or a backend module such as dfa_torch, "
-                        f"got {backend!r}{lacks}")
+        raise TypeError(
+            f"backend must be a name {list(BACKEND_NAMES)} or a backend module such as dfa_torch, "
+            f"got {backend!r}{lacks}"
+        )
     return backend
 
 
@@ -52,7 +55,7 @@ def get_backend(name: str) -> ModuleType:
     if missing:
         raise ImportError(
             f"the {name!r} backend needs {', '.join(missing)}, which is not installed; "
-            f"install it with: pip install \"dfa-framework[{extra}]\" (or pip install -e \".[{extra}]\" "
+            f'install it with: pip install "dfa-framework[{extra}]" (or pip install -e ".[{extra}]" '
             "from a checkout)"
         )
     backend = importlib.import_module(module)

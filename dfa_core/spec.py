@@ -68,8 +68,10 @@ class MLPSpec:
     def __post_init__(self):
         sizes = self.layer_sizes
         # An ordered sequence only: a set or dict would silently reorder the widths.
-        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, collections.abc.Sequence) and not (
-            hasattr(sizes, "__array__") and getattr(sizes, "ndim", None) == 1
+        if (
+            isinstance(sizes, (str, bytes))
+            or not isinstance(sizes, collections.abc.Sequence)
+            and not (hasattr(sizes, "__array__") and getattr(sizes, "ndim", None) == 1)
         ):
             raise TypeError(
                 "layer_sizes must be an ordered sequence of ints such as (784, 200, 10), "
@@ -78,8 +80,7 @@ class MLPSpec:
         sizes = tuple(sizes)
         if len(sizes) < 2:
             raise ValueError(
-                "layer_sizes needs at least 2 entries (input and output widths), "
-                f"got {len(sizes)}: {sizes!r}"
+                f"layer_sizes needs at least 2 entries (input and output widths), got {len(sizes)}: {sizes!r}"
             )
         for i, n in enumerate(sizes):
             if isinstance(n, bool) or not isinstance(n, numbers.Integral):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable, List, Sequence, Tuple
 
 
-def tree_map(fn: Callable, *trees):
+def tree_map(fn: Callable[..., Any], *trees: Any) -> Any:
     """Applies ``fn`` leaf by leaf over trees of nested tuples/lists; returns nested tuples."""
     if isinstance(trees[0], (tuple, list)):
         return tuple(tree_map(fn, *ts) for ts in zip(*trees))

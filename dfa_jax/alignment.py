@@ -13,16 +13,17 @@ u, v, which stays accurate near 0 degrees; it is NaN where either vector is zero
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 
 from dfa_core import validation
+from dfa_core.backend import ArrayLike, FeedbackLike, ParamsLike
 from dfa_core.spec import MLPSpec
 from dfa_jax import nn
 from dfa_jax.arrays import precision_scope
-from dfa_jax.dfa import TRACE_COUNTS, _class_grouping, dfa_layer_grads, feedback_projection, group, prepare
+from dfa_jax.dfa import TRACE_COUNTS, Feedback, _class_grouping, dfa_layer_grads, feedback_projection, group, prepare
 from dfa_jax.mlp import Params, reduce_loss
 from dfa_jax.mlp import _forward_with_activations as forward_with_activations
 
@@ -60,7 +61,7 @@ def _bp_grads_and_deltas(spec: MLPSpec, params: Params, x: Array, y: Array):
     return jax.grad(perturbed_loss, argnums=(0, 1))(params, zeros)
 
 
-def _alignment_angles(spec: MLPSpec, params: Params, feedback, x: Array, y: Array, mode: str) -> Angles:
+def _alignment_angles(spec: MLPSpec, params: Params, feedback: Feedback, x: Array, y: Array, mode: str) -> Angles:
     TRACE_COUNTS["alignment_angles"] += 1
     bp_grads, bp_deltas = _bp_grads_and_deltas(spec, params, x, y)
     grouped = group(spec, forward_with_activations(spec, params, x), y, mode)
@@ -84,7 +85,15 @@ alignment_angles_unchecked = jax.jit(_alignment_angles, static_argnames=("spec",
 """``alignment_angles`` on JAX arrays of spec.dtype, without validation; jitted per (spec, mode)."""
 
 
-def alignment_angles(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check_values: bool = True) -> Angles:
+def alignment_angles(
+    spec: MLPSpec,
+    params: ParamsLike,
+    feedback: FeedbackLike,
+    x: ArrayLike,
+    y: ArrayLike,
+    mode: str = "sample",
+    check_values: bool = True,
+) -> Angles:
     """Angles between the DFA update and the BP gradient of every layer, for one batch.
 
     Args:
@@ -107,8 +116,9 @@ def alignment_angles(spec: MLPSpec, params, feedback, x, y, mode: str = "sample"
     with precision_scope(getattr(spec, "dtype", "float32")):
         validation.check_spec(spec)
         validation.check_feedback(spec, feedback)  # None is not "no feedback" for DFA
-        params, feedback, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
-        return alignment_angles_unchecked(spec, params, feedback, x, y, mode)
+        params_j, feedback_j, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
+        # check_feedback refused None above, so prepare returned the feedback as JAX arrays.
+        return alignment_angles_unchecked(spec, params_j, cast(Feedback, feedback_j), x, y, mode)
 
 
 __all__ = ["Angles", "alignment_angles", "alignment_angles_unchecked", "angle_degrees"]

@@ -11,12 +11,13 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
-from typing import NamedTuple, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple, cast
 
 import jax
 import jax.numpy as jnp
 
 from dfa_core import validation
+from dfa_core.backend import ArrayLike, FeedbackLike, ParamsLike
 from dfa_core.spec import MLPSpec
 from dfa_jax import nn
 from dfa_jax.arrays import as_input, precision_scope
@@ -25,8 +26,9 @@ from dfa_jax.mlp import _loss as loss
 
 Array = jax.Array
 Grads = Tuple[Tuple[Array, Array], ...]
+Feedback = Tuple[Array, ...]  # (B_1, ..., B_{L-1}), B_l (n_l, n_L)
 
-TRACE_COUNTS = collections.Counter()
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 """How many times each jitted entry point was traced (compiled); tests read it."""
 
 
@@ -37,7 +39,7 @@ class Grouped(NamedTuple):
     f_a: Tuple[Array, ...]  # f(a'_l) for the hidden layers, each (K, n_l)
     h: Tuple[Array, ...]  # post-activations h'_0..h'_{L-1}, each (K, n_l)
     e: Array  # error e' = G y_hat - G y, (K, n_L)
-    count: Array  # K, the number of non-empty groups, () of the compute dtype
+    count: Array  # type: ignore[assignment]  # K, non-empty groups, (); shadows tuple.count
 
 
 def _class_grouping(y_BxC: Array) -> Array:
@@ -85,7 +87,7 @@ def group(spec: MLPSpec, acts: Activations, y: Array, mode: str) -> Grouped:
     return Grouped(a, tuple(f(t) for t in a), tuple(avg(t) for t in acts.h), avg(acts.y_hat) - avg(y), count)
 
 
-def feedback_projection(spec: MLPSpec, feedback: Tuple[Array, ...], e: Array) -> Tuple[Array, ...]:
+def feedback_projection(spec: MLPSpec, feedback: Feedback, e: Array) -> Tuple[Array, ...]:
     """e B_l^T for every hidden layer, as one matmul against [B_1; ...; B_{L-1}].
 
     Args:
@@ -133,14 +135,14 @@ error layer by layer, so only one layer's projection is alive at a time; below i
 product against the concatenated feedback is faster (fewer, larger kernels)."""
 
 
-def _projector(spec: MLPSpec, feedback, e):
+def _projector(spec: MLPSpec, feedback: Feedback, e: Array) -> Callable[[int], Array]:
     """l -> e B_l^T: from one ``feedback_projection`` when small, else computed on demand."""
     if e.shape[0] * sum(spec.hidden_sizes) <= PROJECT_PER_LAYER_ELEMENTS:
         return feedback_projection(spec, feedback, e).__getitem__
     return lambda l: e @ feedback[l].T
 
 
-def _grouping(mode: str, y: Array):
+def _grouping(mode: str, y: Array) -> Tuple[Optional[Callable[[Array], Array]], Any]:
     """(avg, K): the function t -> G t of ``mode`` (None for 'sample') and the group count K."""
     if mode == "sample":
         return None, y.shape[0]
@@ -150,7 +152,9 @@ def _grouping(mode: str, y: Array):
     return (lambda t: g_CxB @ t), jnp.sum(jnp.any(g_CxB > 0, axis=1)).astype(y.dtype)
 
 
-def dfa_grads_and_loss(spec: MLPSpec, params: Params, feedback, x: Array, y: Array, mode: str):
+def dfa_grads_and_loss(
+    spec: MLPSpec, params: Params, feedback: Feedback, x: Array, y: Array, mode: str
+) -> Tuple[Grads, Array]:
     """DFA gradients and the batch loss in one memory-lean pass (the training fast path).
 
     Computes exactly what ``group`` + ``feedback_projection`` + ``dfa_layer_grads``
@@ -164,6 +168,10 @@ def dfa_grads_and_loss(spec: MLPSpec, params: Params, feedback, x: Array, y: Arr
     act = nn.activation(spec.activation)
     avg, count = _grouping(mode, y)
     keep = (lambda t: t) if avg is None else avg
+    a: Optional[Array]  # set to None to free memory as soon as an array is not needed
+    h: Optional[Array]
+    kept_h: list[Any]  # h'_{l-1} per layer; each slot is set to None once its update is formed
+    kept_a: list[Any]
     h, kept_h, kept_a = x, [], []
     for w, b in params[:-1]:
         kept_h.append(keep(h))
@@ -186,21 +194,21 @@ def dfa_grads_and_loss(spec: MLPSpec, params: Params, feedback, x: Array, y: Arr
     project = _projector(spec, feedback, e)
     for l in reversed(range(spec.num_hidden)):
         p = project(l)
-        a, h_in = kept_a[l], kept_h[l]
+        a_l, h_in = kept_a[l], kept_h[l]
         kept_a[l] = kept_h[l] = None
-        fa = a if avg is None else act.fn(a)  # in 'sample' mode a holds h, which stands in for a in f'
-        delta = act.backward(p, a, fa)
+        fa = a_l if avg is None else act.fn(a_l)  # in 'sample' mode a_l holds h, which stands in for a in f'
+        delta = act.backward(p, a_l, fa)
         grads.append((delta.T @ h_in, jnp.sum(delta, axis=0)))
     grads.reverse()
     return tuple(grads), batch_loss
 
 
-def _dfa_grads(spec: MLPSpec, params: Params, feedback, x: Array, y: Array, mode: str) -> Grads:
+def _dfa_grads(spec: MLPSpec, params: Params, feedback: Feedback, x: Array, y: Array, mode: str) -> Grads:
     TRACE_COUNTS["dfa_grads"] += 1
     return dfa_grads_and_loss(spec, params, feedback, x, y, mode)[0]
 
 
-def bp_grads_and_loss(spec: MLPSpec, params: Params, x: Array, y: Array):
+def bp_grads_and_loss(spec: MLPSpec, params: Params, x: Array, y: Array) -> Tuple[Grads, Array]:
     """Backprop gradients and the batch loss, by reverse-mode autodiff (jax.value_and_grad).
 
     Returns:
@@ -222,7 +230,7 @@ bp_grads_unchecked = jax.jit(_bp_grads, static_argnames=("spec",))
 
 
 @functools.lru_cache(maxsize=None)
-def _value_flags_fn(needs_one_hot: bool):
+def _value_flags_fn(needs_one_hot: bool) -> Callable[[Array, Array], Tuple[Array, Array, Array]]:
     def flags(x, y):
         x_ok = jnp.all(jnp.isfinite(x))
         y_ok = jnp.all(jnp.isfinite(y))
@@ -234,7 +242,15 @@ def _value_flags_fn(needs_one_hot: bool):
     return jax.jit(flags)
 
 
-def prepare(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check_values: bool = True):
+def prepare(
+    spec: MLPSpec,
+    params: ParamsLike,
+    feedback: Optional[FeedbackLike],
+    x: ArrayLike,
+    y: ArrayLike,
+    mode: str = "sample",
+    check_values: bool = True,
+) -> Tuple[Params, Optional[Feedback], Array, Array]:
     """Validates a call and converts its arrays; must be called inside precision_scope(spec.dtype)."""
     validation.check_spec(spec)
     validation.check_mode(mode)
@@ -244,18 +260,25 @@ def prepare(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check_v
     validation.check_batch(spec, x, y)
     x, y = as_input(x, spec.dtype), as_input(y, spec.dtype)
     if check_values:
-        flags = _value_flags_fn(validation.needs_one_hot(mode))(x, y)
-        validation.raise_for_values(*(bool(f) for f in flags), mode=mode)
-    params = tuple((as_input(w, spec.dtype), as_input(b, spec.dtype)) for w, b in params)
-    if feedback is not None:
-        feedback = tuple(as_input(b, spec.dtype) for b in feedback)
+        x_ok, y_ok, one_hot = (bool(f) for f in _value_flags_fn(validation.needs_one_hot(mode))(x, y))
+        validation.raise_for_values(x_ok, y_ok, one_hot, mode=mode)
+    params_j = tuple((as_input(w, spec.dtype), as_input(b, spec.dtype)) for w, b in params)
+    feedback_j = None if feedback is None else tuple(as_input(b, spec.dtype) for b in feedback)
     if check_values:  # the checked entry points reject non-finite params and feedback too
-        for name, arr in validation.named_leaves(params, feedback):
+        for name, arr in validation.named_leaves(params_j, feedback_j):
             validation.raise_for_nonfinite(name, bool(jnp.all(jnp.isfinite(arr))))
-    return params, feedback, x, y
+    return params_j, feedback_j, x, y
 
 
-def dfa_grads(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check_values: bool = True) -> Grads:
+def dfa_grads(
+    spec: MLPSpec,
+    params: ParamsLike,
+    feedback: FeedbackLike,
+    x: ArrayLike,
+    y: ArrayLike,
+    mode: str = "sample",
+    check_values: bool = True,
+) -> Grads:
     """DFA gradients of the loss for one batch (signs as gradients: SGD does W -= lr * g).
 
     Args:
@@ -277,12 +300,13 @@ def dfa_grads(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check
     with precision_scope(getattr(spec, "dtype", "float32")):
         validation.check_spec(spec)
         validation.check_feedback(spec, feedback)  # None is not "no feedback" for DFA
-        params, feedback, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
-        return dfa_grads_unchecked(spec, params, feedback, x, y, mode)
+        params_j, feedback_j, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
+        # check_feedback refused None above, so prepare returned the feedback as JAX arrays.
+        return dfa_grads_unchecked(spec, params_j, cast(Feedback, feedback_j), x, y, mode)
 
 
-def bp_grads(spec: MLPSpec, params, x, y, check_values: bool = True) -> Grads:
+def bp_grads(spec: MLPSpec, params: ParamsLike, x: ArrayLike, y: ArrayLike, check_values: bool = True) -> Grads:
     """Backprop gradients of the same loss (jax.grad), shaped like params; see ``dfa_grads``."""
     with precision_scope(getattr(spec, "dtype", "float32")):
-        params, _, x, y = prepare(spec, params, None, x, y, "sample", check_values)
-        return bp_grads_unchecked(spec, params, x, y)
+        params_j, _, x, y = prepare(spec, params, None, x, y, "sample", check_values)
+        return bp_grads_unchecked(spec, params_j, x, y)

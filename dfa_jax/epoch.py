@@ -10,6 +10,7 @@ The update is ``train_step``'s own jitted function, so the math is written once.
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,8 @@ from dfa_core import validation
 from dfa_core.spec import MLPSpec, OptimizerSpec
 from dfa_jax import alignment
 from dfa_jax.arrays import precision_scope
-from dfa_jax.dfa import TRACE_COUNTS
-from dfa_jax.mlp import forward
+from dfa_jax.dfa import TRACE_COUNTS, Feedback
+from dfa_jax.mlp import Params, forward
 from dfa_jax.train import _build_step
 
 Array = jax.Array
@@ -34,7 +35,7 @@ def train_epoch(
     batch_size: int = 200,
     donate: bool = False,
     align_every: int = 0,
-):
+) -> Callable[..., Tuple[Any, Any, Array, Optional[Array]]]:
     """Builds epoch(params, feedback, opt_state, x, y, order, step0) -> (params, opt_state, losses, angles).
 
     One jitted program per argument combination (cached) and per data shape: batch i
@@ -79,7 +80,9 @@ def train_epoch(
     return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
 
 
-def _angles_if_due(spec: MLPSpec, mode: str, due: Array, params, feedback, xb: Array, yb: Array) -> Array:
+def _angles_if_due(
+    spec: MLPSpec, mode: str, due: Array, params: Params, feedback: Feedback, xb: Array, yb: Array
+) -> Array:
     """(2, L) angles (weights, deltas) when ``due``, else NaN; the cond skips the measure."""
 
     def measure():
@@ -128,18 +131,18 @@ def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every):
             phase = jnp.asarray(step0 % align_every if align_every else 0, dtype=jnp.int32)
             return jitted(params, feedback, opt_state, x, y, jnp.asarray(order, dtype=jnp.int32), phase)
 
-    run.jitted = jitted
+    run.jitted = jitted  # type: ignore[attr-defined]  # a function attribute: the bare jitted program
     return run
 
 
-def _labels(spec: MLPSpec, params, x: Array) -> Array:
+def _labels(spec: MLPSpec, params: Params, x: Array) -> Array:
     y_hat = forward(spec, params, x)
     if spec.n_out == 1:
         return (y_hat[:, 0] > 0.5).astype(jnp.int32)
     return jnp.argmax(y_hat, axis=1).astype(jnp.int32)
 
 
-def predict_labels(spec: MLPSpec, batch_size: int = 10000):
+def predict_labels(spec: MLPSpec, batch_size: int = 10000) -> Callable[[Params, Array], Array]:
     """Builds predict(params, x) -> (N,) int32 class labels on the device, one jitted program.
 
     The label of a row is argmax of the network's output, or y_hat > 0.5 with one
@@ -180,7 +183,7 @@ def _build_predict(spec, batch_size):
         with precision_scope(spec.dtype):
             return jitted(params, x)
 
-    run.jitted = jitted
+    run.jitted = jitted  # type: ignore[attr-defined]  # a function attribute: the bare jitted program
     return run
 
 

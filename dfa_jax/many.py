@@ -17,7 +17,7 @@ traced hyper-parameters) for the update, ``alignment_angles_unchecked`` for the 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ from dfa_core.spec import OPTIMIZERS, MLPSpec, OptimizerSpec
 from dfa_jax import alignment
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, bp_grads_and_loss, dfa_grads_and_loss
-from dfa_jax.mlp import forward
+from dfa_jax.mlp import Params, forward
 from dfa_jax.optim import apply_updates
 
 Array = jax.Array
@@ -70,7 +70,7 @@ def _transform(optimizer: str, nesterov: bool, hyper: Hyper) -> optax.GradientTr
     return optax.adam(hyper.learning_rate, b1=hyper.b1, b2=hyper.b2, eps=hyper.eps)
 
 
-def init_opt_state_many(optimizer: str, nesterov: bool, params, hyper: Hyper):
+def init_opt_state_many(optimizer: str, nesterov: bool, params: Params, hyper: Hyper) -> Any:
     """Optimizer states of M members: ``make_optimizer(...).init`` vmapped over the member axis.
 
     Args:
@@ -95,7 +95,7 @@ def train_epoch_many(
     mode: str = "sample",
     batch_size: int = 200,
     align_every: int = 0,
-):
+) -> Callable[..., Tuple[Any, Any, Array, Optional[Array]]]:
     """Builds epoch(params, feedback, opt_state, hyper, active, x, y, orders, step0) for M members.
 
     One jitted program per argument combination (cached) and per shape (M, N): member m
@@ -176,15 +176,16 @@ def _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_ever
             parts.append(jax.tree_util.tree_map(lambda t: t[None], outs))
         losses, angles = jax.tree_util.tree_map(lambda *ts: jnp.concatenate(ts), *parts)
         # A stopped member keeps the params and state it stopped with.
-        params, opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(active, new, old), state,
-                                                   (params, opt_state))
+        params, opt_state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(active, new, old), state, (params, opt_state)
+        )
         return params, opt_state, (losses, angles)
 
     def epoch(params, feedback, opt_state, hyper, active, x, y, orders, phase):
         TRACE_COUNTS[f"train_epoch_many_{method}"] += 1
-        params, opt_state, (losses, angles) = jax.vmap(
-            member_epoch, in_axes=(0, 0, 0, 0, 0, None, None, 0, None)
-        )(params, feedback, opt_state, hyper, active, x, y, orders, phase)
+        params, opt_state, (losses, angles) = jax.vmap(member_epoch, in_axes=(0, 0, 0, 0, 0, None, None, 0, None))(
+            params, feedback, opt_state, hyper, active, x, y, orders, phase
+        )
         return params, opt_state, losses, angles
 
     jitted = jax.jit(epoch, donate_argnums=(0, 2))
@@ -197,18 +198,18 @@ def _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_ever
             active = jnp.asarray(active, dtype=bool)
             return jitted(params, feedback, opt_state, hyper, active, x, y, jnp.asarray(orders, jnp.int32), phase)
 
-    run.jitted = jitted
+    run.jitted = jitted  # type: ignore[attr-defined]  # a function attribute: the bare jitted program
     return run
 
 
-def _labels(spec: MLPSpec, params, x: Array) -> Array:
+def _labels(spec: MLPSpec, params: Params, x: Array) -> Array:
     y_hat = forward(spec, params, x)
     if spec.n_out == 1:
         return (y_hat[:, 0] > 0.5).astype(jnp.int32)
     return jnp.argmax(y_hat, axis=1).astype(jnp.int32)
 
 
-def predict_labels_many(spec: MLPSpec, batch_size: int = 10000):
+def predict_labels_many(spec: MLPSpec, batch_size: int = 10000) -> Callable[[Params, Array], Array]:
     """Builds predict(params, x) -> (M, N) int32 labels of M members, one jitted program.
 
     A label is argmax of the output, or y_hat > 0.5 with one output unit
@@ -250,7 +251,7 @@ def _build_predict(spec, batch_size):
         with precision_scope(spec.dtype):
             return jitted(params, x)
 
-    run.jitted = jitted
+    run.jitted = jitted  # type: ignore[attr-defined]  # a function attribute: the bare jitted program
     return run
 
 

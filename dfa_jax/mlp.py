@@ -8,13 +8,13 @@ outside ``precision_scope``, as the torch twins do.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
-
 import functools
+from typing import Callable, NamedTuple, Tuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 
+from dfa_core.backend import ArrayLike, ParamsLike
 from dfa_core.spec import MLPSpec
 from dfa_core.tree import tree_map
 from dfa_jax import nn
@@ -81,7 +81,10 @@ def _loss(spec: MLPSpec, params: Params, x: Array, y: Array) -> Array:
     return reduce_loss(spec, _logits(spec, params, x), y)
 
 
-def _entry(fn):
+_R = TypeVar("_R")
+
+
+def _entry(fn: Callable[..., _R]) -> Callable[..., _R]:
     """The public twin of ``fn``: NumPy or JAX inputs, cast to spec.dtype, float64 kept.
 
     Outside ``precision_scope`` JAX would compute float64 inputs in float32; the public
@@ -89,7 +92,7 @@ def _entry(fn):
     """
 
     @functools.wraps(fn)
-    def public(spec: MLPSpec, params, x, *targets):
+    def public(spec: MLPSpec, params: ParamsLike, x: ArrayLike, *targets: ArrayLike) -> _R:
         with precision_scope(spec.dtype):
             params = tree_map(lambda a: as_input(a, spec.dtype), params)
             return fn(spec, params, *(as_input(a, spec.dtype) for a in (x, *targets)))

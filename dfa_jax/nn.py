@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, Dict, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +68,7 @@ def _half_squared_error(z_BxO, y_BxO):
     return 0.5 * jnp.sum(d * d, axis=-1)
 
 
-_OUTPUTS = {
+_OUTPUTS: Dict[str, Tuple[Callable[[Array], Array], Callable[[Array, Array], Array]]] = {
     # name: (g, per-sample loss from logits, with dLoss/dz = g(z) - y)
     "sigmoid": (jax.nn.sigmoid, _bce_from_logits),
     "softmax": (lambda z: jax.nn.softmax(z, axis=-1), _ce_from_logits),

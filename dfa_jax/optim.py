@@ -7,6 +7,7 @@ import optax
 
 from dfa_core.spec import OptimizerSpec
 from dfa_jax.arrays import precision_scope
+from dfa_jax.mlp import Params
 
 
 def make_optimizer(opt: OptimizerSpec, dtype: str = "float32") -> optax.GradientTransformation:
@@ -43,6 +44,6 @@ def make_optimizer(opt: OptimizerSpec, dtype: str = "float32") -> optax.Gradient
     return optax.GradientTransformation(init, update)
 
 
-def apply_updates(params, updates):
+def apply_updates(params: Params, updates: Params) -> Params:
     """params + updates, leaf by leaf (a new tuple; nothing is modified)."""
     return jax.tree_util.tree_map(lambda p, u: p + u.astype(p.dtype), params, updates)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable, Tuple
 
 import jax
 
@@ -13,6 +14,7 @@ from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, bp_grads_and_loss, dfa_grads_and_loss
 from dfa_jax.optim import apply_updates, make_optimizer
 
+
 def train_step(
     spec: MLPSpec,
     opt: OptimizerSpec,
@@ -20,7 +22,7 @@ def train_step(
     mode: str = "sample",
     donate: bool = False,
     with_alignment: bool = False,
-):
+) -> Callable[..., Tuple[Any, ...]]:
     """Builds step(params, feedback, opt_state, x, y) -> (params, opt_state, loss[, angles]).
 
     The step is jitted once per argument combination (cached); it takes JAX arrays of
@@ -66,5 +68,5 @@ def _build_step(spec, opt, method, mode, donate, with_alignment):
         with precision_scope(spec.dtype):
             return jitted(params, feedback, opt_state, x, y)
 
-    run.jitted = jitted
+    run.jitted = jitted  # type: ignore[attr-defined]  # a function attribute: the bare jitted program
     return run

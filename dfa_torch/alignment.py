@@ -15,16 +15,17 @@ either vector is zero.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple, Tuple, cast
 
 import torch
 import torch.func
 
 from dfa_core import validation
+from dfa_core.backend import ArrayLike, FeedbackLike, ParamsLike
 from dfa_core.spec import MLPSpec
 from dfa_torch import nn
 from dfa_torch.arrays import precision_scope
-from dfa_torch.dfa import _class_grouping, dfa_layer_grads, feedback_projection, group, prepare
+from dfa_torch.dfa import Feedback, _class_grouping, dfa_layer_grads, feedback_projection, group, prepare
 from dfa_torch.mlp import Params, reduce_loss
 from dfa_torch.mlp import _forward_with_activations as forward_with_activations
 
@@ -47,7 +48,7 @@ def angle_degrees(u: Tensor, v: Tensor) -> Tensor:
     return torch.where((nu > 0) & (nv > 0), angle * (180 / math.pi), torch.full_like(angle, math.nan))
 
 
-def _bp_grads_and_deltas(spec: MLPSpec, params: Params, x: Tensor, y: Tensor):
+def _bp_grads_and_deltas(spec: MLPSpec, params: Params, x: Tensor, y: Tensor) -> Tuple[Any, Any]:
     """BP gradients of the params and dLoss/da_l for l = 1..L, each (batch, n_l)."""
     f = nn.activation(spec.activation).fn
 
@@ -62,7 +63,9 @@ def _bp_grads_and_deltas(spec: MLPSpec, params: Params, x: Tensor, y: Tensor):
     return torch.func.grad(perturbed_loss, argnums=(0, 1))(params, zeros)
 
 
-def alignment_angles_unchecked(spec: MLPSpec, params: Params, feedback, x: Tensor, y: Tensor, mode: str) -> Angles:
+def alignment_angles_unchecked(
+    spec: MLPSpec, params: Params, feedback: Feedback, x: Tensor, y: Tensor, mode: str
+) -> Angles:
     """``alignment_angles`` on tensors of spec.dtype, without validation."""
     bp_grads, bp_deltas = _bp_grads_and_deltas(spec, params, x, y)
     with torch.no_grad():
@@ -83,7 +86,15 @@ def alignment_angles_unchecked(spec: MLPSpec, params: Params, feedback, x: Tenso
     return Angles(weights, deltas)
 
 
-def alignment_angles(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check_values: bool = True) -> Angles:
+def alignment_angles(
+    spec: MLPSpec,
+    params: ParamsLike,
+    feedback: FeedbackLike,
+    x: ArrayLike,
+    y: ArrayLike,
+    mode: str = "sample",
+    check_values: bool = True,
+) -> Angles:
     """Angles between the DFA update and the BP gradient of every layer, for one batch.
 
     Args:
@@ -106,8 +117,9 @@ def alignment_angles(spec: MLPSpec, params, feedback, x, y, mode: str = "sample"
     with precision_scope(getattr(spec, "dtype", "float32")):
         validation.check_spec(spec)
         validation.check_feedback(spec, feedback)  # None is not "no feedback" for DFA
-        params, feedback, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
-        return alignment_angles_unchecked(spec, params, feedback, x, y, mode)
+        params_t, feedback_t, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
+        # check_feedback refused None above, so prepare returned the feedback as tensors.
+        return alignment_angles_unchecked(spec, params_t, cast(Feedback, feedback_t), x, y, mode)
 
 
 __all__ = ["Angles", "alignment_angles", "alignment_angles_unchecked", "angle_degrees"]

@@ -21,9 +21,10 @@ Defects of the report fixed here:
 from __future__ import annotations
 
 import numbers
-from typing import Callable, List, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,28 +36,36 @@ from dfa_torch.arrays import torch_dtype
 
 Tensor = torch.Tensor
 Params = Tuple[Tuple[Tensor, Tensor], ...]
+TensorLike = Union[Tensor, npt.ArrayLike]  # a tensor, or anything NumPy reads as an array
+ErrorFunction = Callable[[Tensor, Tensor, int], Tuple[Tensor, int]]  # as ``mnist_error``
+LoopResult = Union[
+    Tuple[List[float], List[float]],  # (te, loss): per-epoch training error and loss
+    Tuple[List[float], List[float], List[Tensor]],  # (te, loss, B) with return_feedback
+]
+# One grouping of a batch: (a, h, y_hat, y) of the K groups, y_hat and y None for 'sample'.
+_Groups = Iterator[Tuple[List[Tensor], List[Tensor], Optional[Tensor], Optional[Tensor]]]
 
 FEEDBACK_STD = dfa_init.DEFAULT_FEEDBACK_SCALE
 """The report draws every B_l from N(0, 1.9^2)."""
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _check_count(name: str, value) -> None:
+def _check_count(name: str, value: Any) -> None:
     if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def _check_callable(what: str, fn) -> None:
+def _check_callable(what: str, fn: object) -> None:
     if not callable(fn):
         raise TypeError(f"{what} must be callable, got {type(fn).__name__} {fn!r}")
 
 
-def _fn_name(fn) -> str:
+def _fn_name(fn: object) -> str:
     if isinstance(fn, nn.Module):
         return type(fn).__name__
     return getattr(fn, "__name__", type(fn).__name__)
@@ -75,7 +84,7 @@ class DynamicModel(nn.Module):
         act_function: Callable[[Tensor], Tensor],
         act_function_derivative: Callable[[Tensor], Tensor],
         output_function: Callable[[Tensor], Tensor] = torch.sigmoid,
-    ):
+    ) -> None:
         """Builds the layers.
 
         Args:
@@ -181,7 +190,7 @@ class DynamicModel(nn.Module):
         shape = tuple(int(n) for n in input_shape)
         if not shape or shape[-1] != self.layer_sizes[0]:
             raise ValueError(f"input_shape must end with the input width {self.layer_sizes[0]}, got {shape}")
-        weight = self.layers[0].weight
+        weight = cast(nn.Linear, self.layers[0]).weight  # ModuleList items type as plain Modules
         x = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         lines = [
             "=====MODEL SUMMARY=====",
@@ -212,7 +221,7 @@ class DynamicModel(nn.Module):
 # Between a DynamicModel and the functional ((W, b), ...) parameters.
 
 
-def _check_model(model) -> None:
+def _check_model(model: object) -> None:
     if not isinstance(model, DynamicModel):
         raise TypeError(f"model must be a dfa_torch.classic.DynamicModel, got {type(model).__name__}")
 
@@ -224,10 +233,11 @@ def params_from_model(model: DynamicModel) -> Params:
       ((W_1, b_1), ..., (W_L, b_L)), W_l of shape (n_l, n_{l-1}), b_l of shape (n_l,).
     """
     _check_model(model)
-    return tuple((layer.weight.detach().clone(), layer.bias.detach().clone()) for layer in model.layers)
+    layers = cast(Sequence[nn.Linear], model.layers)  # ModuleList items type as plain Modules
+    return tuple((layer.weight.detach().clone(), layer.bias.detach().clone()) for layer in layers)
 
 
-def load_params(model: DynamicModel, params) -> DynamicModel:
+def load_params(model: DynamicModel, params: Sequence[Sequence[TensorLike]]) -> DynamicModel:
     """Copies functional parameters into the model's layers, in place; returns the model.
 
     Args:
@@ -243,7 +253,8 @@ def load_params(model: DynamicModel, params) -> DynamicModel:
         got = len(params) if isinstance(params, (tuple, list)) else type(params).__name__
         raise ValueError(f"params: expected {len(model.layers)} (W, b) pairs, got {got}")
     with torch.no_grad():
-        for l, (layer, pair) in enumerate(zip(model.layers, params), start=1):
+        for l, (module, pair) in enumerate(zip(model.layers, params), start=1):
+            layer = cast(nn.Linear, module)  # ModuleList items type as plain Modules
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise ValueError(f"params[{l - 1}]: expected a (W_{l}, b_{l}) pair, got {type(pair).__name__}")
             for name, dst, src in ((f"W_{l}", layer.weight, pair[0]), (f"b_{l}", layer.bias, pair[1])):
@@ -255,7 +266,7 @@ def load_params(model: DynamicModel, params) -> DynamicModel:
 
 
 def model_from_params(
-    params,
+    params: Sequence[Sequence[TensorLike]],
     act_function: Callable[[Tensor], Tensor],
     act_function_derivative: Callable[[Tensor], Tensor],
     output_function: Callable[[Tensor], Tensor] = torch.sigmoid,
@@ -276,12 +287,14 @@ def model_from_params(
     return load_params(model, params)
 
 
-def _activation_pair(name: str):
+def _activation_pair(name: str) -> Tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
     act = dfa_nn.activation(name)
     return act.fn, lambda a: act.derivative(a, act.fn(a))
 
 
-def model_from_spec(spec: MLPSpec, params=None, seed: int = 0) -> DynamicModel:
+def model_from_spec(
+    spec: MLPSpec, params: Optional[Sequence[Sequence[TensorLike]]] = None, seed: int = 0
+) -> DynamicModel:
     """A DynamicModel for ``spec``: its activation and derivative, output function and dtype.
 
     Args:
@@ -322,7 +335,18 @@ def mnist_error(y_hat: Tensor, batch_y: Tensor, train_error: int) -> Tuple[Tenso
     return error, train_error + int(wrong.sum().item())
 
 
-def _check_loop_args(model, x, y, n_epochs, lr, batch_size, tol, error_function, matrix_transfo, seed):
+def _check_loop_args(
+    model: DynamicModel,
+    x: TensorLike,
+    y: TensorLike,
+    n_epochs: int,
+    lr: float,
+    batch_size: int,
+    tol: Optional[float],
+    error_function: ErrorFunction,
+    matrix_transfo: Optional[Callable[[Tensor], Tensor]],
+    seed: int,
+) -> Tuple[Tensor, Tensor]:
     _check_model(model)
     weight = model.layers[0].weight
     _check_count("n_epochs", n_epochs)
@@ -356,8 +380,7 @@ def _feedback(model, feedback, generator, matrix_transfo, std=None) -> List[Tens
     shapes = [(n, n_out) for n in model.layer_sizes[1:-1]]
     if feedback is None:
         mats = [
-            torch.empty(shape, dtype=weight.dtype).normal_(mean=0.0, std=std, generator=generator)
-            for shape in shapes
+            torch.empty(shape, dtype=weight.dtype).normal_(mean=0.0, std=std, generator=generator) for shape in shapes
         ]
     else:
         if not isinstance(feedback, (tuple, list)) or len(feedback) != len(shapes):
@@ -369,8 +392,8 @@ def _feedback(model, feedback, generator, matrix_transfo, std=None) -> List[Tens
         if matrix_transfo is not None:
             b = matrix_transfo(b)
         if not isinstance(b, Tensor) or tuple(b.shape) != shape:
-            got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
-            raise ValueError(f"feedback: B_{l} must be a tensor of shape {shape} (n_{l}, n_L), got {got}")
+            got_shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+            raise ValueError(f"feedback: B_{l} must be a tensor of shape {shape} (n_{l}, n_L), got {got_shape}")
         out.append(b.to(dtype=weight.dtype, device=weight.device))
     return out
 
@@ -396,13 +419,30 @@ def _finish_epoch(te, losses, train_error, epoch_loss, n, tol, verbose) -> bool:
     return False
 
 
-def _run_dfa_loop(grouping, model, x, y, n_epochs, lr, batch_size, tol, error_function, matrix_transfo, *,
-                  seed, feedback, return_feedback, verbose, feedback_std=None):
+def _run_dfa_loop(
+    grouping,
+    model,
+    x,
+    y,
+    n_epochs,
+    lr,
+    batch_size,
+    tol,
+    error_function,
+    matrix_transfo,
+    *,
+    seed,
+    feedback,
+    return_feedback,
+    verbose,
+    feedback_std=None,
+):
     x, y = _check_loop_args(model, x, y, n_epochs, lr, batch_size, tol, error_function, matrix_transfo, seed)
     generator = torch.Generator().manual_seed(seed)
     B = _feedback(model, feedback, generator, matrix_transfo, feedback_std)
     n = x.shape[0]
-    te, losses = [], []
+    te: List[float] = []
+    losses: List[float] = []
     for _ in range(n_epochs):
         perm = torch.randperm(n, generator=generator).to(x.device)
         train_error, epoch_loss = 0, 0.0
@@ -423,18 +463,18 @@ def _run_dfa_loop(grouping, model, x, y, n_epochs, lr, batch_size, tol, error_fu
     return (te, losses, B) if return_feedback else (te, losses)
 
 
-def _per_sample(a, h, y_hat, batch_y):
+def _per_sample(a: List[Tensor], h: List[Tensor], y_hat: Tensor, batch_y: Tensor) -> _Groups:
     yield a, h, None, None
 
 
-def _batch_mean(a, h, y_hat, batch_y):
+def _batch_mean(a: List[Tensor], h: List[Tensor], y_hat: Tensor, batch_y: Tensor) -> _Groups:
     mean = lambda t: torch.mean(t, dim=0).unsqueeze(0)
     yield [mean(t) for t in a], [mean(t) for t in h], mean(y_hat), mean(batch_y)
 
 
-def _class_mean(a, h, y_hat, batch_y):
+def _class_mean(a: List[Tensor], h: List[Tensor], y_hat: Tensor, batch_y: Tensor) -> _Groups:
     classes = batch_y.shape[1]
-    class_indices = [[] for _ in range(classes)]
+    class_indices: List[List[int]] = [[] for _ in range(classes)]
     for item, label in enumerate(torch.argmax(batch_y, dim=1).tolist()):
         class_indices[label].append(item)
     for indices in class_indices:
@@ -474,41 +514,123 @@ _LOOP_DOC = """
 """
 
 
-def train_dfa(model, x, y, n_epochs=10, lr=1e-4, batch_size=200, tol=None, error_function=mnist_error,
-              matrix_transfo=None, *, seed=0, feedback=None, return_feedback=False, verbose=False):
+def train_dfa(
+    model: DynamicModel,
+    x: TensorLike,
+    y: TensorLike,
+    n_epochs: int = 10,
+    lr: float = 1e-4,
+    batch_size: int = 200,
+    tol: Optional[float] = None,
+    error_function: ErrorFunction = mnist_error,
+    matrix_transfo: Optional[Callable[[Tensor], Tensor]] = None,
+    *,
+    seed: int = 0,
+    feedback: Optional[Sequence[TensorLike]] = None,
+    return_feedback: bool = False,
+    verbose: bool = False,
+) -> LoopResult:
     """The report's basic DFA loop (3.3.1): one DFA update per sample, summed over the batch."""
-    return _run_dfa_loop(_per_sample, model, x, y, n_epochs, lr, batch_size, tol, error_function,
-                         matrix_transfo, seed=seed, feedback=feedback, return_feedback=return_feedback,
-                         verbose=verbose)
+    return _run_dfa_loop(
+        _per_sample,
+        model,
+        x,
+        y,
+        n_epochs,
+        lr,
+        batch_size,
+        tol,
+        error_function,
+        matrix_transfo,
+        seed=seed,
+        feedback=feedback,
+        return_feedback=return_feedback,
+        verbose=verbose,
+    )
 
 
-def train_dfa_batch_averaged(model, x, y, n_epochs=10, lr=1e-4, batch_size=200, tol=None,
-                             error_function=mnist_error, matrix_transfo=None, *, seed=0, feedback=None,
-                             return_feedback=False, verbose=False):
+def train_dfa_batch_averaged(
+    model: DynamicModel,
+    x: TensorLike,
+    y: TensorLike,
+    n_epochs: int = 10,
+    lr: float = 1e-4,
+    batch_size: int = 200,
+    tol: Optional[float] = None,
+    error_function: ErrorFunction = mnist_error,
+    matrix_transfo: Optional[Callable[[Tensor], Tensor]] = None,
+    *,
+    seed: int = 0,
+    feedback: Optional[Sequence[TensorLike]] = None,
+    return_feedback: bool = False,
+    verbose: bool = False,
+) -> LoopResult:
     """The report's batch-averaged loop (3.3.2): a, h, y_hat and y are averaged over the
     batch and one DFA update is made from the averages (f' is taken at the mean a)."""
-    return _run_dfa_loop(_batch_mean, model, x, y, n_epochs, lr, batch_size, tol, error_function,
-                         matrix_transfo, seed=seed, feedback=feedback, return_feedback=return_feedback,
-                         verbose=verbose)
+    return _run_dfa_loop(
+        _batch_mean,
+        model,
+        x,
+        y,
+        n_epochs,
+        lr,
+        batch_size,
+        tol,
+        error_function,
+        matrix_transfo,
+        seed=seed,
+        feedback=feedback,
+        return_feedback=return_feedback,
+        verbose=verbose,
+    )
 
 
-def train_dfa_class_averaged(model, x, y, n_epochs=10, lr=1e-4, batch_size=200, tol=None,
-                             error_function=mnist_error, matrix_transfo=None, *, seed=0, feedback=None,
-                             return_feedback=False, verbose=False):
+def train_dfa_class_averaged(
+    model: DynamicModel,
+    x: TensorLike,
+    y: TensorLike,
+    n_epochs: int = 10,
+    lr: float = 1e-4,
+    batch_size: int = 200,
+    tol: Optional[float] = None,
+    error_function: ErrorFunction = mnist_error,
+    matrix_transfo: Optional[Callable[[Tensor], Tensor]] = None,
+    *,
+    seed: int = 0,
+    feedback: Optional[Sequence[TensorLike]] = None,
+    return_feedback: bool = False,
+    verbose: bool = False,
+) -> LoopResult:
     """The report's per-class averaged loop (3.3.3): for each class present in the batch
     (argmax of y), a, h, y_hat and y are averaged over its samples and one DFA update is
     made from the averages; the updates of all classes use the same forward pass."""
-    return _run_dfa_loop(_class_mean, model, x, y, n_epochs, lr, batch_size, tol, error_function,
-                         matrix_transfo, seed=seed, feedback=feedback, return_feedback=return_feedback,
-                         verbose=verbose)
+    return _run_dfa_loop(
+        _class_mean,
+        model,
+        x,
+        y,
+        n_epochs,
+        lr,
+        batch_size,
+        tol,
+        error_function,
+        matrix_transfo,
+        seed=seed,
+        feedback=feedback,
+        return_feedback=return_feedback,
+        verbose=verbose,
+    )
 
 
-train_dfa.__doc__ += _LOOP_DOC.format(one_hot="", counted="")
-train_dfa_batch_averaged.__doc__ += _LOOP_DOC.format(
-    one_hot="", counted=" on the samples, before averaging (argmax over the class axis)")
-train_dfa_class_averaged.__doc__ += _LOOP_DOC.format(
+# `or ""`: under python -OO docstrings are None, and `None += str` would fail the import.
+train_dfa.__doc__ = (train_dfa.__doc__ or "") + _LOOP_DOC.format(one_hot="", counted="")
+train_dfa_batch_averaged.__doc__ = (train_dfa_batch_averaged.__doc__ or "") + _LOOP_DOC.format(
+    one_hot="", counted=" on the samples, before averaging (argmax over the class axis)"
+)
+train_dfa_class_averaged.__doc__ = (train_dfa_class_averaged.__doc__ or "") + _LOOP_DOC.format(
     one_hot="; one-hot rows: samples are grouped by argmax",
-    counted=" on the samples, before averaging (argmax over the class axis)")
+    counted=" on the samples, before averaging (argmax over the class axis)",
+)
 
 
 # The report author's public code names its loops differently and uses other defaults (lr 1e-3,
@@ -517,7 +639,16 @@ train_dfa_class_averaged.__doc__ += _LOOP_DOC.format(
 # batches and B come from a seeded generator (seed 0) rather than torch's global one.
 
 
-def train_basic(model, x, y, n_epochs=10, lr=1e-3, batch_size=200, tol=1e-1, error_function=mnist_error):
+def train_basic(
+    model: DynamicModel,
+    x: TensorLike,
+    y: TensorLike,
+    n_epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 200,
+    tol: Optional[float] = 1e-1,
+    error_function: ErrorFunction = mnist_error,
+) -> LoopResult:
     """The author's ``train_basic``: ``train_dfa`` with its defaults (lr 1e-3, tol 0.1, B ~ N(0, 1.9^2)).
 
     Returns (te, loss) as ``train_dfa``.
@@ -525,14 +656,46 @@ def train_basic(model, x, y, n_epochs=10, lr=1e-3, batch_size=200, tol=1e-1, err
     return train_dfa(model, x, y, n_epochs, lr, batch_size, tol, error_function)
 
 
-def train_averaged(model, x, y, n_epochs=10, lr=1e-3, batch_size=200, tol=1e-1):
+def train_averaged(
+    model: DynamicModel,
+    x: TensorLike,
+    y: TensorLike,
+    n_epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 200,
+    tol: Optional[float] = 1e-1,
+) -> LoopResult:
     """The author's ``train_averaged``: ``train_dfa_batch_averaged`` with its defaults (lr 1e-3,
     tol 0.1) and its feedback draw, B ~ N(0, 1) (``torch.randn``). Returns (te, loss)."""
-    return _run_dfa_loop(_batch_mean, model, x, y, n_epochs, lr, batch_size, tol, mnist_error, None, seed=0,
-                         feedback=None, return_feedback=False, verbose=False, feedback_std=1.0)
+    return _run_dfa_loop(
+        _batch_mean,
+        model,
+        x,
+        y,
+        n_epochs,
+        lr,
+        batch_size,
+        tol,
+        mnist_error,
+        None,
+        seed=0,
+        feedback=None,
+        return_feedback=False,
+        verbose=False,
+        feedback_std=1.0,
+    )
 
 
-def MNIST_train_class_averaged(model, x, y, n_epochs=10, lr=1e-3, batch_size=200, tol=1e-1, classes=10):  # noqa: N802
+def MNIST_train_class_averaged(  # noqa: N802
+    model: DynamicModel,
+    x: TensorLike,
+    y: TensorLike,
+    n_epochs: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 200,
+    tol: Optional[float] = 1e-1,
+    classes: int = 10,
+) -> LoopResult:
     """The author's ``MNIST_train_class_averaged``: ``train_dfa_class_averaged`` with its defaults
     (lr 1e-3, tol 0.1) and its feedback draw, B ~ N(0, 1). ``classes`` must equal the model's
     number of outputs (the author loops over that many classes; classes absent from a batch are
@@ -540,12 +703,38 @@ def MNIST_train_class_averaged(model, x, y, n_epochs=10, lr=1e-3, batch_size=200
     n_out = model.layer_sizes[-1] if isinstance(model, DynamicModel) else None
     if not _is_int(classes) or classes != n_out:
         raise ValueError(f"classes must equal the model's number of outputs ({n_out}), got {classes!r}")
-    return _run_dfa_loop(_class_mean, model, x, y, n_epochs, lr, batch_size, tol, mnist_error, None, seed=0,
-                         feedback=None, return_feedback=False, verbose=False, feedback_std=1.0)
+    return _run_dfa_loop(
+        _class_mean,
+        model,
+        x,
+        y,
+        n_epochs,
+        lr,
+        batch_size,
+        tol,
+        mnist_error,
+        None,
+        seed=0,
+        feedback=None,
+        return_feedback=False,
+        verbose=False,
+        feedback_std=1.0,
+    )
 
 
-def train_backprop(model, x, y, n_epochs=10, lr=1e-4, batch_size=200, tol=None, error_function=mnist_error,
-                   *, seed=0, verbose=False):
+def train_backprop(
+    model: DynamicModel,
+    x: TensorLike,
+    y: TensorLike,
+    n_epochs: int = 10,
+    lr: float = 1e-4,
+    batch_size: int = 200,
+    tol: Optional[float] = None,
+    error_function: ErrorFunction = mnist_error,
+    *,
+    seed: int = 0,
+    verbose: bool = False,
+) -> Tuple[List[float], List[float]]:
     """Backprop twin of ``train_dfa`` for comparison, with the same batches and bookkeeping.
 
     The update is plain SGD on the binary cross-entropy summed over the batch and the
@@ -563,17 +752,18 @@ def train_backprop(model, x, y, n_epochs=10, lr=1e-4, batch_size=200, tol=None, 
     Raises:
       ValueError, TypeError: as ``train_dfa``.
     """
-    x, y = _check_loop_args(model, x, y, n_epochs, lr, batch_size, tol, error_function, None, seed)
+    x_t, y_t = _check_loop_args(model, x, y, n_epochs, lr, batch_size, tol, error_function, None, seed)
     generator = torch.Generator().manual_seed(seed)
-    n = x.shape[0]
-    te, losses = [], []
-    params = list(model.parameters())
+    n = x_t.shape[0]
+    te: List[float] = []
+    losses: List[float] = []
+    params: List[Tensor] = list(model.parameters())
     for _ in range(n_epochs):
-        perm = torch.randperm(n, generator=generator).to(x.device)
+        perm = torch.randperm(n, generator=generator).to(x_t.device)
         train_error, epoch_loss = 0, 0.0
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
-            batch_x, batch_y = x[idx], y[idx]
+            batch_x, batch_y = x_t[idx], y_t[idx]
             y_hat = model(batch_x)
             with torch.no_grad():
                 _, train_error = error_function(y_hat, batch_y, train_error)

@@ -9,11 +9,12 @@ reverse-mode autodiff (``torch.autograd.grad``).
 from __future__ import annotations
 
 import collections
-from typing import NamedTuple, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple, cast
 
 import torch
 
 from dfa_core import validation
+from dfa_core.backend import ArrayLike, FeedbackLike, ParamsLike
 from dfa_core.spec import MLPSpec
 from dfa_torch import nn
 from dfa_torch.arrays import as_input, precision_scope
@@ -22,8 +23,9 @@ from dfa_torch.mlp import _loss as loss
 
 Tensor = torch.Tensor
 Grads = Tuple[Tuple[Tensor, Tensor], ...]
+Feedback = Tuple[Tensor, ...]  # (B_1, ..., B_{L-1}), B_l (n_l, n_L)
 
-TRACE_COUNTS = collections.Counter()
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
 """Kept for symmetry with dfa_jax (torch eager code is never traced)."""
 
 
@@ -34,7 +36,7 @@ class Grouped(NamedTuple):
     f_a: Tuple[Tensor, ...]  # f(a'_l) for the hidden layers, each (K, n_l)
     h: Tuple[Tensor, ...]  # post-activations h'_0..h'_{L-1}, each (K, n_l)
     e: Tensor  # error e' = G y_hat - G y, (K, n_L)
-    count: Tensor  # K, the number of non-empty groups, () of the compute dtype
+    count: Tensor  # type: ignore[assignment]  # K, non-empty groups, (); shadows tuple.count
 
 
 def _class_grouping(y_BxC: Tensor) -> Tensor:
@@ -82,7 +84,7 @@ def group(spec: MLPSpec, acts: Activations, y: Tensor, mode: str) -> Grouped:
     return Grouped(a, tuple(f(t) for t in a), tuple(avg(t) for t in acts.h), avg(acts.y_hat) - avg(y), count)
 
 
-def feedback_projection(spec: MLPSpec, feedback: Tuple[Tensor, ...], e: Tensor) -> Tuple[Tensor, ...]:
+def feedback_projection(spec: MLPSpec, feedback: Feedback, e: Tensor) -> Tuple[Tensor, ...]:
     """e B_l^T for every hidden layer, as one matmul against [B_1; ...; B_{L-1}].
 
     Args:
@@ -129,14 +131,14 @@ error layer by layer, so only one layer's projection is alive at a time; below i
 product against the concatenated feedback is faster (fewer, larger kernels)."""
 
 
-def _projector(spec: MLPSpec, feedback, e):
+def _projector(spec: MLPSpec, feedback: Feedback, e: Tensor) -> Callable[[int], Tensor]:
     """l -> e B_l^T: from one ``feedback_projection`` when small, else computed on demand."""
     if e.shape[0] * sum(spec.hidden_sizes) <= PROJECT_PER_LAYER_ELEMENTS:
         return feedback_projection(spec, feedback, e).__getitem__
     return lambda l: e @ feedback[l].T
 
 
-def _grouping(mode: str, y: Tensor):
+def _grouping(mode: str, y: Tensor) -> Tuple[Optional[Callable[[Tensor], Tensor]], Any]:
     """(avg, K): the function t -> G t of ``mode`` (None for 'sample') and the group count K."""
     if mode == "sample":
         return None, y.shape[0]
@@ -147,7 +149,9 @@ def _grouping(mode: str, y: Tensor):
 
 
 @torch.no_grad()
-def dfa_grads_and_loss(spec: MLPSpec, params: Params, feedback, x: Tensor, y: Tensor, mode: str):
+def dfa_grads_and_loss(
+    spec: MLPSpec, params: Params, feedback: Feedback, x: Tensor, y: Tensor, mode: str
+) -> Tuple[Grads, Tensor]:
     """DFA gradients and the batch loss in one memory-lean pass (the training fast path).
 
     Computes exactly what ``group`` + ``feedback_projection`` + ``dfa_layer_grads``
@@ -161,6 +165,10 @@ def dfa_grads_and_loss(spec: MLPSpec, params: Params, feedback, x: Tensor, y: Te
     act = nn.activation(spec.activation)
     avg, count = _grouping(mode, y)
     keep = (lambda t: t) if avg is None else avg
+    a: Optional[Tensor]  # set to None to free memory as soon as a tensor is not needed
+    h: Optional[Tensor]
+    kept_h: list[Any]  # h'_{l-1} per layer; each slot is set to None once its update is formed
+    kept_a: list[Any]
     h, kept_h, kept_a = x, [], []
     for w, b in params[:-1]:
         kept_h.append(keep(h))
@@ -183,21 +191,21 @@ def dfa_grads_and_loss(spec: MLPSpec, params: Params, feedback, x: Tensor, y: Te
     project = _projector(spec, feedback, e)
     for l in reversed(range(spec.num_hidden)):
         p = project(l)
-        a, h_in = kept_a[l], kept_h[l]
+        a_l, h_in = kept_a[l], kept_h[l]
         kept_a[l] = kept_h[l] = None
-        fa = a if avg is None else act.fn(a)  # in 'sample' mode a holds h, which stands in for a in f'
-        delta = act.backward(p, a, fa)
+        fa = a_l if avg is None else act.fn(a_l)  # in 'sample' mode a_l holds h, which stands in for a in f'
+        delta = act.backward(p, a_l, fa)
         grads.append((delta.T @ h_in, torch.sum(delta, dim=0)))
     grads.reverse()
     return tuple(grads), batch_loss
 
 
-def dfa_grads_unchecked(spec: MLPSpec, params: Params, feedback, x: Tensor, y: Tensor, mode: str) -> Grads:
+def dfa_grads_unchecked(spec: MLPSpec, params: Params, feedback: Feedback, x: Tensor, y: Tensor, mode: str) -> Grads:
     """``dfa_grads`` on tensors of spec.dtype, without validation (the fast path)."""
     return dfa_grads_and_loss(spec, params, feedback, x, y, mode)[0]
 
 
-def bp_grads_and_loss(spec: MLPSpec, params: Params, x: Tensor, y: Tensor):
+def bp_grads_and_loss(spec: MLPSpec, params: Params, x: Tensor, y: Tensor) -> Tuple[Grads, Tensor]:
     """Backprop gradients and the batch loss, by reverse-mode autodiff (the training fast path).
 
     Uses ``torch.autograd.grad`` on detached aliases of the params: the caller's tensors
@@ -220,7 +228,7 @@ def bp_grads_unchecked(spec: MLPSpec, params: Params, x: Tensor, y: Tensor) -> G
     return bp_grads_and_loss(spec, params, x, y)[0]
 
 
-def _value_flags(x, y, needs_one_hot: bool):
+def _value_flags(x: Tensor, y: Tensor, needs_one_hot: bool) -> Tuple[bool, bool, bool]:
     x_ok = bool(torch.isfinite(x).all())
     y_ok = bool(torch.isfinite(y).all())
     if not needs_one_hot:
@@ -229,7 +237,15 @@ def _value_flags(x, y, needs_one_hot: bool):
     return x_ok, y_ok, binary and bool((torch.sum(y, dim=1) == 1).all())
 
 
-def prepare(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check_values: bool = True):
+def prepare(
+    spec: MLPSpec,
+    params: ParamsLike,
+    feedback: Optional[FeedbackLike],
+    x: ArrayLike,
+    y: ArrayLike,
+    mode: str = "sample",
+    check_values: bool = True,
+) -> Tuple[Params, Optional[Feedback], Tensor, Tensor]:
     """Validates a call and converts its arrays to tensors on the params' device."""
     validation.check_spec(spec)
     validation.check_mode(mode)
@@ -242,16 +258,23 @@ def prepare(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check_v
     x, y = as_input(x, spec.dtype, device), as_input(y, spec.dtype, device)
     if check_values:
         validation.raise_for_values(*_value_flags(x, y, validation.needs_one_hot(mode)), mode=mode)
-    params = tuple((as_input(w, spec.dtype, device), as_input(b, spec.dtype, device)) for w, b in params)
-    if feedback is not None:
-        feedback = tuple(as_input(b, spec.dtype, device) for b in feedback)
+    params_t = tuple((as_input(w, spec.dtype, device), as_input(b, spec.dtype, device)) for w, b in params)
+    feedback_t = None if feedback is None else tuple(as_input(b, spec.dtype, device) for b in feedback)
     if check_values:  # the checked entry points reject non-finite params and feedback too
-        for name, arr in validation.named_leaves(params, feedback):
+        for name, arr in validation.named_leaves(params_t, feedback_t):
             validation.raise_for_nonfinite(name, bool(torch.isfinite(arr).all()))
-    return params, feedback, x, y
+    return params_t, feedback_t, x, y
 
 
-def dfa_grads(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check_values: bool = True) -> Grads:
+def dfa_grads(
+    spec: MLPSpec,
+    params: ParamsLike,
+    feedback: FeedbackLike,
+    x: ArrayLike,
+    y: ArrayLike,
+    mode: str = "sample",
+    check_values: bool = True,
+) -> Grads:
     """DFA gradients of the loss for one batch (signs as gradients: SGD does W -= lr * g).
 
     Args:
@@ -273,12 +296,13 @@ def dfa_grads(spec: MLPSpec, params, feedback, x, y, mode: str = "sample", check
     with precision_scope(getattr(spec, "dtype", "float32")):
         validation.check_spec(spec)
         validation.check_feedback(spec, feedback)  # None is not "no feedback" for DFA
-        params, feedback, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
-        return dfa_grads_unchecked(spec, params, feedback, x, y, mode)
+        params_t, feedback_t, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
+        # check_feedback refused None above, so prepare returned the feedback as tensors.
+        return dfa_grads_unchecked(spec, params_t, cast(Feedback, feedback_t), x, y, mode)
 
 
-def bp_grads(spec: MLPSpec, params, x, y, check_values: bool = True) -> Grads:
+def bp_grads(spec: MLPSpec, params: ParamsLike, x: ArrayLike, y: ArrayLike, check_values: bool = True) -> Grads:
     """Backprop gradients of the same loss (autodiff), shaped like params; see ``dfa_grads``."""
     with precision_scope(getattr(spec, "dtype", "float32")):
-        params, _, x, y = prepare(spec, params, None, x, y, "sample", check_values)
-        return bp_grads_unchecked(spec, params, x, y)
+        params_t, _, x, y = prepare(spec, params, None, x, y, "sample", check_values)
+        return bp_grads_unchecked(spec, params_t, x, y)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
 from dfa_core import validation
 from dfa_core.spec import MLPSpec, OptimizerSpec
-from dfa_torch.mlp import forward
+from dfa_torch.mlp import Params, forward
 from dfa_torch.train import _build_step
 
 Tensor = torch.Tensor
@@ -29,7 +30,7 @@ def train_epoch(
     batch_size: int = 200,
     donate: bool = False,
     align_every: int = 0,
-):
+) -> Callable[..., Tuple[Any, Any, Tensor, Optional[Tensor]]]:
     """Builds epoch(params, feedback, opt_state, x, y, order, step0) -> (params, opt_state, losses, angles).
 
     The torch twin of ``dfa_jax.train_epoch`` (cached per argument combination): batch
@@ -87,7 +88,8 @@ def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every):
         for i in range(num_batches):
             idx_B = order[i * batch_size : (i + 1) * batch_size]
             xb, yb = x.index_select(0, idx_B), y.index_select(0, idx_B)
-            if align_every and (step0 + i) % align_every == 0:
+            # align_step and angles exist exactly when align_every > 0.
+            if align_step is not None and angles is not None and (step0 + i) % align_every == 0:
                 params, opt_state, batch_loss, measured = align_step(params, feedback, opt_state, xb, yb)
                 angles[i, 0], angles[i, 1] = measured.weights, measured.deltas
             else:
@@ -98,14 +100,14 @@ def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every):
     return epoch
 
 
-def _labels(spec: MLPSpec, params, x: Tensor) -> Tensor:
+def _labels(spec: MLPSpec, params: Params, x: Tensor) -> Tensor:
     y_hat = forward(spec, params, x)
     if spec.n_out == 1:
         return (y_hat[:, 0] > 0.5).to(torch.int32)
     return torch.argmax(y_hat, dim=1).to(torch.int32)
 
 
-def predict_labels(spec: MLPSpec, batch_size: int = 10000):
+def predict_labels(spec: MLPSpec, batch_size: int = 10000) -> Callable[[Params, Tensor], Tensor]:
     """Builds predict(params, x) -> (N,) int32 class labels on x's device.
 
     The torch twin of ``dfa_jax.predict_labels``: argmax of the network's output, or

@@ -17,7 +17,7 @@ tensor hyper-parameters (per member) instead of Python floats.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from dfa_core.tree import tree_map
 from dfa_torch import alignment
 from dfa_torch.arrays import torch_dtype
 from dfa_torch.dfa import dfa_grads_and_loss
-from dfa_torch.mlp import forward, loss
+from dfa_torch.mlp import Params, forward, loss
 from dfa_torch.optim import AdamState, EmptyState, TraceState
 
 Tensor = torch.Tensor
@@ -49,8 +49,9 @@ def stack_hyper(opts: Sequence[OptimizerSpec], dtype: str = "float32") -> Hyper:
     """The hyper-parameters of ``opts`` (one OptimizerSpec per member) as ``Hyper`` tensors (M,)."""
     fields = [[getattr(o, f) for o in opts] for f in Hyper._fields]
     device = torch.get_default_device()
-    return Hyper(*(torch.as_tensor(np.asarray(v, dtype=np.float64), device=device).to(torch_dtype(dtype))
-                   for v in fields))
+    return Hyper(
+        *(torch.as_tensor(np.asarray(v, dtype=np.float64), device=device).to(torch_dtype(dtype)) for v in fields)
+    )
 
 
 def _check_structure(optimizer: str, nesterov: bool) -> Tuple[str, bool]:
@@ -61,7 +62,7 @@ def _check_structure(optimizer: str, nesterov: bool) -> Tuple[str, bool]:
     return optimizer, nesterov and optimizer == "momentum"
 
 
-def _init(optimizer: str, params):
+def _init(optimizer: str, params: Params) -> Any:
     """One member's state, as ``make_optimizer(...).init`` builds it."""
     if optimizer == "sgd":
         return EmptyState()
@@ -90,7 +91,7 @@ def _update(optimizer: str, nesterov: bool, hyper: Hyper, grads, state):
     return step, AdamState(count, mu, nu)
 
 
-def init_opt_state_many(optimizer: str, nesterov: bool, params, hyper: Hyper):
+def init_opt_state_many(optimizer: str, nesterov: bool, params: Params, hyper: Hyper) -> Any:
     """Optimizer states of M members: ``make_optimizer(...).init`` with a member axis.
 
     Args:
@@ -107,8 +108,9 @@ def init_opt_state_many(optimizer: str, nesterov: bool, params, hyper: Hyper):
     del nesterov
     state = _init(optimizer, params)
     if optimizer == "adam":  # the count is per member, as jax.vmap gives it on JAX
-        state = state._replace(count=torch.zeros(hyper.learning_rate.shape, dtype=torch.int32,
-                                                 device=params[0][0].device))
+        state = state._replace(
+            count=torch.zeros(hyper.learning_rate.shape, dtype=torch.int32, device=params[0][0].device)
+        )
     return state
 
 
@@ -120,7 +122,7 @@ def train_epoch_many(
     mode: str = "sample",
     batch_size: int = 200,
     align_every: int = 0,
-):
+) -> Callable[..., Tuple[Any, Any, Tensor, Optional[Tensor]]]:
     """Builds epoch(params, feedback, opt_state, hyper, active, x, y, orders, step0) for M members.
 
     The torch twin of ``dfa_jax.many.train_epoch_many`` (cached per argument combination):
@@ -191,7 +193,8 @@ def _keep_active(active: Tensor, new, old):
 def _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every):
     vstep = torch.func.vmap(_member_step(spec, optimizer, nesterov, method), in_dims=(0, 0, 0, 0, 0, 0, None))
     vangles = torch.func.vmap(
-        lambda p, f, x, y: torch.stack(tuple(alignment.alignment_angles_unchecked(spec, p, f, x, y, mode))))
+        lambda p, f, x, y: torch.stack(tuple(alignment.alignment_angles_unchecked(spec, p, f, x, y, mode)))
+    )
 
     @torch.no_grad()
     def epoch(params, feedback, opt_state, hyper, active, x, y, orders, step0=0):
@@ -205,8 +208,9 @@ def _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_ever
                 if (step0 + i) % align_every == 0:
                     angles.append(vangles(p, feedback, xb, yb))
                 else:
-                    angles.append(torch.full((orders.shape[0], 2, spec.num_layers), float("nan"),
-                                             dtype=x.dtype, device=x.device))
+                    angles.append(
+                        torch.full((orders.shape[0], 2, spec.num_layers), float("nan"), dtype=x.dtype, device=x.device)
+                    )
             p, s, batch_loss = vstep(p, feedback, s, hyper, xb, yb, mode)
             losses.append(batch_loss)
         # A stopped member keeps the params and state it stopped with.
@@ -216,14 +220,14 @@ def _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_ever
     return epoch
 
 
-def _labels(spec: MLPSpec, params, x: Tensor) -> Tensor:
+def _labels(spec: MLPSpec, params: Params, x: Tensor) -> Tensor:
     y_hat = forward(spec, params, x)
     if spec.n_out == 1:
         return (y_hat[:, 0] > 0.5).to(torch.int32)
     return torch.argmax(y_hat, dim=1).to(torch.int32)
 
 
-def predict_labels_many(spec: MLPSpec, batch_size: int = 10000):
+def predict_labels_many(spec: MLPSpec, batch_size: int = 10000) -> Callable[[Params, Tensor], Tensor]:
     """Builds predict(params, x) -> (M, N) int32 labels of M members.
 
     The torch twin of ``dfa_jax.many.predict_labels_many``: argmax of the output, or

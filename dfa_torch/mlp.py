@@ -8,12 +8,12 @@ when tensors disagree, as the JAX twins do.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
-
 import functools
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
+from dfa_core.backend import ArrayLike, ParamsLike
 from dfa_core.spec import MLPSpec
 from dfa_core.tree import tree_map
 from dfa_torch import nn
@@ -80,7 +80,7 @@ def _loss(spec: MLPSpec, params: Params, x: Tensor, y: Tensor) -> Tensor:
     return reduce_loss(spec, _logits(spec, params, x), y)
 
 
-def _device_of(params, arrays) -> "torch.device | None":
+def _device_of(params: ParamsLike, arrays: Sequence[Tuple[str, ArrayLike]]) -> Optional[torch.device]:
     """The device the params live on; tensors elsewhere are an error naming both devices."""
     leaf = params[0][0]
     device = leaf.device if isinstance(leaf, torch.Tensor) else None
@@ -90,16 +90,22 @@ def _device_of(params, arrays) -> "torch.device | None":
     return device
 
 
-def _entry(fn):
+_R = TypeVar("_R")
+
+
+def _entry(fn: Callable[..., _R]) -> Callable[..., _R]:
     """The public twin of ``fn``: NumPy arrays or tensors in, cast to spec.dtype on the params' device."""
 
     @functools.wraps(fn)
-    def public(spec: MLPSpec, params, x, *targets):
+    def public(spec: MLPSpec, params: ParamsLike, x: ArrayLike, *targets: ArrayLike) -> _R:
         device = _device_of(params, (("x", x),) + tuple(("y", t) for t in targets))
 
         def cast(a):  # tensors keep their autograd history (torch.func.grad over loss works)
-            return a.to(device=device, dtype=torch_dtype(spec.dtype)) if isinstance(a, torch.Tensor) else as_input(
-                a, spec.dtype, device)
+            return (
+                a.to(device=device, dtype=torch_dtype(spec.dtype))
+                if isinstance(a, torch.Tensor)
+                else as_input(a, spec.dtype, device)
+            )
 
         return fn(spec, tree_map(cast, params), *(cast(a) for a in (x, *targets)))
 

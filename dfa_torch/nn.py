@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, Dict, NamedTuple, Tuple
 
 import torch
 
@@ -42,7 +42,9 @@ _ACTIVATIONS = {
     ),
     # aten's leaky_relu_backward rounds the slope through float32, so it is not used here.
     "leaky_relu": Activation(_leaky_relu, _leaky_relu_derivative, _times_derivative(_leaky_relu_derivative)),
-    "sigmoid": Activation(torch.sigmoid, lambda a, h: h * (1 - h), lambda g, a, h: torch.ops.aten.sigmoid_backward(g, h)),
+    "sigmoid": Activation(
+        torch.sigmoid, lambda a, h: h * (1 - h), lambda g, a, h: torch.ops.aten.sigmoid_backward(g, h)
+    ),
     "identity": Activation(lambda a: a, lambda a, h: torch.ones_like(a), lambda g, a, h: g),
 }
 
@@ -69,7 +71,7 @@ def _half_squared_error(z_BxO, y_BxO):
     return 0.5 * torch.sum(d * d, dim=-1)
 
 
-_OUTPUTS = {
+_OUTPUTS: Dict[str, Tuple[Callable[[Tensor], Tensor], Callable[[Tensor, Tensor], Tensor]]] = {
     # name: (g, per-sample loss from logits, with dLoss/dz = g(z) - y)
     "sigmoid": (torch.sigmoid, _bce_from_logits),
     "softmax": (lambda z: torch.softmax(z, dim=-1), _ce_from_logits),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Tuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -10,6 +10,7 @@ from dfa_core.spec import OptimizerSpec
 from dfa_core.tree import flatten_pairs as _flatten
 from dfa_core.tree import tree_map as _map
 from dfa_core.tree import unflatten_pairs as _unflatten
+from dfa_torch.mlp import Params
 
 
 class EmptyState(NamedTuple):
@@ -21,7 +22,8 @@ class TraceState(NamedTuple):
 
 
 class AdamState(NamedTuple):
-    count: torch.Tensor  # shape=(), int32: steps taken
+    # The field shadows tuple.count (mypy objects); the name is optax's, which checkpoints keep.
+    count: torch.Tensor  # type: ignore[assignment]  # shape=(), int32: steps taken
     mu: Any  # like params: first moment
     nu: Any  # like params: second moment
 
@@ -99,18 +101,18 @@ def make_optimizer(opt: OptimizerSpec, dtype: str = "float32") -> GradientTransf
     return GradientTransformation(init, update)
 
 
-def _leaf(tree) -> torch.Tensor:
+def _leaf(tree: Any) -> torch.Tensor:
     while isinstance(tree, (tuple, list)):
         tree = tree[0]
     return tree
 
 
-def apply_updates(params, updates) -> Tuple:
+def apply_updates(params: Params, updates: Params) -> Params:
     """params + updates, leaf by leaf (a new tuple; nothing is modified)."""
     return _unflatten(torch._foreach_add(_flatten(params), _flatten(updates)), params)
 
 
-def apply_updates_(params, updates):
+def apply_updates_(params: Params, updates: Params) -> Params:
     """params += updates in place (for loops that own params, ``donate=True``); returns params."""
     torch._foreach_add_(_flatten(params), _flatten(updates))
     return params

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable, Tuple
 
 import torch
 
@@ -12,6 +13,7 @@ from dfa_torch import alignment
 from dfa_torch.dfa import bp_grads_and_loss, dfa_grads_and_loss
 from dfa_torch.optim import _flatten, _unflatten, apply_updates, apply_updates_, make_optimizer
 
+
 def train_step(
     spec: MLPSpec,
     opt: OptimizerSpec,
@@ -19,7 +21,7 @@ def train_step(
     mode: str = "sample",
     donate: bool = False,
     with_alignment: bool = False,
-):
+) -> Callable[..., Tuple[Any, ...]]:
     """Builds step(params, feedback, opt_state, x, y) -> (params, opt_state, loss[, angles]).
 
     The torch twin of dfa_jax.train_step (cached per argument combination); it takes

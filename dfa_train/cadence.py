@@ -8,7 +8,7 @@ run also writes at its end, before a divergence stop and on Ctrl-C / SIGTERM.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
 AUTO_RATIO = 20.0
 """'auto' writes once the time since the last write is >= AUTO_RATIO x that write's duration:
@@ -24,7 +24,7 @@ class CheckpointEvery(NamedTuple):
     value: float  # epochs (an int >= 1) or seconds (> 0); AUTO_RATIO for 'auto'
 
 
-def parse_checkpoint_every(text) -> CheckpointEvery:
+def parse_checkpoint_every(text: Union[str, int]) -> CheckpointEvery:
     """'auto' -> auto; '2' -> every 2 epochs; '30s' (or '0.5s') -> every 30 seconds.
 
     Raises:

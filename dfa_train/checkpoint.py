@@ -31,7 +31,6 @@ FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.npz"
 
 
-
 class Checkpoint(NamedTuple):
     """One saved training state, all NumPy."""
 
@@ -70,8 +69,9 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as err:
         _remove_quietly(tmp)
-        raise OSError(err.errno, f"could not write {path} ({err.strerror or err}); the previous "
-                                 "version, if any, is unchanged") from err
+        raise OSError(
+            err.errno, f"could not write {path} ({err.strerror or err}); the previous version, if any, is unchanged"
+        ) from err
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -112,9 +112,11 @@ def save_checkpoint(path: str, checkpoint: Checkpoint) -> None:
     resume = checkpoint.resume
     for l, pair in enumerate(checkpoint.params, start=1):
         if not all(np.all(np.isfinite(a)) for a in pair):
-            raise ValueError(f"refusing to save a checkpoint to {path}: layer {l}'s params are not finite "
-                             "(a diverged state would overwrite the last good one)")
-    arrays: Dict[str, np.ndarray] = {}
+            raise ValueError(
+                f"refusing to save a checkpoint to {path}: layer {l}'s params are not finite "
+                "(a diverged state would overwrite the last good one)"
+            )
+    arrays: Dict[str, Any] = {}  # NumPy arrays; Any as numpy's stubs type savez's **kwds as allow_pickle too
     for l, (w, b) in enumerate(checkpoint.params):
         arrays[f"params/{l}/W"], arrays[f"params/{l}/b"] = np.asarray(w), np.asarray(b)
     for l, b in enumerate(checkpoint.feedback):
@@ -150,9 +152,20 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and what is wrong."""
 
 
-_META_KEYS = {"num_layers": int, "num_feedback": int, "has_opt_state": bool, "epoch": int, "global_step": int,
-              "rng_state": dict, "loss": list, "train_error": list, "test_accuracy": list, "time_s": list,
-              "within_tol": int, "meta": dict}
+_META_KEYS = {
+    "num_layers": int,
+    "num_feedback": int,
+    "has_opt_state": bool,
+    "epoch": int,
+    "global_step": int,
+    "rng_state": dict,
+    "loss": list,
+    "train_error": list,
+    "test_accuracy": list,
+    "time_s": list,
+    "within_tol": int,
+    "meta": dict,
+}
 
 
 def _read_arrays(path: str) -> Dict[str, np.ndarray]:
@@ -211,7 +224,7 @@ def load_checkpoint(path: str) -> Checkpoint:
     feedback = tuple(_array(path, arrays, f"feedback/{l}") for l in range(meta["num_feedback"]))
     opt_state: Optional[Dict[str, np.ndarray]] = None
     if meta["has_opt_state"]:
-        opt_state = {key[len("opt/"):]: value for key, value in arrays.items() if key.startswith("opt/")}
+        opt_state = {key[len("opt/") :]: value for key, value in arrays.items() if key.startswith("opt/")}
     resume = ResumeState(
         epoch=meta["epoch"],
         global_step=meta["global_step"],

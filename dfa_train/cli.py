@@ -120,8 +120,12 @@ def _floats(text: str):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layers", type=parse_layers, default=None,
-                   help="comma-separated widths, input first (default 784,200,10 for mnist, 2,4,1 for xor)")
+    p.add_argument(
+        "--layers",
+        type=parse_layers,
+        default=None,
+        help="comma-separated widths, input first (default 784,200,10 for mnist, 2,4,1 for xor)",
+    )
     p.add_argument("--activation", choices=ACTIVATIONS, default=_DEFAULTS["activation"])
     p.add_argument("--output", choices=OUTPUTS, default=_DEFAULTS["output"])
     p.add_argument("--reduction", choices=REDUCTIONS, default=_DEFAULTS["reduction"])
@@ -130,15 +134,25 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKEND_NAMES, default=_DEFAULTS["backend"])
-    p.add_argument("--dataset", choices=DATASETS, default=_DEFAULTS["dataset"],
-                   help="mnist (verified, downloaded if missing), mnist-slice (the bundled first 2,000 "
-                        "training / 500 test images), idx (any MNIST-layout folder given by --data-dir, e.g. "
-                        "Fashion-MNIST; unverified) or xor")
-    p.add_argument("--data-dir", default=None, help="folder of the IDX files (default $DFA_DATA_DIR, the cache, "
-                                                    "else a download)")
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=_DEFAULTS["dataset"],
+        help="mnist (verified, downloaded if missing), mnist-slice (the bundled first 2,000 "
+        "training / 500 test images), idx (any MNIST-layout folder given by --data-dir, e.g. "
+        "Fashion-MNIST; unverified) or xor",
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="folder of the IDX files (default $DFA_DATA_DIR, the cache, else a download)"
+    )
     p.add_argument("--no-download", action="store_true", help="never download MNIST")
-    p.add_argument("--timeout", dest="download_timeout", type=_positive_float, default=30.0,
-                   help="seconds a download may wait for data before trying the next mirror (default 30)")
+    p.add_argument(
+        "--timeout",
+        dest="download_timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds a download may wait for data before trying the next mirror (default 30)",
+    )
     p.add_argument("--limit-train", type=_positive_int, default=None, help="use the first N training samples")
     p.add_argument("--limit-test", type=_positive_int, default=None, help="use the first N test samples")
     p.add_argument("--standardize", action="store_true", help="standardise inputs (train mean/std) instead of [0,1]")
@@ -150,8 +164,12 @@ def _add_training_args(p: argparse.ArgumentParser, with_method: bool, lr_list: b
     p.add_argument("--mode", choices=MODES, default=_DEFAULTS["mode"], help="DFA grouping (BP always uses sample)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=_DEFAULTS["optimizer"])
     if lr_list:
-        p.add_argument("--lr", type=_argument_type(_floats), default=(_DEFAULTS["lr"],),
-                       help="learning rates, comma-separated (one setting each), e.g. 1e-4,3e-4")
+        p.add_argument(
+            "--lr",
+            type=_argument_type(_floats),
+            default=(_DEFAULTS["lr"],),
+            help="learning rates, comma-separated (one setting each), e.g. 1e-4,3e-4",
+        )
     else:
         p.add_argument("--lr", type=_positive_float, default=_DEFAULTS["lr"])
     p.add_argument("--momentum", type=float, default=_DEFAULTS["momentum"])
@@ -161,36 +179,54 @@ def _add_training_args(p: argparse.ArgumentParser, with_method: bool, lr_list: b
     p.add_argument("--feedback-scale", type=_positive_float, default=_DEFAULTS["feedback_scale"])
     p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1) or JAX platform (cpu, gpu)")
     p.add_argument("--tol", type=float, default=None, help="stop when the training error moves by <= tol")
-    p.add_argument("--diverge-factor", type=float, default=_DEFAULTS["diverge_factor"],
-                   help="stop (exit 3) when an epoch's loss exceeds this multiple of the initial loss; 0 turns "
-                        "the guard off (NaN/inf always stop)")
+    p.add_argument(
+        "--diverge-factor",
+        type=float,
+        default=_DEFAULTS["diverge_factor"],
+        help="stop (exit 3) when an epoch's loss exceeds this multiple of the initial loss; 0 turns "
+        "the guard off (NaN/inf always stop)",
+    )
     p.add_argument("--patience", type=_positive_int, default=_DEFAULTS["patience"])
-    p.add_argument("--align-every", type=_non_negative_int, default=_DEFAULTS["align_every"],
-                   help="measure DFA-vs-BP angles every K steps (0: never)")
+    p.add_argument(
+        "--align-every",
+        type=_non_negative_int,
+        default=_DEFAULTS["align_every"],
+        help="measure DFA-vs-BP angles every K steps (0: never)",
+    )
     p.add_argument("--no-plots", action="store_true")
 
 
 def _add_single_run_args(p: argparse.ArgumentParser) -> None:
     """Seeds, checkpoint cadence and the progress bar: options of train and compare, not of sweep."""
     p.add_argument("--seed", type=_non_negative_int, default=_DEFAULTS["seed"], help="seed of the batch order")
-    p.add_argument("--param-seed", type=_non_negative_int, default=_DEFAULTS["param_seed"],
-                   help="seed of the initial weights")
+    p.add_argument(
+        "--param-seed", type=_non_negative_int, default=_DEFAULTS["param_seed"], help="seed of the initial weights"
+    )
     p.add_argument("--feedback-seed", type=_non_negative_int, default=_DEFAULTS["feedback_seed"])
-    p.add_argument("--checkpoint-every", type=_argument_type(_checkpoint_every), default=_DEFAULTS["checkpoint_every"],
-                   metavar="{N,Ns,auto}",
-                   help="write the checkpoint every N epochs, every N seconds (e.g. 30s) or, with auto, when the "
-                        "time since the last write is >= 20x its duration (< 5%% of the run); always at the end, "
-                        "before a divergence stop and on Ctrl-C / SIGTERM")
-    p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
-                   help="progress bar: auto shows it when stdout is a terminal")
+    p.add_argument(
+        "--checkpoint-every",
+        type=_argument_type(_checkpoint_every),
+        default=_DEFAULTS["checkpoint_every"],
+        metavar="{N,Ns,auto}",
+        help="write the checkpoint every N epochs, every N seconds (e.g. 30s) or, with auto, when the "
+        "time since the last write is >= 20x its duration (< 5%% of the run); always at the end, "
+        "before a divergence stop and on Ctrl-C / SIGTERM",
+    )
+    p.add_argument(
+        "--progress",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="progress bar: auto shows it when stdout is a terminal",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfa", description="Direct Feedback Alignment: train, compare, inspect.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text, with_method, folder in (
-            ("train", "train one network by DFA or BP", True, "<method>"),
-            ("compare", "DFA and BP from the same initial weights, one table and plots", False, "compare")):
+        ("train", "train one network by DFA or BP", True, "<method>"),
+        ("compare", "DFA and BP from the same initial weights, one table and plots", False, "compare"),
+    ):
         p = sub.add_parser(name, help=help_text)
         _add_data_args(p)
         _add_model_args(p)
@@ -198,19 +234,28 @@ def build_parser() -> argparse.ArgumentParser:
         _add_single_run_args(p)
         p.add_argument("--out", default=None, help=f"folder (default runs/<timestamp>-{folder}-<backend>)")
     sub.choices["train"].add_argument(
-        "--resume", default=None, metavar="RUN_DIR",
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its checkpoint (its config is used; --epochs may raise the total, "
-             "--checkpoint-every and --device may change)")
+        "--checkpoint-every and --device may change)",
+    )
     sub.choices["compare"].add_argument(
-        "--resume", default=None, metavar="OUT",
-        help="finish the comparison in OUT: a finished method is kept, an interrupted one resumes")
+        "--resume",
+        default=None,
+        metavar="OUT",
+        help="finish the comparison in OUT: a finished method is kept, an interrupted one resumes",
+    )
     sweep = sub.add_parser("sweep", help="every (lr, seed) member trained together by fit_many; mean +- std")
     _add_data_args(sweep)
     _add_model_args(sweep)
     _add_training_args(sweep, with_method=True, lr_list=True)
-    sweep.add_argument("--seeds", type=_argument_type(_seeds), required=True,
-                       help="member seeds: 0-7, 0,3,5 or 4; seed s trains with seed s, param seed s, feedback "
-                            "seed s+1")
+    sweep.add_argument(
+        "--seeds",
+        type=_argument_type(_seeds),
+        required=True,
+        help="member seeds: 0-7, 0,3,5 or 4; seed s trains with seed s, param seed s, feedback seed s+1",
+    )
     sweep.add_argument("--out", default=None, help="folder (default runs/<timestamp>-sweep-<backend>)")
     summary = sub.add_parser("summary", help="print the model table")
     _add_model_args(summary)
@@ -262,8 +307,17 @@ def _subparsers(parser):
 
 # Options that only steer this invocation, never the run's results.
 _RESUME_FREE = ("resume", "progress", "out")
-_RESUME_SETTABLE = ("epochs", "checkpoint_every", "device", "backend", "data_dir", "no_download", "no_plots",
-                    "download_timeout", "diverge_factor")
+_RESUME_SETTABLE = (
+    "epochs",
+    "checkpoint_every",
+    "device",
+    "backend",
+    "data_dir",
+    "no_download",
+    "no_plots",
+    "download_timeout",
+    "diverge_factor",
+)
 
 
 def _resume_config(parser, args, argv: Sequence[str], run_dir: str) -> RunConfig:
@@ -274,12 +328,15 @@ def _resume_config(parser, args, argv: Sequence[str], run_dir: str) -> RunConfig
     config = read_config(run_dir)
     given = {k: v for k, v in _explicit_options(parser, argv).items() if k not in _RESUME_FREE}
     saved = config.to_dict()
-    conflicts = sorted(k for k, v in given.items()
-                       if k not in _RESUME_SETTABLE and k in saved and _plain(v) != _plain(saved[k]))
+    conflicts = sorted(
+        k for k, v in given.items() if k not in _RESUME_SETTABLE and k in saved and _plain(v) != _plain(saved[k])
+    )
     if conflicts:
-        parser.error("--resume continues the run as config.json describes it; these options differ from it "
-                     f"and cannot change on resume: {', '.join(_option(k) for k in conflicts)} "
-                     f"(settable on resume: {', '.join(_option(k) for k in _RESUME_SETTABLE)})")
+        parser.error(
+            "--resume continues the run as config.json describes it; these options differ from it "
+            f"and cannot change on resume: {', '.join(_option(k) for k in conflicts)} "
+            f"(settable on resume: {', '.join(_option(k) for k in _RESUME_SETTABLE)})"
+        )
     return config.replace(**{k: v for k, v in given.items() if k in _RESUME_SETTABLE})
 
 
@@ -292,7 +349,7 @@ def _plain(value):
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def cmd_train(parser, args, argv: Sequence[str]) -> int:
+def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
     from dfa_train.run import resolve_dataset, run
     from dfa_train.tables import summary_line
 
@@ -302,8 +359,9 @@ def cmd_train(parser, args, argv: Sequence[str]) -> int:
         config = resolve_dataset(_config_from_args(args))
         run_dir = args.out or os.path.join("runs", f"{_timestamp()}-{config.method}-{config.backend}")
         if os.path.exists(os.path.join(run_dir, CHECKPOINT_NAME)):
-            parser.error(f"--out {run_dir!r} already holds a run; resume it with --resume {run_dir} "
-                         "or choose another folder")
+            parser.error(
+                f"--out {run_dir!r} already holds a run; resume it with --resume {run_dir} or choose another folder"
+            )
     args.run_dir = run_dir
     result = run(config, run_dir, resume=bool(args.resume), progress=_progress_enabled(args))
     print(summary_line(config.method.upper(), result.metrics))
@@ -311,7 +369,7 @@ def cmd_train(parser, args, argv: Sequence[str]) -> int:
     return 0
 
 
-def cmd_compare(parser, args, argv: Sequence[str]) -> int:
+def cmd_compare(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
     from dfa_train.run import compare, resolve_dataset
     from dfa_train.tables import comparison_table
 
@@ -328,7 +386,7 @@ def cmd_compare(parser, args, argv: Sequence[str]) -> int:
     return 0
 
 
-def cmd_sweep(parser, args, argv: Sequence[str]) -> int:
+def cmd_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
     from dfa_train.run import resolve_dataset
     from dfa_train.sweep import sweep
     from dfa_train.tables import sweep_table
@@ -343,7 +401,7 @@ def cmd_sweep(parser, args, argv: Sequence[str]) -> int:
     return 0
 
 
-def cmd_summary(parser, args, argv: Sequence[str]) -> int:
+def cmd_summary(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
     spec = MLPSpec(args.layers or (784, 200, 10), args.activation, args.output, args.reduction, args.dtype)
     print(model_table(spec))
     return 0
@@ -354,8 +412,10 @@ def _interrupted_message(command: str, run_dir: Optional[str]) -> str:
     folders = [run_dir] if command == "train" else [os.path.join(run_dir, m) for m in ("dfa", "bp")] if run_dir else []
     kept = [f for f in folders if f and os.path.isfile(os.path.join(f, CHECKPOINT_NAME))]
     if command in ("train", "compare") and kept:
-        return (f"interrupted: the checkpoint of the last finished epoch is kept; continue with "
-                f"dfa {command} --resume {run_dir}")
+        return (
+            f"interrupted: the checkpoint of the last finished epoch is kept; continue with "
+            f"dfa {command} --resume {run_dir}"
+        )
     if command == "sweep":
         return "interrupted: a sweep cannot be resumed; finished member folders are kept"
     return "interrupted before any epoch was saved: nothing was kept; start again"

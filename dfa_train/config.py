@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import numbers
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union, cast
 
 from dfa_core.init import DEFAULT_FEEDBACK_SCALE, FEEDBACK_DISTS
 from dfa_core.registry import BACKEND_NAMES
@@ -72,8 +72,9 @@ def _check_real(field: str, value, low: float, high: float = math.inf, *, low_op
     if not ok:
         bound = f"> {low}" if low_open else f">= {low}"
         bound += f" and < {high}" if high != math.inf else ""
-        raise ConfigError(field, f"expected a finite number {bound}" + (" or None" if optional else "")
-                          + f", {_got(value)}")
+        raise ConfigError(
+            field, f"expected a finite number {bound}" + (" or None" if optional else "") + f", {_got(value)}"
+        )
     return float(value)
 
 
@@ -124,26 +125,44 @@ class RunConfig:
     no_plots: bool = False  # write no PNG figures
 
     def __post_init__(self):
-        for field, choices in (("backend", BACKEND_NAMES), ("dataset", DATASETS), ("activation", ACTIVATIONS),
-                               ("output", OUTPUTS), ("reduction", REDUCTIONS), ("dtype", DTYPES),
-                               ("method", METHODS), ("mode", MODES), ("optimizer", OPTIMIZERS),
-                               ("feedback_dist", FEEDBACK_DISTS)):
+        for field, choices in (
+            ("backend", BACKEND_NAMES),
+            ("dataset", DATASETS),
+            ("activation", ACTIVATIONS),
+            ("output", OUTPUTS),
+            ("reduction", REDUCTIONS),
+            ("dtype", DTYPES),
+            ("method", METHODS),
+            ("mode", MODES),
+            ("optimizer", OPTIMIZERS),
+            ("feedback_dist", FEEDBACK_DISTS),
+        ):
             _check_choice(field, getattr(self, field), choices)
         if self.method == "bp" and self.mode != "sample":
-            raise ConfigError("mode", f"expected 'sample' with method 'bp' (grouping modes apply to DFA only), "
-                                      f"got {self.mode!r}")
+            raise ConfigError(
+                "mode", f"expected 'sample' with method 'bp' (grouping modes apply to DFA only), got {self.mode!r}"
+            )
         object.__setattr__(self, "layers", self._checked_layers())
-        for field, minimum in (("batch_size", 1), ("epochs", 1), ("seed", 0), ("param_seed", 0),
-                               ("feedback_seed", 0), ("patience", 1), ("align_every", 0)):
+        for field, minimum in (
+            ("batch_size", 1),
+            ("epochs", 1),
+            ("seed", 0),
+            ("param_seed", 0),
+            ("feedback_seed", 0),
+            ("patience", 1),
+            ("align_every", 0),
+        ):
             _check_int(field, getattr(self, field), minimum)
         _check_int("limit_train", self.limit_train, 1, optional=True)
         _check_int("limit_test", self.limit_test, 1, optional=True)
-        reals = {"lr": _check_real("lr", self.lr, 0.0, low_open=True),
-                 "momentum": _check_real("momentum", self.momentum, 0.0, 1.0, low_open=False),
-                 "feedback_scale": _check_real("feedback_scale", self.feedback_scale, 0.0, low_open=True),
-                 "tol": _check_real("tol", self.tol, 0.0, low_open=False, optional=True),
-                 "download_timeout": _check_real("download_timeout", self.download_timeout, 0.0, low_open=True),
-                 "diverge_factor": _check_real("diverge_factor", self.diverge_factor, 0.0, low_open=False)}
+        reals = {
+            "lr": _check_real("lr", self.lr, 0.0, low_open=True),
+            "momentum": _check_real("momentum", self.momentum, 0.0, 1.0, low_open=False),
+            "feedback_scale": _check_real("feedback_scale", self.feedback_scale, 0.0, low_open=True),
+            "tol": _check_real("tol", self.tol, 0.0, low_open=False, optional=True),
+            "download_timeout": _check_real("download_timeout", self.download_timeout, 0.0, low_open=True),
+            "diverge_factor": _check_real("diverge_factor", self.diverge_factor, 0.0, low_open=False),
+        }
         if 0 < reals["diverge_factor"] <= 1:
             raise ConfigError("diverge_factor", f"expected 0 (off) or a number > 1, got {self.diverge_factor!r}")
         for field, value in reals.items():
@@ -163,17 +182,18 @@ class RunConfig:
         layers = DEFAULT_LAYERS[self.dataset] if self.layers is None else self.layers
         if isinstance(layers, (str, bytes)) or not isinstance(layers, (tuple, list)):
             raise ConfigError("layers", f"expected a sequence of ints such as (784, 200, 10), {_got(layers)}")
-        if len(layers) < 2 or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
-                                  for n in layers):
-            raise ConfigError("layers", f"expected at least two ints >= 1 (input and output widths), "
-                                        f"got {list(layers)!r}")
+        if len(layers) < 2 or any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 for n in layers):
+            raise ConfigError(
+                "layers", f"expected at least two ints >= 1 (input and output widths), got {list(layers)!r}"
+            )
         return tuple(int(n) for n in layers)
 
     # -- derived objects ------------------------------------------------------------------------
 
     def spec(self) -> MLPSpec:
         """The network: ``MLPSpec(layers, activation, output, reduction, dtype)``."""
-        return MLPSpec(self.layers, self.activation, self.output, self.reduction, self.dtype)
+        layers = cast(Tuple[int, ...], self.layers)  # never None: __post_init__ filled in the default
+        return MLPSpec(layers, self.activation, self.output, self.reduction, self.dtype)
 
     def optimizer_spec(self) -> OptimizerSpec:
         """The optimizer: ``OptimizerSpec(optimizer, lr, momentum=momentum)``."""
@@ -238,8 +258,10 @@ class RunConfig:
             raise ValueError(f"RunConfig.from_json: expected a JSON object, {_got(data)}")
         version = data.get("version")
         if version != CONFIG_VERSION:
-            raise ValueError(f"RunConfig.from_json: key 'version': expected {CONFIG_VERSION}, got {version!r} "
-                             "(a config written by another release of dfa_train, or not a run config)")
+            raise ValueError(
+                f"RunConfig.from_json: key 'version': expected {CONFIG_VERSION}, got {version!r} "
+                "(a config written by another release of dfa_train, or not a run config)"
+            )
         names = field_names()
         missing = [name for name in names if name not in data]
         unknown = sorted(set(data) - set(names) - {"version"})

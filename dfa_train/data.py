@@ -307,8 +307,7 @@ def load_mnist(path: str, dtype: str = "float32") -> MNIST:
     _check_dtype(dtype)
     if not os.path.isdir(path):
         raise FileNotFoundError(
-            f"MNIST folder not found: {path!r}; it must hold "
-            f"{', '.join(name for name, _, _ in MNIST_FILES.values())}"
+            f"MNIST folder not found: {path!r}; it must hold {', '.join(name for name, _, _ in MNIST_FILES.values())}"
         )
     files = {part: os.path.join(path, name) for part, (name, _, _) in MNIST_FILES.items()}
     arrays, sets = {}, {}
@@ -415,8 +414,10 @@ def _missing(folder: str) -> str:
 
 
 def _slice_hint() -> str:
-    return (f"or train on the bundled slice of MNIST ({MNIST_SLICE_SIZES[0]:,} training / "
-            f"{MNIST_SLICE_SIZES[1]:,} test images) with --dataset {MNIST_SLICE_NAME}")
+    return (
+        f"or train on the bundled slice of MNIST ({MNIST_SLICE_SIZES[0]:,} training / "
+        f"{MNIST_SLICE_SIZES[1]:,} test images) with --dataset {MNIST_SLICE_NAME}"
+    )
 
 
 def _download_into(cache: str, base_urls: Optional[Sequence[str]], timeout: float) -> list:
@@ -433,8 +434,11 @@ def _download_into(cache: str, base_urls: Optional[Sequence[str]], timeout: floa
             continue
         for base in _mirrors(base_urls):
             # Said before the wait: a mirror that accepts and never answers is otherwise silence.
-            print(f"dfa: downloading {base + name} (waits up to {timeout:g} s for data; --timeout to change)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"dfa: downloading {base + name} (waits up to {timeout:g} s for data; --timeout to change)",
+                file=sys.stderr,
+                flush=True,
+            )
             try:
                 download_idx(base + name, dest, sha, timeout)
                 break

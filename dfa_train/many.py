@@ -19,9 +19,10 @@ import inspect
 import numbers
 import time
 from types import ModuleType
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from dfa_core import validation
 from dfa_core.init import init_feedback, init_params
@@ -36,17 +37,37 @@ MEMBER_KEYS = ("seed", "param_seed", "feedback_seed", "feedback_scale", "optimiz
 """What a member may set for itself; everything else is shared by all members."""
 
 SHARED_OPTIONS = (
-    "x_test", "y_test", "method", "mode", "optimizer", "epochs", "batch_size", "seed", "param_seed",
-    "feedback_seed", "feedback_dist", "feedback_scale", "tol", "patience", "align_every", "eval_batch_size",
+    "x_test",
+    "y_test",
+    "method",
+    "mode",
+    "optimizer",
+    "epochs",
+    "batch_size",
+    "seed",
+    "param_seed",
+    "feedback_seed",
+    "feedback_dist",
+    "feedback_scale",
+    "tol",
+    "patience",
+    "align_every",
+    "eval_batch_size",
 )
 """``fit``'s keyword options that ``fit_many`` takes (with ``fit``'s defaults)."""
 
 REFUSED_OPTIONS = (
-    "params", "feedback", "feedback_transform", "resume", "on_epoch", "on_batch", "donate",
-    "stop_on_nonfinite", "engine",
+    "params",
+    "feedback",
+    "feedback_transform",
+    "resume",
+    "on_epoch",
+    "on_batch",
+    "donate",
+    "stop_on_nonfinite",
+    "engine",
 )
 """``fit``'s options that have no meaning for many members trained in one program."""
-
 
 
 class Member(NamedTuple):
@@ -78,10 +99,15 @@ def _check_options(spec: MLPSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, An
     validation.check_mode(opts["mode"])
     if opts["method"] == "bp" and opts["mode"] != "sample":
         raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {opts['mode']!r}")
-    for name, minimum in (("epochs", 1), ("batch_size", 1), ("patience", 1), ("align_every", 0),
-                          ("eval_batch_size", 1)):
+    for name, minimum in (
+        ("epochs", 1),
+        ("batch_size", 1),
+        ("patience", 1),
+        ("align_every", 0),
+        ("eval_batch_size", 1),
+    ):
         opts[name] = validation.check_int(name, opts[name], minimum)
-    tol = opts["tol"]
+    tol: Optional[float] = opts["tol"]
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol >= 0):
         raise ValueError(f"tol must be None or a number >= 0, got {tol!r}")
     if (opts["x_test"] is None) != (opts["y_test"] is None):
@@ -135,15 +161,28 @@ def _groups(members: Sequence[Member]) -> Dict[Tuple[str, bool], List[int]]:
 
 def _check_memory(be, spec: MLPSpec, opts, groups, n_train: int, n_test: int) -> None:
     """Refuses, before allocating, a run whose largest group would not fit (groups run one after another)."""
-    need, worst = 0, None
+    need, worst = 0, ("", 0)  # worst: (optimizer, members) of the largest group
     for (name, _), idx in groups.items():
-        est = memory.estimate_memory(spec, len(idx), n_train, n_test, opts["batch_size"], opts["eval_batch_size"],
-                                     name, opts["method"], bool(opts["align_every"]))
+        est = memory.estimate_memory(
+            spec,
+            len(idx),
+            n_train,
+            n_test,
+            opts["batch_size"],
+            opts["eval_batch_size"],
+            name,
+            opts["method"],
+            bool(opts["align_every"]),
+        )
         if est > need:
             need, worst = est, (name, len(idx))
-    memory.check_memory(be, need, f"fit_many ({worst[1]} '{worst[0]}' members of {list(spec.layer_sizes)} in "
-                                  f"{spec.dtype}, {n_train} training samples, batch {opts['batch_size']}; train "
-                                  "fewer members per call, a smaller eval_batch_size or batch_size)")
+    memory.check_memory(
+        be,
+        need,
+        f"fit_many ({worst[1]} '{worst[0]}' members of {list(spec.layer_sizes)} in "
+        f"{spec.dtype}, {n_train} training samples, batch {opts['batch_size']}; train "
+        "fewer members per call, a smaller eval_batch_size or batch_size)",
+    )
 
 
 class _Data(NamedTuple):
@@ -178,8 +217,17 @@ def _stack(trees: Sequence[Any]) -> Any:
     return tree_map(lambda *leaves: np.stack(leaves), *trees)
 
 
-def _record_epoch(spec: MLPSpec, rec: _Record, m: int, epoch: int, step0: int, host: Dict[str, np.ndarray], opts,
-                  data: _Data, seconds: float) -> None:
+def _record_epoch(
+    spec: MLPSpec,
+    rec: _Record,
+    m: int,
+    epoch: int,
+    step0: int,
+    host: Dict[str, np.ndarray],
+    opts,
+    data: _Data,
+    seconds: float,
+) -> None:
     """Appends member m's epoch to its record, as fit's loop does, and applies fit's tol rule."""
     n = data.labels.shape[0]
     batch_losses = np.asarray(host["losses"][m], dtype=np.float64)
@@ -196,8 +244,9 @@ def _record_epoch(spec: MLPSpec, rec: _Record, m: int, epoch: int, step0: int, h
         for s in range(batch_losses.shape[0]):
             if (step0 + s) % opts["align_every"] == 0:
                 weights, deltas = host["angles"][m, s]
-                rec.alignment.append(AlignmentRecord(step0 + s, epoch, tuple(map(float, weights)),
-                                                     tuple(map(float, deltas))))
+                rec.alignment.append(
+                    AlignmentRecord(step0 + s, epoch, tuple(map(float, weights)), tuple(map(float, deltas)))
+                )
     if opts["tol"] is not None and epoch >= 1:
         rec.within_tol = rec.within_tol + 1 if abs(rec.errors[-1] - rec.errors[-2]) <= opts["tol"] else 0
         if rec.within_tol >= opts["patience"]:
@@ -212,8 +261,9 @@ def _run_group(be, spec: MLPSpec, opts, members: Sequence[Member], feedback_np, 
     feedback = be.asarray(_stack(feedback_np))
     hyper = be.stack_hyper([m.optimizer for m in members], spec.dtype)
     opt_state = be.init_opt_state_many(name, nesterov, params, hyper)
-    epoch_fn = be.train_epoch_many(spec, name, nesterov, opts["method"], opts["mode"], opts["batch_size"],
-                                   opts["align_every"])
+    epoch_fn = be.train_epoch_many(
+        spec, name, nesterov, opts["method"], opts["mode"], opts["batch_size"], opts["align_every"]
+    )
     predict = be.predict_labels_many(spec, opts["eval_batch_size"])
     rngs = [np.random.default_rng(m.seed) for m in members]
     recs = [_Record() for _ in members]
@@ -225,8 +275,9 @@ def _run_group(be, spec: MLPSpec, opts, members: Sequence[Member], feedback_np, 
         active = np.array([r.active for r in recs])
         step0 = epoch * num_batches
         start = time.perf_counter()
-        params, opt_state, losses, angles = epoch_fn(params, feedback, opt_state, hyper, active, data.x, data.y,
-                                                     orders, step0)
+        params, opt_state, losses, angles = epoch_fn(
+            params, feedback, opt_state, hyper, active, data.x, data.y, orders, step0
+        )
         device = {"losses": losses, "pred": predict(params, data.x)}
         if data.x_test is not None:
             device["test_pred"] = predict(params, data.x_test)
@@ -250,10 +301,11 @@ def _history(be, spec: MLPSpec, opts, member: Member, rec: _Record, feedback_np,
     """Member's History, with the config fit(**fit_kwargs, **member) records."""
     has_test = data.test_labels is not None
     num_classes = max(spec.n_out, 2)
-    if has_test:
-        confusion = confusion_matrix(data.test_labels, rec.test_pred, num_classes)
+    # The predictions are there: every epoch that ran measured them.
+    if data.test_labels is not None:
+        confusion = confusion_matrix(data.test_labels, cast(np.ndarray, rec.test_pred), num_classes)
     else:
-        confusion = confusion_matrix(data.labels, rec.pred, num_classes)
+        confusion = confusion_matrix(data.labels, cast(np.ndarray, rec.pred), num_classes)
     config = {
         "backend": be.__name__,
         "layer_sizes": list(spec.layer_sizes),
@@ -275,7 +327,7 @@ def _history(be, spec: MLPSpec, opts, member: Member, rec: _Record, feedback_np,
         "patience": opts["patience"],
         "align_every": opts["align_every"],
         "n_train": int(data.labels.shape[0]),
-        "n_test": int(data.test_labels.shape[0]) if has_test else 0,
+        "n_test": int(data.test_labels.shape[0]) if data.test_labels is not None else 0,
     }
     return History(
         loss=tuple(rec.losses),
@@ -295,11 +347,11 @@ def _history(be, spec: MLPSpec, opts, member: Member, rec: _Record, feedback_np,
 def fit_many(
     backend: Union[str, ModuleType],
     spec: MLPSpec,
-    x_train,
-    y_train,
+    x_train: npt.ArrayLike,
+    y_train: npt.ArrayLike,
     *,
     members: Sequence[Mapping[str, Any]],
-    **fit_kwargs,
+    **fit_kwargs: Any,
 ) -> Tuple[History, ...]:
     """Trains M members of ``spec`` together; member m's History equals fit's for it alone.
 
@@ -356,17 +408,23 @@ def fit_many(
             raise type(err)(f"members[{i}]: {err}") from None
     groups = _groups(member_list)
     _check_memory(be, spec, opts, groups, x_np.shape[0], 0 if test is None else test[0].shape[0])
-    records: List[Optional[_Record]] = [None] * len(member_list)
+    records: Dict[int, _Record] = {}  # member index -> its record; every group fills its members'
     with be.precision_scope(spec.dtype):
-        data = _Data(*be.asarray((x_np, y_np)), labels_of(y_np),
-                     be.asarray(test[0]) if test is not None else None,
-                     labels_of(test[1]) if test is not None else None)
+        x_nat, y_nat = be.asarray((x_np, y_np))
+        data = _Data(
+            x_nat,
+            y_nat,
+            labels_of(y_np),
+            be.asarray(test[0]) if test is not None else None,
+            labels_of(test[1]) if test is not None else None,
+        )
         for idx in groups.values():
             recs = _run_group(be, spec, opts, [member_list[i] for i in idx], [feedback_np[i] for i in idx], data)
             for i, rec in zip(idx, recs):
                 records[i] = rec
-    return tuple(_history(be, spec, opts, m, rec, fb, data)
-                 for m, rec, fb in zip(member_list, records, feedback_np))
+    return tuple(
+        _history(be, spec, opts, m, records[i], fb, data) for i, (m, fb) in enumerate(zip(member_list, feedback_np))
+    )
 
 
 __all__ = [

@@ -96,7 +96,7 @@ def available_memory(backend: Union[str, ModuleType]) -> Optional[Tuple[int, str
     return None if host is None else (host, "host memory (MemAvailable)")
 
 
-def check_memory(backend, need: int, what: str) -> None:
+def check_memory(backend: Union[str, ModuleType], need: int, what: str) -> None:
     """Raises MemoryError naming ``need`` (bytes), ``what`` needs it and what is free, when it does not fit."""
     free = available_memory(backend)
     if free is not None and need > free[0]:
@@ -106,13 +106,26 @@ def check_memory(backend, need: int, what: str) -> None:
         )
 
 
-def check_run_memory(backend, spec: MLPSpec, n_train: int, n_test: int, batch_size: int, eval_batch_size: int,
-                     optimizer: str, method: str, align: bool) -> None:
+def check_run_memory(
+    backend: Union[str, ModuleType],
+    spec: MLPSpec,
+    n_train: int,
+    n_test: int,
+    batch_size: int,
+    eval_batch_size: int,
+    optimizer: str,
+    method: str,
+    align: bool,
+) -> None:
     """``check_memory`` for one run of ``spec`` (fit, dfa train): before its params are drawn."""
     need = estimate_memory(spec, 1, n_train, n_test, batch_size, eval_batch_size, optimizer, method, align)
-    check_memory(backend, need, f"training {list(spec.layer_sizes)} in {spec.dtype} ({spec.num_params():,} "
-                                f"parameters, {n_train:,} samples, batch {batch_size}; use smaller layers, "
-                                "batch_size or eval_batch_size)")
+    check_memory(
+        backend,
+        need,
+        f"training {list(spec.layer_sizes)} in {spec.dtype} ({spec.num_params():,} "
+        f"parameters, {n_train:,} samples, batch {batch_size}; use smaller layers, "
+        "batch_size or eval_batch_size)",
+    )
 
 
 __all__ = ["available_memory", "check_memory", "check_run_memory", "estimate_memory"]

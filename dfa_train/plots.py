@@ -44,8 +44,13 @@ def plot_curves(runs: Mapping[str, Mapping[str, Sequence[float]]], path: str, ti
     for label, m in runs.items():
         epochs = np.arange(1, len(m["train_error"]) + 1)
         ax_err.plot(epochs, 100 * np.asarray(m["train_error"], dtype=float), marker="o", ms=3, label=label)
-        ax_loss.plot(epochs, np.asarray([np.nan if v is None else v for v in m["loss"]], dtype=float),
-                     marker="o", ms=3, label=label)
+        ax_loss.plot(
+            epochs,
+            np.asarray([np.nan if v is None else v for v in m["loss"]], dtype=float),
+            marker="o",
+            ms=3,
+            label=label,
+        )
     ax_err.set(xlabel="epoch", ylabel="training error (%)", title="training error")
     ax_loss.set(xlabel="epoch", ylabel="mean loss per sample", title="training loss")
     for ax in (ax_err, ax_loss):
@@ -69,8 +74,15 @@ def plot_confusion(confusion: np.ndarray, path: str, title: str = "confusion mat
     if n <= 20:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, str(int(c[i, j])), ha="center", va="center", fontsize=7,
-                        color="white" if c[i, j] > c.max() / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(int(c[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if c[i, j] > c.max() / 2 else "black",
+                )
     ax.set(xlabel="predicted class", ylabel="true class", title=title, xticks=range(n), yticks=range(n))
     fig.tight_layout()
     fig.savefig(path)
@@ -121,8 +133,12 @@ def plot_alignment(records: Sequence[Mapping], path: str, steps_per_epoch: Optio
         label = f"layer {l + 1}" + (" (output)" if l == angles.shape[1] - 1 else "")
         ax.plot(x, angles[:, l], label=label)
     ax.axhline(90, color="grey", ls=":", lw=1)
-    ax.set(xlabel="epoch" if steps_per_epoch else "step", ylabel="angle DFA vs BP (degrees)",
-           title="alignment of DFA updates with BP gradients", ylim=(0, 180))
+    ax.set(
+        xlabel="epoch" if steps_per_epoch else "step",
+        ylabel="angle DFA vs BP (degrees)",
+        title="alignment of DFA updates with BP gradients",
+        ylim=(0, 180),
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -152,8 +168,15 @@ def plot_sweep(settings: Mapping[str, Mapping[str, Sequence]], path: str, ylabel
         mean, std = 100 * np.asarray(s["mean"], dtype=float), 100 * np.asarray(s["std"], dtype=float)
         epochs = np.arange(1, len(mean) + 1)
         ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
-        ax.plot(epochs, mean, color=colour, lw=2, marker="o", ms=3,
-                label=f"{label} (mean ± std of {len(s['members'])} seeds)")
+        ax.plot(
+            epochs,
+            mean,
+            color=colour,
+            lw=2,
+            marker="o",
+            ms=3,
+            label=f"{label} (mean ± std of {len(s['members'])} seeds)",
+        )
     ax.set(xlabel="epoch", ylabel=ylabel, title="sweep: mean ± std across seeds, thin lines per seed")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -162,5 +185,4 @@ def plot_sweep(settings: Mapping[str, Mapping[str, Sequence]], path: str, ylabel
     return path
 
 
-__all__ = ["plot_alignment", "plot_confusion", "plot_curves", "plot_precision_recall", "plot_sweep",
-           "precision_recall"]
+__all__ = ["plot_alignment", "plot_confusion", "plot_curves", "plot_precision_recall", "plot_sweep", "precision_recall"]

@@ -23,24 +23,33 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Tuple, cast
 
 import numpy as np
 
 from dfa_core import init as dfa_init
-from dfa_train import run_files
+from dfa_core.backend import ParamsLike
+from dfa_train import memory, run_files
 from dfa_train.cadence import CheckpointEvery, checkpoint_due
 from dfa_train.checkpoint import CHECKPOINT_NAME, Checkpoint, atomic_write_text, load_checkpoint, save_checkpoint
 from dfa_train.config import ConfigError, RunConfig
 from dfa_train.run_dir import check_new_folder, claim
-from dfa_train import memory
 from dfa_train.state import DivergenceError, EpochEnd, History, ResumeState
 from dfa_train.tables import comparison_table
 
 Data = Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train (N, n_0), y_train (N, n_L), x_test, y_test
 
-RESUME_MAY_CHANGE = ("epochs", "backend", "device", "checkpoint_every", "data_dir", "no_download", "no_plots",
-                     "download_timeout", "diverge_factor")
+RESUME_MAY_CHANGE = (
+    "epochs",
+    "backend",
+    "device",
+    "checkpoint_every",
+    "data_dir",
+    "no_download",
+    "no_plots",
+    "download_timeout",
+    "diverge_factor",
+)
 """Fields a resumed run may set differently from its config.json; any other change is refused."""
 
 
@@ -49,7 +58,8 @@ class RunResult(NamedTuple):
 
     run_dir: str  # the folder written
     metrics: Dict[str, Any]  # what metrics.json holds (run_files.metrics_of)
-    history: History  # fit's record of the whole run, resumed epochs included
+    history: Optional[History]  # fit's record of the whole run, resumed epochs included; None for a
+    # compare member that had finished before ``--resume`` (only its metrics are read back)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,15 +111,23 @@ def check_widths(config: RunConfig, data: Data) -> None:
     """Raises ConfigError when the first/last widths do not fit the data's columns ('layers') or the
     targets cannot be grouped by class ('mode'): bad inputs, found before any folder is made."""
     x_train, y_train = data[0], data[1]
-    if config.layers[0] != x_train.shape[1] or config.layers[-1] != y_train.shape[1]:
-        raise ConfigError("layers", (
-            f"{','.join(map(str, config.layers))} does not fit dataset {config.dataset!r}: inputs have "
-            f"{x_train.shape[1]} features and targets {y_train.shape[1]} columns, so the first width must be "
-            f"{x_train.shape[1]} and the last {y_train.shape[1]}"))
+    layers = cast(Tuple[int, ...], config.layers)  # never None: RunConfig filled in the default
+    if layers[0] != x_train.shape[1] or layers[-1] != y_train.shape[1]:
+        raise ConfigError(
+            "layers",
+            (
+                f"{','.join(map(str, layers))} does not fit dataset {config.dataset!r}: inputs have "
+                f"{x_train.shape[1]} features and targets {y_train.shape[1]} columns, so the first width must be "
+                f"{x_train.shape[1]} and the last {y_train.shape[1]}"
+            ),
+        )
     one_hot = y_train.shape[1] > 1 and np.all((y_train == 0) | (y_train == 1)) and np.all(y_train.sum(axis=1) == 1)
     if config.method == "dfa" and config.mode == "class_mean" and not one_hot:
-        raise ConfigError("mode", f"'class_mean' groups samples by class and needs one-hot targets; dataset "
-                                  f"{config.dataset!r} has {y_train.shape[1]} target column(s) that are not one-hot")
+        raise ConfigError(
+            "mode",
+            f"'class_mean' groups samples by class and needs one-hot targets; dataset "
+            f"{config.dataset!r} has {y_train.shape[1]} target column(s) that are not one-hot",
+        )
 
 
 def _available_devices(backend: str) -> Tuple[str, ...]:
@@ -139,16 +157,22 @@ def check_device(backend: str, device: Optional[str]) -> None:
     found = _available_devices(backend)
     base = device.split(":")[0]
     wanted_index = int(device.split(":")[1]) if ":" in device and device.split(":")[1].isdigit() else 0
-    ok = (base == "cpu" and "cpu" in found) or (backend == "torch" and base == "cuda" and f"cuda:{wanted_index}"
-                                                  in found) or (base in found and base != "cuda")
+    ok = (
+        (base == "cpu" and "cpu" in found)
+        or (backend == "torch" and base == "cuda" and f"cuda:{wanted_index}" in found)
+        or (base in found and base != "cuda")
+    )
     if not ok:
         kind = "torch device" if backend == "torch" else "JAX platform"
-        raise ConfigError("device", f"{kind} {device!r} is not available here; this machine has {list(found)}"
-                                    + (" (a CPU build of torch has no cuda)" if base == "cuda" else ""))
+        raise ConfigError(
+            "device",
+            f"{kind} {device!r} is not available here; this machine has {list(found)}"
+            + (" (a CPU build of torch has no cuda)" if base == "cuda" else ""),
+        )
 
 
 @contextlib.contextmanager
-def device_scope(backend: str, device: Optional[str]):
+def device_scope(backend: str, device: Optional[str]) -> Iterator[None]:
     """Makes ``device`` the default device of the backend while training (None: leave it)."""
     if device is None:
         yield
@@ -177,8 +201,9 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=done_steps, desc=label, unit="step", file=sys.stderr,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total_steps, initial=done_steps, desc=label, unit="step", file=sys.stderr, dynamic_ncols=True
+            )
 
     def batch(self, epoch: int, index: int, num_batches: int) -> None:
         if self.bar is not None:
@@ -186,8 +211,12 @@ class Progress:
 
     def epoch(self, e: EpochEnd) -> None:
         if self.bar is not None:
-            post = dict(epoch=f"{e.epoch}/{e.epochs}", loss=f"{e.loss:.4f}", err=f"{100 * e.train_error:.2f}%",
-                        samples_s=f"{e.samples_per_s:.0f}")
+            post = dict(
+                epoch=f"{e.epoch}/{e.epochs}",
+                loss=f"{e.loss:.4f}",
+                err=f"{100 * e.train_error:.2f}%",
+                samples_s=f"{e.samples_per_s:.0f}",
+            )
             if e.test_accuracy is not None:
                 post["test_acc"] = f"{100 * e.test_accuracy:.2f}%"
             self.bar.set_postfix(post)
@@ -210,7 +239,7 @@ class Interrupts:
     someone else installed is left alone); the previous handlers come back on exit.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._depth = 0
         self._pending = False
         self._previous: Dict[int, Any] = {}
@@ -235,7 +264,7 @@ class Interrupts:
         self._previous.clear()
 
     @contextlib.contextmanager
-    def deferred(self):
+    def deferred(self) -> Iterator[None]:
         """Holds signals back while the block runs; one that arrived is raised at its end."""
         self._depth += 1
         try:
@@ -258,9 +287,15 @@ class Checkpointer:
     after a divergence the checkpoint holds the last epoch whose loss and params were finite.
     """
 
-    def __init__(self, path: str, every: CheckpointEvery, meta: Dict[str, Any], *,
-                 clock: Callable[[], float] = time.monotonic,
-                 save: Optional[Callable[[str, Checkpoint], None]] = None):
+    def __init__(
+        self,
+        path: str,
+        every: CheckpointEvery,
+        meta: Dict[str, Any],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        save: Optional[Callable[[str, Checkpoint], None]] = None,
+    ):
         self.path, self.every, self.meta, self.clock = path, every, meta, clock
         self._save = save_checkpoint if save is None else save  # looked up now: tests may replace it
         self.saved_epoch = -1  # the epoch of the checkpoint on disk; -1 before the first write
@@ -268,7 +303,7 @@ class Checkpointer:
         self.last_write_end = clock()
         self.last_write_s = 0.0
 
-    def write(self, params, feedback, resume: ResumeState) -> None:
+    def write(self, params: dfa_init.Params, feedback: dfa_init.Feedback, resume: ResumeState) -> None:
         """Writes one state now (atomically, through ``save_checkpoint``) and times the write."""
         start = self.clock()
         self._save(self.path, Checkpoint(params, feedback, resume, self.meta))
@@ -299,12 +334,19 @@ class Checkpointer:
 
 
 def _check_resumable(stored: RunConfig, config: RunConfig) -> None:
-    changed = [name for name in stored.to_dict() if name not in RESUME_MAY_CHANGE
-               and getattr(stored, name, None) != getattr(config, name, None) and name != "version"]
+    changed = [
+        name
+        for name in stored.to_dict()
+        if name not in RESUME_MAY_CHANGE
+        and getattr(stored, name, None) != getattr(config, name, None)
+        and name != "version"
+    ]
     if changed:
-        raise ValueError(f"cannot resume with a different {', '.join(changed)} (config.json has "
-                         f"{', '.join(f'{n}={getattr(stored, n)!r}' for n in changed)}); only "
-                         f"{list(RESUME_MAY_CHANGE)} may change")
+        raise ValueError(
+            f"cannot resume with a different {', '.join(changed)} (config.json has "
+            f"{', '.join(f'{n}={getattr(stored, n)!r}' for n in changed)}); only "
+            f"{list(RESUME_MAY_CHANGE)} may change"
+        )
 
 
 def _start(config: RunConfig, run_dir: str, params, checkpointer: Checkpointer):
@@ -341,11 +383,28 @@ def _train(config: RunConfig, data: Data, params, feedback, state, on_epoch, bar
     x_train, y_train, x_test, y_test = data
     with device_scope(config.backend, config.device):
         return fit(
-            config.backend, config.spec(), x_train, y_train, x_test=x_test, y_test=y_test, method=config.method,
-            mode=config.mode, optimizer=config.optimizer_spec(), epochs=config.epochs,
-            batch_size=config.batch_size, seed=config.seed, params=params, feedback=feedback, tol=config.tol,
-            patience=config.patience, align_every=config.align_every, resume=state, on_epoch=on_epoch,
-            on_batch=bar.batch, stop_on_nonfinite=True, diverge_factor=config.diverge_factor or None,
+            config.backend,
+            config.spec(),
+            x_train,
+            y_train,
+            x_test=x_test,
+            y_test=y_test,
+            method=config.method,
+            mode=config.mode,
+            optimizer=config.optimizer_spec(),
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            params=params,
+            feedback=feedback,
+            tol=config.tol,
+            patience=config.patience,
+            align_every=config.align_every,
+            resume=state,
+            on_epoch=on_epoch,
+            on_batch=bar.batch,
+            stop_on_nonfinite=True,
+            diverge_factor=config.diverge_factor or None,
         )
 
 
@@ -357,13 +416,21 @@ def _finish(config: RunConfig, run_dir: str, history: History, data: Data) -> Di
     run_files.save_params(run_dir, history.params)
     if not config.no_plots:
         steps_per_epoch = -(-n_train // config.batch_size)
-        run_files.write_plots(run_dir, {config.method.upper(): metrics}, run_files.read_history(run_dir),
-                              steps_per_epoch)
+        run_files.write_plots(
+            run_dir, {config.method.upper(): metrics}, run_files.read_history(run_dir), steps_per_epoch
+        )
     return metrics
 
 
-def run(config: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = False, params=None,
-        data: Optional[Data] = None) -> RunResult:
+def run(
+    config: RunConfig,
+    out_dir: str,
+    *,
+    resume: bool = False,
+    progress: bool = False,
+    params: Optional[ParamsLike] = None,
+    data: Optional[Data] = None,
+) -> RunResult:
     """Trains one run into ``out_dir``: config, history, checkpoints, metrics, params and plots.
 
     Args:
@@ -391,10 +458,22 @@ def run(config: RunConfig, out_dir: str, *, resume: bool = False, progress: bool
     check_device(config.backend, config.device)
     data = load_data(config) if data is None else data
     check_widths(config, data)
-    memory.check_run_memory(config.backend, config.spec(), data[0].shape[0], data[2].shape[0], config.batch_size,
-                            10000, config.optimizer, config.method, bool(config.align_every))
-    checkpointer = Checkpointer(os.path.join(out_dir, CHECKPOINT_NAME), config.checkpoint_cadence(),
-                                {"config": config.to_dict(), "backend": config.backend})
+    memory.check_run_memory(
+        config.backend,
+        config.spec(),
+        data[0].shape[0],
+        data[2].shape[0],
+        config.batch_size,
+        10000,
+        config.optimizer,
+        config.method,
+        bool(config.align_every),
+    )
+    checkpointer = Checkpointer(
+        os.path.join(out_dir, CHECKPOINT_NAME),
+        config.checkpoint_cadence(),
+        {"config": config.to_dict(), "backend": config.backend},
+    )
     with claim(out_dir, resume) as folder, Interrupts() as interrupts:
         if resume:
             params, feedback, state = _restart(config, out_dir, checkpointer, data[0].shape[0])
@@ -404,8 +483,9 @@ def run(config: RunConfig, out_dir: str, *, resume: bool = False, progress: bool
             state = None
         steps_per_epoch = -(-data[0].shape[0] // config.batch_size)
         done = state.epoch if state is not None else 0
-        bar = Progress(progress, f"{config.method}/{config.backend}", config.epochs * steps_per_epoch,
-                       done * steps_per_epoch)
+        bar = Progress(
+            progress, f"{config.method}/{config.backend}", config.epochs * steps_per_epoch, done * steps_per_epoch
+        )
 
         def on_epoch(e: EpochEnd) -> None:
             with interrupts.deferred():
@@ -428,8 +508,9 @@ def run(config: RunConfig, out_dir: str, *, resume: bool = False, progress: bool
     return RunResult(out_dir, metrics, history)
 
 
-def compare(config: RunConfig, out_dir: str, *, progress: bool = False, data: Optional[Data] = None,
-            resume: bool = False) -> Dict[str, RunResult]:
+def compare(
+    config: RunConfig, out_dir: str, *, progress: bool = False, data: Optional[Data] = None, resume: bool = False
+) -> Dict[str, RunResult]:
     """DFA and BP from the same initial weights, in ``out_dir/dfa`` and ``out_dir/bp``.
 
     Writes the joint figures, summary.md (a Markdown table) and summary.json in ``out_dir``.
@@ -448,21 +529,25 @@ def compare(config: RunConfig, out_dir: str, *, progress: bool = False, data: Op
     results = {}
     for method in ("dfa", "bp"):
         member = config.with_method(method).replace(no_plots=True)
-        results[method.upper()] = _compare_member(member, os.path.join(out_dir, method), resume, progress,
-                                                  params, data)
+        results[method.upper()] = _compare_member(member, os.path.join(out_dir, method), resume, progress, params, data)
     metrics = {label: r.metrics for label, r in results.items()}
     if not config.no_plots:
-        run_files.write_plots(out_dir, metrics, run_files.read_history(os.path.join(out_dir, "dfa")),
-                              -(-data[0].shape[0] // config.batch_size))
+        run_files.write_plots(
+            out_dir,
+            metrics,
+            run_files.read_history(os.path.join(out_dir, "dfa")),
+            -(-data[0].shape[0] // config.batch_size),
+        )
     atomic_write_text(os.path.join(out_dir, "summary.md"), comparison_table(metrics))
-    summary = {"config": config.to_dict(),
-               "results": {k: {kk: v for kk, v in m.items() if kk != "confusion"} for k, m in metrics.items()}}
+    summary = {
+        "config": config.to_dict(),
+        "results": {k: {kk: v for kk, v in m.items() if kk != "confusion"} for k, m in metrics.items()},
+    }
     atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1, allow_nan=False))
     return results
 
 
-def _compare_member(member: RunConfig, member_dir: str, resume: bool, progress: bool, params, data: Data
-                    ) -> RunResult:
+def _compare_member(member: RunConfig, member_dir: str, resume: bool, progress: bool, params, data: Data) -> RunResult:
     if resume and os.path.isfile(os.path.join(member_dir, CHECKPOINT_NAME)):
         metrics_path = os.path.join(member_dir, run_files.METRICS_NAME)
         if os.path.isfile(metrics_path):  # this method's run had finished

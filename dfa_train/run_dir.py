@@ -41,10 +41,16 @@ def _check_target(out_dir: str, resume: bool) -> None:
         if theirs:
             shown = ", ".join(theirs[:5]) + (", ..." if len(theirs) > 5 else "")
             if CHECKPOINT_NAME in theirs:
-                raise ConfigError("out", f"{out_dir!r} already holds a run (checkpoint.npz); resume it with "
-                                         f"--resume {out_dir} or choose another folder")
-            raise ConfigError("out", f"{out_dir!r} is not empty (it holds {shown}); choose an empty or new "
-                                     "folder (nothing in it is overwritten)")
+                raise ConfigError(
+                    "out",
+                    f"{out_dir!r} already holds a run (checkpoint.npz); resume it with "
+                    f"--resume {out_dir} or choose another folder",
+                )
+            raise ConfigError(
+                "out",
+                f"{out_dir!r} is not empty (it holds {shown}); choose an empty or new "
+                "folder (nothing in it is overwritten)",
+            )
 
 
 def check_new_folder(out_dir: str) -> None:
@@ -76,8 +82,9 @@ def _lock(out_dir: str):
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise ConfigError("out", f"{out_dir!r} is in use by another dfa run (pid {holder}); wait for it or "
-                                 "choose another folder") from None
+        raise ConfigError(
+            "out", f"{out_dir!r} is in use by another dfa run (pid {holder}); wait for it or choose another folder"
+        ) from None
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
@@ -127,7 +134,8 @@ def claim(out_dir: str, resume: bool) -> Iterator[Claim]:
         # diverged); any other failure
         # before the first epoch, or an interrupt before that checkpoint, leaves nothing behind.
         resumable = isinstance(err, (KeyboardInterrupt, DivergenceError)) and os.path.exists(
-            os.path.join(out_dir, CHECKPOINT_NAME))
+            os.path.join(out_dir, CHECKPOINT_NAME)
+        )
         if not resume and not state.first_epoch_written and not resumable:
             lock.close()
             _remove_new_run(out_dir, created, names_before)

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from dfa_core.backend import ParamsLike
 from dfa_train.checkpoint import atomic_write_text
 from dfa_train.config import RunConfig
 from dfa_train.state import EpochEnd, History, ResumeState
@@ -29,33 +30,50 @@ METRICS_NAME = "metrics.json"
 PARAMS_NAME = "params.npz"
 
 
-def finite_or_none(value) -> Optional[float]:
+def finite_or_none(value: Optional[float]) -> Optional[float]:
     """``value`` as a float, or None when it is None, NaN or infinite (strict JSON has no NaN)."""
     return None if value is None or not math.isfinite(value) else float(value)
 
 
 def _alignment_records(records) -> List[Dict[str, Any]]:
-    return [{"step": r.step, "weights": [finite_or_none(v) for v in r.weights],
-             "deltas": [finite_or_none(v) for v in r.deltas]} for r in records]
+    return [
+        {
+            "step": r.step,
+            "weights": [finite_or_none(v) for v in r.weights],
+            "deltas": [finite_or_none(v) for v in r.deltas],
+        }
+        for r in records
+    ]
 
 
 def epoch_record(e: EpochEnd) -> Dict[str, Any]:
     """The history.jsonl line of one finished epoch."""
-    return {"epoch": e.epoch, "loss": finite_or_none(e.loss), "train_error": e.train_error,
-            "test_accuracy": e.test_accuracy, "time_s": e.time_s, "samples_per_s": e.samples_per_s,
-            "alignment": _alignment_records(e.alignment)}
+    return {
+        "epoch": e.epoch,
+        "loss": finite_or_none(e.loss),
+        "train_error": e.train_error,
+        "test_accuracy": e.test_accuracy,
+        "time_s": e.time_s,
+        "samples_per_s": e.samples_per_s,
+        "alignment": _alignment_records(e.alignment),
+    }
 
 
 def history_records(history: History, n_train: int) -> List[Dict[str, Any]]:
     """history.jsonl's lines rebuilt from a whole ``History`` (for runs trained without ``on_epoch``)."""
     records = []
     for i, (loss, error, time_s) in enumerate(zip(history.loss, history.train_error, history.time_s)):
-        records.append({
-            "epoch": i + 1, "loss": finite_or_none(loss), "train_error": error,
-            "test_accuracy": history.test_accuracy[i] if history.test_accuracy else None, "time_s": time_s,
-            "samples_per_s": n_train / time_s if time_s > 0 else None,
-            "alignment": _alignment_records(r for r in history.alignment if r.epoch == i),
-        })
+        records.append(
+            {
+                "epoch": i + 1,
+                "loss": finite_or_none(loss),
+                "train_error": error,
+                "test_accuracy": history.test_accuracy[i] if history.test_accuracy else None,
+                "time_s": time_s,
+                "samples_per_s": n_train / time_s if time_s > 0 else None,
+                "alignment": _alignment_records(r for r in history.alignment if r.epoch == i),
+            }
+        )
     return records
 
 
@@ -101,11 +119,17 @@ def history_for_resume(run_dir: str, resume: ResumeState, n_train: int) -> List[
             records.append(kept[i + 1])
             continue
         time_s = resume.time_s[i] if i < len(resume.time_s) else 0.0
-        records.append({
-            "epoch": i + 1, "loss": finite_or_none(resume.loss[i]), "train_error": resume.train_error[i],
-            "test_accuracy": resume.test_accuracy[i] if i < len(resume.test_accuracy) else None,
-            "time_s": time_s, "samples_per_s": n_train / time_s if time_s > 0 else None, "alignment": [],
-        })
+        records.append(
+            {
+                "epoch": i + 1,
+                "loss": finite_or_none(resume.loss[i]),
+                "train_error": resume.train_error[i],
+                "test_accuracy": resume.test_accuracy[i] if i < len(resume.test_accuracy) else None,
+                "time_s": time_s,
+                "samples_per_s": n_train / time_s if time_s > 0 else None,
+                "alignment": [],
+            }
+        )
     return records
 
 
@@ -147,7 +171,9 @@ def metrics_of(config: RunConfig, history: History, n_train: int, n_test: int) -
     wall = float(sum(history.time_s))
     epochs = len(history.loss)
     metrics = {
-        "method": config.method, "backend": config.backend, "mode": config.mode,
+        "method": config.method,
+        "backend": config.backend,
+        "mode": config.mode,
         "test_accuracy": history.test_accuracy[-1] if history.test_accuracy else None,
         "train_error": list(history.train_error),
         "loss": [finite_or_none(v) for v in history.loss],
@@ -158,7 +184,8 @@ def metrics_of(config: RunConfig, history: History, n_train: int, n_test: int) -
         "samples_per_s": n_train * epochs / wall if wall > 0 else None,
         "confusion": np.asarray(history.confusion).tolist(),
         "confusion_split": history.confusion_split,
-        "n_train": int(n_train), "n_test": int(n_test),
+        "n_train": int(n_train),
+        "n_test": int(n_test),
     }
     if np.asarray(history.confusion).shape[0] > 0:
         from dfa_train.plots import precision_recall
@@ -173,14 +200,16 @@ def write_metrics(run_dir: str, metrics: Mapping[str, Any]) -> None:
     atomic_write_text(os.path.join(run_dir, METRICS_NAME), json.dumps(metrics, indent=1, allow_nan=False))
 
 
-def save_params(run_dir: str, params) -> None:
+def save_params(run_dir: str, params: ParamsLike) -> None:
     """params.npz with W0, b0, W1, b1, ... (W_l (n_l, n_{l-1}), b_l (n_l,))."""
-    np.savez(os.path.join(run_dir, PARAMS_NAME),
-             **{f"{k}{l}": np.asarray(a) for l, pair in enumerate(params) for k, a in zip("Wb", pair)})
+    # Dict[str, Any]: numpy's stubs type savez's **kwds as allow_pickle's bool as well.
+    arrays: Dict[str, Any] = {f"{k}{l}": np.asarray(a) for l, pair in enumerate(params) for k, a in zip("Wb", pair)}
+    np.savez(os.path.join(run_dir, PARAMS_NAME), **arrays)
 
 
-def write_plots(out_dir: str, runs: Mapping[str, Mapping[str, Any]], records: Sequence[Mapping[str, Any]],
-                steps_per_epoch: int) -> List[str]:
+def write_plots(
+    out_dir: str, runs: Mapping[str, Mapping[str, Any]], records: Sequence[Mapping[str, Any]], steps_per_epoch: int
+) -> List[str]:
     """Curves, confusion matrices, precision/recall and (from ``records``) alignment PNGs in ``out_dir``.
 
     Args:
@@ -197,10 +226,18 @@ def write_plots(out_dir: str, runs: Mapping[str, Mapping[str, Any]], records: Se
     written = [plots.plot_curves(runs, os.path.join(out_dir, "training_curves.png"))]
     for label, m in runs.items():
         suffix = "" if len(runs) == 1 else f"_{label.lower()}"
-        written.append(plots.plot_confusion(np.asarray(m["confusion"]), os.path.join(out_dir, f"confusion{suffix}.png"),
-                                            f"confusion matrix ({label}, {m['confusion_split']} set)"))
-    written.append(plots.plot_precision_recall({k: np.asarray(m["confusion"]) for k, m in runs.items()},
-                                               os.path.join(out_dir, "precision_recall.png")))
+        written.append(
+            plots.plot_confusion(
+                np.asarray(m["confusion"]),
+                os.path.join(out_dir, f"confusion{suffix}.png"),
+                f"confusion matrix ({label}, {m['confusion_split']} set)",
+            )
+        )
+    written.append(
+        plots.plot_precision_recall(
+            {k: np.asarray(m["confusion"]) for k, m in runs.items()}, os.path.join(out_dir, "precision_recall.png")
+        )
+    )
     alignment = [a for r in records for a in r.get("alignment", [])]
     path = plots.plot_alignment(alignment, os.path.join(out_dir, "alignment.png"), steps_per_epoch)
     if path:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from types import ModuleType
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -90,7 +90,7 @@ class ResumeState(NamedTuple):
 
     epoch: int  # epochs already run (the next epoch is this 0-based index)
     global_step: int  # steps already taken
-    rng_state: Dict[str, Any]  # np.random.default_rng(seed).bit_generator.state after those epochs
+    rng_state: Mapping[str, Any]  # np.random.default_rng(seed).bit_generator.state after those epochs
     opt_state: Optional[Dict[str, np.ndarray]]  # checkpoint.opt_state_to_numpy(...); None: a fresh init
     loss: Tuple[float, ...] = ()  # the per-epoch records so far, prepended to the returned History
     train_error: Tuple[float, ...] = ()
@@ -141,9 +141,13 @@ class LossExplodedError(DivergenceError):
     """An epoch's loss rose above ``diverge_factor`` times the run's initial loss."""
 
     def __init__(self, epoch: int, loss: float, reference: float, factor: float):
-        super().__init__(epoch, loss, f"the training loss {loss:.4g} is over {factor:g} times the initial "
-                                      f"per-sample loss {reference:.4g} (the divergence guard; switch it off with "
-                                      "--diverge-factor 0)")
+        super().__init__(
+            epoch,
+            loss,
+            f"the training loss {loss:.4g} is over {factor:g} times the initial "
+            f"per-sample loss {reference:.4g} (the divergence guard; switch it off with "
+            "--diverge-factor 0)",
+        )
         self.reference = reference
 
 
@@ -161,7 +165,7 @@ def _walk_states(state):
             yield from _walk_states(s)
 
 
-def opt_state_to_numpy(backend: ModuleType, state) -> Dict[str, np.ndarray]:
+def opt_state_to_numpy(backend: ModuleType, state: Any) -> Dict[str, np.ndarray]:
     """A torch or optax optimizer state as a flat dict of NumPy arrays.
 
     Args:
@@ -192,7 +196,7 @@ def opt_state_to_numpy(backend: ModuleType, state) -> Dict[str, np.ndarray]:
     return out
 
 
-def opt_state_from_numpy(backend: ModuleType, template, arrays: Dict[str, np.ndarray]):
+def opt_state_from_numpy(backend: ModuleType, template: Any, arrays: Mapping[str, np.ndarray]) -> Any:
     """Fills a fresh optimizer state of ``backend`` with arrays from ``opt_state_to_numpy``.
 
     Args:
@@ -222,8 +226,10 @@ def opt_state_from_numpy(backend: ModuleType, template, arrays: Dict[str, np.nda
             for field in state._fields:
                 value = getattr(state, field)
                 if field in _TREE_FIELDS:
-                    leaves = [np.asarray(arrays[f"{field}/{i}"], dtype=ref.dtype)
-                              for i, ref in enumerate(backend.to_numpy(tuple(flatten_pairs(value))))]
+                    leaves = [
+                        np.asarray(arrays[f"{field}/{i}"], dtype=ref.dtype)
+                        for i, ref in enumerate(backend.to_numpy(tuple(flatten_pairs(value))))
+                    ]
                     updates[field] = backend.asarray(unflatten_pairs(leaves, value))
                 elif field in _SCALAR_FIELDS:
                     ref = np.asarray(backend.to_numpy(value))

@@ -33,6 +33,7 @@ from dfa_train.checkpoint import atomic_write_text
 from dfa_train.config import FEEDBACK_SEED_OFFSET, RunConfig
 from dfa_train.run import Data, check_widths, device_scope, load_data
 from dfa_train.run_dir import check_new_folder
+from dfa_train.state import History
 
 SUMMARY_VERSION = 1
 SEEDS_FORMS = "a range such as 0-7, a list such as 0,3,5, or one seed such as 4 (seeds are ints >= 0)"
@@ -106,22 +107,43 @@ def members_of(config: RunConfig, seeds: Sequence[int], lrs: Sequence[float], ou
     return out
 
 
-def _fit_members(config: RunConfig, members: Sequence[Member], data: Data):
+def _fit_members(config: RunConfig, members: Sequence[Member], data: Data) -> Tuple[History, ...]:
     """One ``dfa_train.fit_many`` call for all members; returns their Histories in order."""
     import dfa_train
 
     fit_many = getattr(dfa_train, "fit_many", None)  # looked up per call: tests may replace it
     if fit_many is None:
-        from dfa_train.many import fit_many
+        from dfa_train import many
+
+        fit_many = many.fit_many
     x_train, y_train, x_test, y_test = data
-    specs = [{"seed": m.config.seed, "param_seed": m.config.param_seed, "feedback_seed": m.config.feedback_seed,
-              "optimizer": m.config.optimizer_spec()} for m in members]
+    specs = [
+        {
+            "seed": m.config.seed,
+            "param_seed": m.config.param_seed,
+            "feedback_seed": m.config.feedback_seed,
+            "optimizer": m.config.optimizer_spec(),
+        }
+        for m in members
+    ]
     with device_scope(config.backend, config.device):
         return fit_many(
-            config.backend, config.spec(), x_train, y_train, members=specs, x_test=x_test, y_test=y_test,
-            method=config.method, mode=config.mode, epochs=config.epochs, batch_size=config.batch_size,
-            feedback_dist=config.feedback_dist, feedback_scale=config.feedback_scale, tol=config.tol,
-            patience=config.patience, align_every=config.align_every,
+            config.backend,
+            config.spec(),
+            x_train,
+            y_train,
+            members=specs,
+            x_test=x_test,
+            y_test=y_test,
+            method=config.method,
+            mode=config.mode,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            feedback_dist=config.feedback_dist,
+            feedback_scale=config.feedback_scale,
+            tol=config.tol,
+            patience=config.patience,
+            align_every=config.align_every,
         )
 
 
@@ -142,8 +164,12 @@ def _stats(values: Sequence[Optional[float]]) -> Dict[str, Optional[float]]:
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
     if v.size == 0:
         return {"mean": None, "std": None, "min": None, "max": None}
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-            "min": float(v.min()), "max": float(v.max())}
+    return {
+        "mean": float(v.mean()),
+        "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
+        "min": float(v.min()),
+        "max": float(v.max()),
+    }
 
 
 def per_epoch_mean_std(curves: Sequence[Sequence[Optional[float]]]) -> Tuple[np.ndarray, np.ndarray]:
@@ -175,34 +201,48 @@ def _setting_summary(setting: str, lr: float, members: Sequence[Member], metrics
     curves = [m["test_accuracy_per_epoch"] for m in metrics]
     mean, std = per_epoch_mean_std(curves)
     return {
-        "name": setting, "lr": lr, "dir": setting,
+        "name": setting,
+        "lr": lr,
+        "dir": setting,
         "test_accuracy": _stats([m["test_accuracy"] for m in metrics]),
         "train_error": _stats([m["train_error"][-1] for m in metrics]),
         "test_accuracy_per_epoch": {"mean": _nan_to_none(mean), "std": _nan_to_none(std)},
-        "members": [{"seed": member.seed, "dir": os.path.join(setting, f"seed={member.seed}"),
-                     "param_seed": member.config.param_seed, "feedback_seed": member.config.feedback_seed,
-                     "test_accuracy": m["test_accuracy"], "train_error": m["train_error"][-1],
-                     "loss": m["loss"][-1], "epochs_run": m["epochs_run"],
-                     "test_accuracy_per_epoch": m["test_accuracy_per_epoch"]}
-                    for member, m in zip(members, metrics)],
+        "members": [
+            {
+                "seed": member.seed,
+                "dir": os.path.join(setting, f"seed={member.seed}"),
+                "param_seed": member.config.param_seed,
+                "feedback_seed": member.config.feedback_seed,
+                "test_accuracy": m["test_accuracy"],
+                "train_error": m["train_error"][-1],
+                "loss": m["loss"][-1],
+                "epochs_run": m["epochs_run"],
+                "test_accuracy_per_epoch": m["test_accuracy_per_epoch"],
+            }
+            for member, m in zip(members, metrics)
+        ],
     }
 
 
-def summarize(config: RunConfig, seeds: Sequence[int], lrs: Sequence[float], members: Sequence[Member],
-              metrics: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+def summarize(
+    config: RunConfig,
+    seeds: Sequence[int],
+    lrs: Sequence[float],
+    members: Sequence[Member],
+    metrics: Sequence[Dict[str, Any]],
+) -> Dict[str, Any]:
     """summary.json's content: per setting (lr) the statistics across seeds and every member's finals."""
     settings = []
     for lr in lrs:
         chosen = [(m, x) for m, x in zip(members, metrics) if m.setting == setting_name(lr)]
-        settings.append(_setting_summary(setting_name(lr), float(lr), [m for m, _ in chosen],
-                                         [x for _, x in chosen]))
+        settings.append(_setting_summary(setting_name(lr), float(lr), [m for m, _ in chosen], [x for _, x in chosen]))
     return {
         "version": SUMMARY_VERSION,
         "config": config.to_dict(),
         "seeds": list(seeds),
         "lrs": [float(lr) for lr in lrs],
         "seed_mapping": f"member seed s: seed=s (batch order), param_seed=s (initial weights), "
-                        f"feedback_seed=s+{FEEDBACK_SEED_OFFSET} (feedback matrices)",
+        f"feedback_seed=s+{FEEDBACK_SEED_OFFSET} (feedback matrices)",
         "std": "sample standard deviation across seeds (ddof=1; 0 for a single seed)",
         "settings": settings,
     }
@@ -211,7 +251,7 @@ def summarize(config: RunConfig, seeds: Sequence[int], lrs: Sequence[float], mem
 def _plot(summary: Dict[str, Any], path: str) -> str:
     from dfa_train import plots
 
-    bands = {}
+    bands: Dict[str, Dict[str, Any]] = {}
     for s in summary["settings"]:
         curves = [m["test_accuracy_per_epoch"] for m in s["members"]]
         mean, std = per_epoch_mean_std(curves)
@@ -219,8 +259,14 @@ def _plot(summary: Dict[str, Any], path: str) -> str:
     return plots.plot_sweep(bands, path)
 
 
-def sweep(config: RunConfig, seeds: Sequence[int], out_dir: str, *, lrs: Optional[Sequence[float]] = None,
-          data: Optional[Data] = None) -> Dict[str, Any]:
+def sweep(
+    config: RunConfig,
+    seeds: Sequence[int],
+    out_dir: str,
+    *,
+    lrs: Optional[Sequence[float]] = None,
+    data: Optional[Data] = None,
+) -> Dict[str, Any]:
     """Trains every (lr, seed) member of ``config`` through one ``fit_many`` call; writes the sweep folder.
 
     Args:
@@ -241,7 +287,8 @@ def sweep(config: RunConfig, seeds: Sequence[int], out_dir: str, *, lrs: Optiona
     check_new_folder(out_dir)
     members = members_of(config, seeds, lrs, out_dir)
     if os.path.exists(os.path.join(out_dir, "summary.json")) or any(
-            os.path.exists(os.path.join(m.run_dir, run_files.CONFIG_NAME)) for m in members):
+        os.path.exists(os.path.join(m.run_dir, run_files.CONFIG_NAME)) for m in members
+    ):
         raise ValueError(f"{out_dir!r} already holds a sweep; choose another folder")
     data = load_data(config) if data is None else data
     check_widths(config, data)

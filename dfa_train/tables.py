@@ -15,8 +15,9 @@ def model_table(spec: MLPSpec) -> str:
         act = spec.output if last else spec.activation
         fb = "-" if last else str(spec.feedback_shapes[l - 1])
         lines.append(f"{l:<8}{str(w):<16}{str(b):<10}{w[0] * w[1] + b[0]:>10}  {act:<12}{fb:<12}")
-    lines.append(f"total parameters: {spec.num_params()}; loss: {spec.loss}; reduction: {spec.reduction}; "
-                 f"dtype: {spec.dtype}")
+    lines.append(
+        f"total parameters: {spec.num_params()}; loss: {spec.loss}; reduction: {spec.reduction}; dtype: {spec.dtype}"
+    )
     return "\n".join(lines)
 
 
@@ -27,18 +28,24 @@ def _percent(value) -> str:
 def summary_line(label: str, metrics: Mapping[str, Any]) -> str:
     """'DFA: 2 epochs, final train error 9.00%, test accuracy 88.00%, 12345 samples/s'."""
     speed = "n/a" if metrics["samples_per_s"] is None else f"{metrics['samples_per_s']:.0f}"
-    return (f"{label}: {metrics['epochs_run']} epochs, final train error {_percent(metrics['train_error'][-1])}, "
-            f"test accuracy {_percent(metrics['test_accuracy'])}, {speed} samples/s")
+    return (
+        f"{label}: {metrics['epochs_run']} epochs, final train error {_percent(metrics['train_error'][-1])}, "
+        f"test accuracy {_percent(metrics['test_accuracy'])}, {speed} samples/s"
+    )
 
 
 def comparison_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
     """A Markdown table, one row per run (label -> metrics.json's dict)."""
-    rows = ["| method | epochs | final train error | test accuracy | samples/s | wall s |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| method | epochs | final train error | test accuracy | samples/s | wall s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for label, m in runs.items():
         speed = "n/a" if m["samples_per_s"] is None else f"{m['samples_per_s']:.0f}"
-        rows.append(f"| {label} | {m['epochs_run']} | {_percent(m['train_error'][-1])} | "
-                    f"{_percent(m['test_accuracy'])} | {speed} | {m['wall_s']:.2f} |")
+        rows.append(
+            f"| {label} | {m['epochs_run']} | {_percent(m['train_error'][-1])} | "
+            f"{_percent(m['test_accuracy'])} | {speed} | {m['wall_s']:.2f} |"
+        )
     return "\n".join(rows) + "\n"
 
 
@@ -50,8 +57,10 @@ def sweep_table(summary: Mapping[str, Any]) -> str:
         if acc["mean"] is None:
             rows.append(f"| {s['name']} | {len(s['members'])} | n/a | n/a | n/a |")
             continue
-        rows.append(f"| {s['name']} | {len(s['members'])} | {100 * acc['mean']:.2f}% +- {100 * acc['std']:.2f}% "
-                    f"| {100 * acc['min']:.2f}% | {100 * acc['max']:.2f}% |")
+        rows.append(
+            f"| {s['name']} | {len(s['members'])} | {100 * acc['mean']:.2f}% +- {100 * acc['std']:.2f}% "
+            f"| {100 * acc['min']:.2f}% | {100 * acc['max']:.2f}% |"
+        )
     return "\n".join(rows) + "\n"
 
 

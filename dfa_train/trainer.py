@@ -23,11 +23,13 @@ import math
 import numbers
 import time
 from types import ModuleType
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
+import numpy.typing as npt
 
 from dfa_core import validation
+from dfa_core.backend import ParamsLike
 from dfa_core.init import DEFAULT_FEEDBACK_SCALE, init_feedback, init_params
 from dfa_core.registry import resolve_backend
 from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec
@@ -82,9 +84,7 @@ def _predict_labels(be, spec, params, x_nat, n: int, chunk: int) -> np.ndarray:
 
 def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
     """(num_classes, num_classes) int64 counts, rows the true class, columns the predicted one."""
-    return np.bincount(true * num_classes + pred, minlength=num_classes * num_classes).reshape(
-        num_classes, num_classes
-    )
+    return np.bincount(true * num_classes + pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +143,26 @@ class _Loop:
     reference_loss: Optional[float] = None  # per-sample loss of the run's first batch, before any update
 
 
-def _settings(backend, spec, method, mode, optimizer, epochs, batch_size, seed, tol, patience, align_every,
-              eval_batch_size, donate, engine, stop_on_nonfinite, diverge_factor, on_epoch, on_batch) -> _Settings:
+def _settings(
+    backend: Union[str, ModuleType],
+    spec: MLPSpec,
+    method: str,
+    mode: str,
+    optimizer: Optional[OptimizerSpec],
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    tol: Optional[float],
+    patience: int,
+    align_every: int,
+    eval_batch_size: int,
+    donate: bool,
+    engine: str,
+    stop_on_nonfinite: bool,
+    diverge_factor: Optional[float],
+    on_epoch: Optional[Callable[[EpochEnd], None]],
+    on_batch: Optional[Callable[[int, int, int], None]],
+) -> _Settings:
     """Checks fit's options (not the data) and returns them as one frozen record."""
     be = resolve_backend(backend)
     validation.check_spec(spec)
@@ -160,8 +178,11 @@ def _settings(backend, spec, method, mode, optimizer, epochs, batch_size, seed, 
         raise ValueError(f"tol must be None or a number >= 0, got {tol!r}")
     if not isinstance(donate, bool):
         raise TypeError(f"donate must be a bool, got {donate!r}")
-    if diverge_factor is not None and (isinstance(diverge_factor, bool) or not isinstance(diverge_factor, numbers.Real)
-                                       or not 1 < diverge_factor < math.inf):
+    if diverge_factor is not None and (
+        isinstance(diverge_factor, bool)
+        or not isinstance(diverge_factor, numbers.Real)
+        or not 1 < diverge_factor < math.inf
+    ):
         raise ValueError(f"diverge_factor must be None or a finite number > 1, got {diverge_factor!r}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
@@ -169,7 +190,11 @@ def _settings(backend, spec, method, mode, optimizer, epochs, batch_size, seed, 
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
     return _Settings(
-        be, spec, method, mode, optimizer,
+        be,
+        spec,
+        method,
+        mode,
+        optimizer,
         epochs=validation.check_int("epochs", epochs, 1),
         batch_size=validation.check_int("batch_size", batch_size, 1),
         seed=validation.check_int("seed", seed, 0),
@@ -177,8 +202,11 @@ def _settings(backend, spec, method, mode, optimizer, epochs, batch_size, seed, 
         patience=validation.check_int("patience", patience, 1),
         align_every=validation.check_int("align_every", align_every, 0),
         eval_batch_size=validation.check_int("eval_batch_size", eval_batch_size, 1),
-        donate=donate, engine=engine, stop_on_nonfinite=bool(stop_on_nonfinite),
-        diverge_factor=None if diverge_factor is None else float(diverge_factor), on_epoch=on_epoch,
+        donate=donate,
+        engine=engine,
+        stop_on_nonfinite=bool(stop_on_nonfinite),
+        diverge_factor=None if diverge_factor is None else float(diverge_factor),
+        on_epoch=on_epoch,
         on_batch=on_batch,
     )
 
@@ -247,9 +275,12 @@ def _epoch_compiled(run: _Settings, data: _Data, loop: _Loop, epoch: int, order:
     steps = loop.global_step + np.arange(losses.shape[0])
     due = np.flatnonzero(steps % run.align_every == 0) if run.align_every else np.zeros(0, dtype=np.int64)
     # One host transfer per epoch (angles only when some were measured); it also waits for the epoch.
-    losses, angles = be.to_numpy((losses, angles)) if due.size else (be.to_numpy(losses), None)
-    for i in due:
-        _record_angles(loop, epoch, int(steps[i]), angles[i, 0], angles[i, 1])
+    if due.size:
+        losses, angles = be.to_numpy((losses, angles))
+        for d in due:
+            _record_angles(loop, epoch, int(steps[d]), angles[d, 0], angles[d, 1])
+    else:
+        losses = be.to_numpy(losses)
     loop.global_step += losses.shape[0]
     if run.on_batch is not None:
         for i in range(losses.shape[0]):
@@ -324,8 +355,16 @@ def _epoch_end(run: _Settings, data: _Data, loop: _Loop, epoch: int, feedback_np
     be = run.be
     opt_np = opt_state_to_numpy(be, loop.opt_state)
     resume_here = ResumeState(
-        epoch + 1, loop.global_step, loop.rng.bit_generator.state, opt_np, tuple(loop.losses),
-        tuple(loop.errors), tuple(loop.accuracies), tuple(loop.times), loop.within_tol, loop.reference_loss,
+        epoch + 1,
+        loop.global_step,
+        loop.rng.bit_generator.state,
+        opt_np,
+        tuple(loop.losses),
+        tuple(loop.errors),
+        tuple(loop.accuracies),
+        tuple(loop.times),
+        loop.within_tol,
+        loop.reference_loss,
     )
     n, seconds = data.labels.shape[0], loop.times[-1]
     return EpochEnd(
@@ -349,10 +388,11 @@ def _history(run: _Settings, data: _Data, loop: _Loop, params_out, feedback_np, 
     """The History of a finished run; ``drawn`` holds the seeds of what fit drew itself (or None)."""
     spec, has_test = run.spec, data.test_labels is not None
     num_classes = max(spec.n_out, 2)
-    if has_test:
-        confusion = confusion_matrix(data.test_labels, loop.test_pred, num_classes)
+    # The predictions are there: _evaluate ran after the last epoch (or at once, resumed after it).
+    if data.test_labels is not None:
+        confusion = confusion_matrix(data.test_labels, cast(np.ndarray, loop.test_pred), num_classes)
     else:
-        confusion = confusion_matrix(data.labels, loop.pred, num_classes)
+        confusion = confusion_matrix(data.labels, cast(np.ndarray, loop.pred), num_classes)
     config = {
         "backend": run.be.__name__,
         "layer_sizes": list(spec.layer_sizes),
@@ -371,7 +411,7 @@ def _history(run: _Settings, data: _Data, loop: _Loop, params_out, feedback_np, 
         "patience": run.patience,
         "align_every": run.align_every,
         "n_train": int(data.labels.shape[0]),
-        "n_test": int(data.test_labels.shape[0]) if has_test else 0,
+        "n_test": int(data.test_labels.shape[0]) if data.test_labels is not None else 0,
     }
     return History(
         loss=tuple(loop.losses),
@@ -405,18 +445,18 @@ def _train(run: _Settings, data: _Data, loop: _Loop, feedback_np):
 def fit(
     backend: Union[str, ModuleType],
     spec: MLPSpec,
-    x_train,
-    y_train,
+    x_train: npt.ArrayLike,
+    y_train: npt.ArrayLike,
     *,
-    x_test=None,
-    y_test=None,
+    x_test: Optional[npt.ArrayLike] = None,
+    y_test: Optional[npt.ArrayLike] = None,
     method: str = "dfa",
     mode: str = "sample",
     optimizer: Optional[OptimizerSpec] = None,
     epochs: int = 10,
     batch_size: int = 200,
     seed: int = 0,
-    params=None,
+    params: Optional[ParamsLike] = None,
     param_seed: int = 0,
     feedback: Optional[Sequence[Any]] = None,
     feedback_seed: int = 1,
@@ -509,16 +549,43 @@ def fit(
       ImportError: the backend's framework is not installed.
       NonFiniteLossError, LossExplodedError: see ``stop_on_nonfinite`` and ``diverge_factor``.
     """
-    run = _settings(backend, spec, method, mode, optimizer, epochs, batch_size, seed, tol, patience, align_every,
-                    eval_batch_size, donate, engine, stop_on_nonfinite, diverge_factor, on_epoch, on_batch)
+    run = _settings(
+        backend,
+        spec,
+        method,
+        mode,
+        optimizer,
+        epochs,
+        batch_size,
+        seed,
+        tol,
+        patience,
+        align_every,
+        eval_batch_size,
+        donate,
+        engine,
+        stop_on_nonfinite,
+        diverge_factor,
+        on_epoch,
+        on_batch,
+    )
     if (x_test is None) != (y_test is None):
         raise ValueError("x_test and y_test must be given together (or neither)")
     if resume is not None and not isinstance(resume, ResumeState):
         raise TypeError(f"resume must be a dfa_train.trainer.ResumeState, got {type(resume).__name__}")
     x_np, y_np = _check_data(spec, x_train, y_train, mode, "training")
     test = _check_data(spec, x_test, y_test, "sample", "test") if x_test is not None else None
-    memory.check_run_memory(run.be, spec, x_np.shape[0], 0 if test is None else test[0].shape[0], run.batch_size,
-                            run.eval_batch_size, run.optimizer.name, method, bool(run.align_every))
+    memory.check_run_memory(
+        run.be,
+        spec,
+        x_np.shape[0],
+        0 if test is None else test[0].shape[0],
+        run.batch_size,
+        run.eval_batch_size,
+        run.optimizer.name,
+        method,
+        bool(run.align_every),
+    )
     params_np = init_params(spec, param_seed) if params is None else params
     validation.check_params(spec, params_np)
     feedback_np = init_feedback(
@@ -532,8 +599,11 @@ def fit(
     }
     be = run.be
     with be.precision_scope(spec.dtype):
+        x_nat, y_nat = be.asarray((x_np, y_np))
         data = _Data(
-            *be.asarray((x_np, y_np)), labels_of(y_np),
+            x_nat,
+            y_nat,
+            labels_of(y_np),
             be.asarray(test[0]) if test is not None else None,
             labels_of(test[1]) if test is not None else None,
             be.asarray(feedback_np),

@@ -32,9 +32,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     config = RunConfig(
-        backend=args.backend, dataset="mnist", data_dir=args.data_dir, layers=(784, args.hidden, 10),
-        epochs=args.epochs, lr=args.lr, batch_size=200,
-        limit_train=args.limit, limit_test=max(args.limit // 5, 1) if args.limit else None,
+        backend=args.backend,
+        dataset="mnist",
+        data_dir=args.data_dir,
+        layers=(784, args.hidden, 10),
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=200,
+        limit_train=args.limit,
+        limit_test=max(args.limit // 5, 1) if args.limit else None,
     )
     out = args.out or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-mnist-example")
     results = compare(config, out, progress=sys.stderr.isatty())

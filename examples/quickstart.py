@@ -1,6 +1,6 @@
 """Quickstart: the pinned API on both backends, then XOR solved by DFA with each backend.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 import time
@@ -21,7 +21,10 @@ def gradients_agree():
     for name in ("torch", "jax"):
         be = get_backend(name)
         P, F = be.asarray(params), be.asarray(feedback)
-        grads[name] = (be.to_numpy(be.dfa_grads(spec, P, F, x, y, mode="sample")), be.to_numpy(be.bp_grads(spec, P, x, y)))
+        grads[name] = (
+            be.to_numpy(be.dfa_grads(spec, P, F, x, y, mode="sample")),
+            be.to_numpy(be.bp_grads(spec, P, x, y)),
+        )
     for i, method in enumerate(("DFA", "BP")):
         diff = max(
             np.abs(a - b).max() / np.abs(b).max()
@@ -50,8 +53,10 @@ def xor(backend_name, steps=3000):
         P, S, loss = step(P, F, S, X, Y)
     y_hat = be.to_numpy(be.forward(spec, P, X))
     correct = int(((y_hat > 0.5) == (y > 0.5)).sum())
-    print(f"XOR by DFA on {backend_name:5s}: {correct}/4 correct, loss {float(be.to_numpy(loss)):.4f}, "
-          f"{steps} steps in {time.perf_counter() - start:.2f} s")
+    print(
+        f"XOR by DFA on {backend_name:5s}: {correct}/4 correct, loss {float(be.to_numpy(loss)):.4f}, "
+        f"{steps} steps in {time.perf_counter() - start:.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -88,17 +88,47 @@ def run(args):
     for name, backend, spec, method, mode, lr, dataset in experiments(args):
         start = time.perf_counter()
         if dataset == "xor":
-            history = fit(backend, spec, x_xor, y_xor, method=method, mode=mode,
-                          optimizer=OptimizerSpec("sgd", lr), epochs=args.xor_epochs, batch_size=4,
-                          seed=args.seed, param_seed=args.seed, feedback_seed=args.seed + 1)
+            history = fit(
+                backend,
+                spec,
+                x_xor,
+                y_xor,
+                method=method,
+                mode=mode,
+                optimizer=OptimizerSpec("sgd", lr),
+                epochs=args.xor_epochs,
+                batch_size=4,
+                seed=args.seed,
+                param_seed=args.seed,
+                feedback_seed=args.seed + 1,
+            )
         else:
-            history = fit(backend, spec, x_train, y_train, x_test=x_test, y_test=y_test, method=method, mode=mode,
-                          optimizer=OptimizerSpec("sgd", lr), epochs=args.epochs, batch_size=args.batch_size,
-                          seed=args.seed, param_seed=args.seed, feedback_seed=args.seed + 1,
-                          align_every=args.align_every if method == "dfa" else 0)
+            history = fit(
+                backend,
+                spec,
+                x_train,
+                y_train,
+                x_test=x_test,
+                y_test=y_test,
+                method=method,
+                mode=mode,
+                optimizer=OptimizerSpec("sgd", lr),
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                param_seed=args.seed,
+                feedback_seed=args.seed + 1,
+                align_every=args.align_every if method == "dfa" else 0,
+            )
         wall = time.perf_counter() - start
-        record = {"name": name, "backend": backend, "dataset": dataset, "learning_rate": lr, "wall_s": wall,
-                  "history": history.to_dict()}
+        record = {
+            "name": name,
+            "backend": backend,
+            "dataset": dataset,
+            "learning_rate": lr,
+            "wall_s": wall,
+            "history": history.to_dict(),
+        }
         results.append(record)
         print(f"done {name:34s} {backend:5s} in {wall:7.1f} s: {_summary(record)}", flush=True)
     return results
@@ -138,15 +168,21 @@ def markdown_table(results) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 epoch on the first 10000 training and 2000 test samples, "
-                        "alignment every 10 steps")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 epoch on the first 10000 training and 2000 test samples, alignment every 10 steps",
+    )
     parser.add_argument("--epochs", type=int, default=20, help="MNIST epochs (the report used 80)")
     parser.add_argument("--xor-epochs", type=int, default=3000, help="full-batch XOR steps")
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-4, help="SGD lr of the summed updates (the report's 1e-4)")
-    parser.add_argument("--lr-bp-fast", type=float, default=1e-3,
-                        help="lr of the second BP run (at the report's 1e-4, BP has not converged after 80 epochs)")
+    parser.add_argument(
+        "--lr-bp-fast",
+        type=float,
+        default=1e-3,
+        help="lr of the second BP run (at the report's 1e-4, BP has not converged after 80 epochs)",
+    )
     parser.add_argument("--lr-800", type=float, default=2e-4, help="lr of the second 784-800-10 DFA run")
     parser.add_argument("--only", nargs="+", default=None, help="run only the experiments with these names")
     parser.add_argument("--lr-batch-mean", type=float, default=2e-2, help="lr of 'batch_mean' (1e-4 x 200)")

@@ -174,8 +174,8 @@ class Optimizer:
             else:
                 self.m[i] = o.b1 * self.m[i] + (1 - o.b1) * gr
                 self.v[i] = o.b2 * self.v[i] + (1 - o.b2) * gr * gr
-                m_hat = self.m[i] / (1 - o.b1 ** self.count)
-                v_hat = self.v[i] / (1 - o.b2 ** self.count)
+                m_hat = self.m[i] / (1 - o.b1**self.count)
+                v_hat = self.v[i] / (1 - o.b2**self.count)
                 d = m_hat / (np.sqrt(v_hat) + o.eps)
             out.append(p - o.learning_rate * d)
         return out

@@ -46,14 +46,20 @@ def test_trajectories_agree(opt_name, method, mode):
         states[name] = (be, be.train_step(spec, opt, method, mode), P, F, be.make_optimizer(opt, spec.dtype).init(P))
     for step, (xb, yb) in enumerate(_batches(x, y, STEPS)):
         p_list = ref.unflatten(flat)
-        grads = ref.dfa_grads(spec, p_list, feedback, xb, yb, mode) if method == "dfa" else ref.bp_grads(spec, p_list, xb, yb)
+        grads = (
+            ref.dfa_grads(spec, p_list, feedback, xb, yb, mode)
+            if method == "dfa"
+            else ref.bp_grads(spec, p_list, xb, yb)
+        )
         want_loss = ref.loss(spec, p_list, xb, yb)
         flat = reference.step(flat, ref.flatten(grads))
         for name, (be, step_fn, P, F, S) in states.items():
             with be.precision_scope(spec.dtype):
                 P, S, loss = step_fn(P, F, S, be.asarray(xb), be.asarray(yb))
             states[name] = (be, step_fn, P, F, S)
-            np.testing.assert_allclose(float(be.to_numpy(loss)), want_loss, rtol=RTOL, err_msg=f"{name} loss at step {step}")
+            np.testing.assert_allclose(
+                float(be.to_numpy(loss)), want_loss, rtol=RTOL, err_msg=f"{name} loss at step {step}"
+            )
             assert_tree_close(be.to_numpy(P), ref.unflatten(flat), RTOL, ATOL, f"{name} params after step {step}")
 
 

@@ -94,7 +94,9 @@ def test_train_step_equals_sgd_on_dfa_grads(name, mode):
     opt = OptimizerSpec("sgd", learning_rate=lr)
     g = be.to_numpy(be.dfa_grads(spec, P, F, x, y, mode=mode))
     with be.precision_scope("float64"):
-        new, _, _ = be.train_step(spec, opt, "dfa", mode)(P, F, be.make_optimizer(opt, "float64").init(P), be.asarray(x), be.asarray(y))
+        new, _, _ = be.train_step(spec, opt, "dfa", mode)(
+            P, F, be.make_optimizer(opt, "float64").init(P), be.asarray(x), be.asarray(y)
+        )
     want = [(w - lr * gw, b - lr * gb) for (w, b), (gw, gb) in zip(params, g)]
     assert_tree_close(be.to_numpy(new), want, 1e-13, 1e-14, name)
 
@@ -130,7 +132,9 @@ def test_fused_step_projects_per_layer_or_concatenated_alike(name, mode, per_lay
     be = backend(name)
     monkeypatch.setattr(be.dfa, "PROJECT_PER_LAYER_ELEMENTS", 0 if per_layer else 1 << 30)
     with be.precision_scope("float64"):
-        grads, loss = be.dfa_grads_and_loss(spec, be.asarray(params), be.asarray(feedback), be.asarray(x), be.asarray(y), mode)
+        grads, loss = be.dfa_grads_and_loss(
+            spec, be.asarray(params), be.asarray(feedback), be.asarray(x), be.asarray(y), mode
+        )
     assert_tree_close(be.to_numpy(grads), ref.dfa_grads(spec, params, feedback, x, y, mode), 1e-10, 1e-12, name)
     np.testing.assert_allclose(float(be.to_numpy(loss)), ref.loss(spec, params, x, y), rtol=1e-12)
 
@@ -150,7 +154,9 @@ def test_step_with_alignment_measures_before_updating(name, method):
         X, Y = be.asarray(x), be.asarray(y)
         plain = be.train_step(spec, opt, method)(P, F, S, X, Y)
         P2 = be.asarray(params)
-        out = be.train_step(spec, opt, method, donate=True, with_alignment=True)(P2, F, be.make_optimizer(opt, "float64").init(P2), X, Y)
+        out = be.train_step(spec, opt, method, donate=True, with_alignment=True)(
+            P2, F, be.make_optimizer(opt, "float64").init(P2), X, Y
+        )
     assert len(out) == 4
     assert_tree_close(be.to_numpy(out[0]), be.to_numpy(plain[0]), 1e-13, 1e-14, f"{name} params")
     assert_tree_close(be.to_numpy(tuple(out[3])), want_angles, 1e-9, 1e-9, f"{name} angles")

@@ -69,4 +69,3 @@ def _load(path: str, dtype: str):
 def mnist(dtype: str = "float32"):
     """MNIST from ``mnist_dir()``, loaded once per session: N = 60000/10000, or 2000/500 on the slice."""
     return _load(str(mnist_dir()), dtype)
-

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from dfa_test_data import mnist
 
 import dfa_jax
 import dfa_jax.alignment
@@ -9,8 +10,6 @@ import dfa_torch
 import dfa_torch.alignment
 from dfa_core import MODES, MLPSpec, OptimizerSpec, init_feedback, init_params
 from dfa_train.trainer import fit
-
-from dfa_test_data import mnist
 
 BACKENDS = {"torch": dfa_torch.alignment, "jax": dfa_jax.alignment}
 SPEC = MLPSpec((6, 5, 4, 3), dtype="float64")
@@ -90,9 +89,18 @@ def test_dfa_aligns_with_bp_after_a_short_mnist_run(backend):
     and delta point within 90 degrees of BP's (they start near 90), and accuracy beats chance."""
     data = mnist()
     spec = MLPSpec((784, 100, 10), activation="tanh", output="sigmoid")
-    h = fit(backend, spec, data.x_train[:2000], data.y_train[:2000], x_test=data.x_test[:1000],
-            y_test=data.y_test[:1000], optimizer=OptimizerSpec("sgd", 1e-3), epochs=3, batch_size=100,
-            align_every=10)
+    h = fit(
+        backend,
+        spec,
+        data.x_train[:2000],
+        data.y_train[:2000],
+        x_test=data.x_test[:1000],
+        y_test=data.y_test[:1000],
+        optimizer=OptimizerSpec("sgd", 1e-3),
+        epochs=3,
+        batch_size=100,
+        align_every=10,
+    )
     first, last = h.alignment[0], h.alignment[-1]
     assert last.step == 50
     assert last.weights[0] < 80 and last.deltas[0] < 80

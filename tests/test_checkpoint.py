@@ -73,8 +73,18 @@ def test_resume_from_a_saved_checkpoint_is_exact(tmp_path, backend, opt_name):
     straight = fit(backend, SPEC64, X, Y, optimizer=opt, epochs=4, **FIT_KW)
     ckpt = _checkpoint_after(backend, opt, 2, str(tmp_path / "c.npz"))
     assert ckpt.resume.epoch == 2 and len(ckpt.resume.train_error) == 2
-    resumed = fit(backend, SPEC64, X, Y, optimizer=opt, epochs=4, params=ckpt.params, feedback=ckpt.feedback,
-                  resume=ckpt.resume, **FIT_KW)
+    resumed = fit(
+        backend,
+        SPEC64,
+        X,
+        Y,
+        optimizer=opt,
+        epochs=4,
+        params=ckpt.params,
+        feedback=ckpt.feedback,
+        resume=ckpt.resume,
+        **FIT_KW,
+    )
     assert resumed.loss == straight.loss and resumed.train_error == straight.train_error
     for (w, b), (w_ref, b_ref) in zip(resumed.params, straight.params):
         np.testing.assert_array_equal(w, w_ref)
@@ -88,8 +98,18 @@ def test_checkpoint_of_one_backend_resumes_on_the_other(tmp_path, writer, reader
     opt = OPTIMIZERS["adam"]
     straight = fit(writer, SPEC64, X, Y, optimizer=opt, epochs=4, **FIT_KW)
     ckpt = _checkpoint_after(writer, opt, 2, str(tmp_path / "c.npz"))
-    resumed = fit(reader, SPEC64, X, Y, optimizer=opt, epochs=4, params=ckpt.params, feedback=ckpt.feedback,
-                  resume=ckpt.resume, **FIT_KW)
+    resumed = fit(
+        reader,
+        SPEC64,
+        X,
+        Y,
+        optimizer=opt,
+        epochs=4,
+        params=ckpt.params,
+        feedback=ckpt.feedback,
+        resume=ckpt.resume,
+        **FIT_KW,
+    )
     np.testing.assert_allclose(resumed.loss, straight.loss, rtol=1e-10)
     for (w, b), (w_ref, b_ref) in zip(resumed.params, straight.params):
         np.testing.assert_allclose(w, w_ref, rtol=1e-10, atol=1e-13)
@@ -114,8 +134,18 @@ def test_checkpoint_files_are_atomic_and_versioned(tmp_path):
     with pytest.raises(ValueError, match="junk.npz is not a checkpoint: it is not an .npz"):
         load_checkpoint(str(tmp_path / "junk.npz"))
     with pytest.raises(ValueError, match="optimizer state mismatch"):
-        fit("torch", SPEC64, X, Y, optimizer=OPTIMIZERS["adam"], epochs=2, params=ckpt.params,
-            feedback=ckpt.feedback, resume=ckpt.resume, **FIT_KW)
+        fit(
+            "torch",
+            SPEC64,
+            X,
+            Y,
+            optimizer=OPTIMIZERS["adam"],
+            epochs=2,
+            params=ckpt.params,
+            feedback=ckpt.feedback,
+            resume=ckpt.resume,
+            **FIT_KW,
+        )
 
 
 def _saved(tmp_path):
@@ -138,12 +168,15 @@ def _damage(path, how):
         f.write(data)
 
 
-@pytest.mark.parametrize("how,message", [
-    ("empty", "c.npz is empty"),
-    ("truncated", "c.npz is damaged"),
-    ("crc", "c.npz is damaged"),
-    ("random", "c.npz is not a checkpoint: it is not an .npz"),
-])
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("empty", "c.npz is empty"),
+        ("truncated", "c.npz is damaged"),
+        ("crc", "c.npz is damaged"),
+        ("random", "c.npz is not a checkpoint: it is not an .npz"),
+    ],
+)
 def test_damaged_checkpoints_name_the_file(tmp_path, how, message):
     """Empty, cut, CRC-damaged or random files give a CheckpointError naming the file, not a raw
     BadZipFile / EOFError / pickle hint."""
@@ -155,10 +188,13 @@ def test_damaged_checkpoints_name_the_file(tmp_path, how, message):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda m: m.pop("epoch"), "metadata key 'epoch' must be a int, got nothing"),
-    (lambda m: m.update(loss="x"), "metadata key 'loss' must be a list, got str"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m.pop("epoch"), "metadata key 'epoch' must be a int, got nothing"),
+        (lambda m: m.update(loss="x"), "metadata key 'loss' must be a list, got str"),
+    ],
+)
 def test_checkpoint_metadata_is_checked(tmp_path, edit, message):
     import json
 

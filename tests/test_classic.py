@@ -171,8 +171,9 @@ def test_shuffling_and_feedback_are_seeded():
     """The same seed gives the same run and feedback; another seed another one."""
     x, y = _data()
     runs = [
-        classic.train_dfa(classic.model_from_spec(SPEC), x, y, n_epochs=2, lr=LR, batch_size=BATCH, seed=s,
-                          return_feedback=True)
+        classic.train_dfa(
+            classic.model_from_spec(SPEC), x, y, n_epochs=2, lr=LR, batch_size=BATCH, seed=s, return_feedback=True
+        )
         for s in (7, 7, 8)
     ]
     assert runs[0][:2] == runs[1][:2]
@@ -195,8 +196,9 @@ def test_matrix_transfo_is_applied():
     """matrix_transfo transforms each drawn B_l (the report's hook)."""
     x, y = _data()
     _, _, b_plain = classic.train_dfa(classic.model_from_spec(SPEC), x, y, n_epochs=1, return_feedback=True)
-    _, _, b_abs = classic.train_dfa(classic.model_from_spec(SPEC), x, y, n_epochs=1, matrix_transfo=torch.abs,
-                                    return_feedback=True)
+    _, _, b_abs = classic.train_dfa(
+        classic.model_from_spec(SPEC), x, y, n_epochs=1, matrix_transfo=torch.abs, return_feedback=True
+    )
     for p, q in zip(b_plain, b_abs):
         assert torch.equal(p.abs(), q)
 
@@ -227,20 +229,35 @@ BAD_CALLS = {
     "batch_size_float": (lambda x, y: classic.train_dfa(_model(), x, y, batch_size=2.5), TypeError, "batch_size"),
     "tol_negative": (lambda x, y: classic.train_dfa(_model(), x, y, tol=-1), ValueError, "tol"),
     "error_function": (lambda x, y: classic.train_dfa(_model(), x, y, error_function=3), TypeError, "error_function"),
-    "feedback_count": (lambda x, y: classic.train_dfa(_model(), x, y, feedback=[np.zeros((5, 3))]), ValueError,
-                       "expected 2 matrices"),
-    "feedback_shape": (lambda x, y: classic.train_dfa(_model(), x, y, feedback=[np.zeros((5, 3)), np.zeros((3, 3))]),
-                       ValueError, r"B_2 must be a tensor of shape \(4, 3\)"),
+    "feedback_count": (
+        lambda x, y: classic.train_dfa(_model(), x, y, feedback=[np.zeros((5, 3))]),
+        ValueError,
+        "expected 2 matrices",
+    ),
+    "feedback_shape": (
+        lambda x, y: classic.train_dfa(_model(), x, y, feedback=[np.zeros((5, 3)), np.zeros((3, 3))]),
+        ValueError,
+        r"B_2 must be a tensor of shape \(4, 3\)",
+    ),
     "seed_negative": (lambda x, y: classic.train_dfa(_model(), x, y, seed=-1), TypeError, "seed"),
     "layer_sizes_short": (lambda x, y: classic.DynamicModel([3], torch.tanh, torch.tanh), ValueError, "at least 2"),
-    "layer_size_zero": (lambda x, y: classic.DynamicModel([3, 0, 2], torch.tanh, torch.tanh), ValueError,
-                        r"layer_sizes\[1\] must be positive"),
+    "layer_size_zero": (
+        lambda x, y: classic.DynamicModel([3, 0, 2], torch.tanh, torch.tanh),
+        ValueError,
+        r"layer_sizes\[1\] must be positive",
+    ),
     "act_not_callable": (lambda x, y: classic.DynamicModel([3, 2], "tanh", torch.tanh), TypeError, "act_function"),
     "summary_shape": (lambda x, y: _model().summary((1, 5)), ValueError, "input width 6"),
-    "backward_lists": (lambda x, y: _model().dfa_backward_pass(torch.zeros(3, 1), [], [], []), ValueError,
-                       "2 hidden layers"),
-    "load_params_shape": (lambda x, y: classic.load_params(_model(), init_params(MLPSpec((6, 5, 3)))), ValueError,
-                          "expected 3"),
+    "backward_lists": (
+        lambda x, y: _model().dfa_backward_pass(torch.zeros(3, 1), [], [], []),
+        ValueError,
+        "2 hidden layers",
+    ),
+    "load_params_shape": (
+        lambda x, y: classic.load_params(_model(), init_params(MLPSpec((6, 5, 3)))),
+        ValueError,
+        "expected 3",
+    ),
 }
 
 
@@ -280,8 +297,9 @@ def test_author_aliases_keep_signature_defaults_and_feedback_draw(name):
     extra = {"classes": SPEC.n_out} if name == "MNIST_train_class_averaged" else {}
     te_a, loss_a = alias(model_a, x, y, 2, 0.05, BATCH, None, **extra)
     # The loop's own draw (same generator stream, seed 0) rescaled from std 1.9 to the author's std.
-    te_b, loss_b = loop(model_b, x, y, 2, 0.05, BATCH, None, seed=0,
-                        matrix_transfo=lambda b: b * (std / classic.FEEDBACK_STD))
+    te_b, loss_b = loop(
+        model_b, x, y, 2, 0.05, BATCH, None, seed=0, matrix_transfo=lambda b: b * (std / classic.FEEDBACK_STD)
+    )
     assert te_a == te_b
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-12)
     for la, lb in zip(model_a.layers, model_b.layers):

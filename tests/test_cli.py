@@ -5,17 +5,43 @@ import os
 
 import numpy as np
 import pytest
+from dfa_test_data import mnist_dir
 
 from dfa_train import cli
 from dfa_train import run as run_module
 from dfa_train.checkpoint import load_checkpoint
 
-from dfa_test_data import mnist_dir
-
-SMALL_MNIST = ["--dataset", "mnist", "--layers", "784,16,10", "--limit-train", "300", "--limit-test", "100",
-               "--batch-size", "50", "--lr", "1e-3", "--align-every", "3"]
-XOR = ["--dataset", "xor", "--layers", "2,4,1", "--batch-size", "2", "--lr", "0.5", "--align-every", "0",
-       "--no-plots", "--dtype", "float64"]
+SMALL_MNIST = [
+    "--dataset",
+    "mnist",
+    "--layers",
+    "784,16,10",
+    "--limit-train",
+    "300",
+    "--limit-test",
+    "100",
+    "--batch-size",
+    "50",
+    "--lr",
+    "1e-3",
+    "--align-every",
+    "3",
+]
+XOR = [
+    "--dataset",
+    "xor",
+    "--layers",
+    "2,4,1",
+    "--batch-size",
+    "2",
+    "--lr",
+    "0.5",
+    "--align-every",
+    "0",
+    "--no-plots",
+    "--dtype",
+    "float64",
+]
 
 
 def _params(run_dir):
@@ -27,12 +53,32 @@ def _params(run_dir):
 def test_train_writes_a_complete_run_folder(tmp_path, backend):
     """config.json, one history record per epoch, metrics with the promised keys, checkpoint and PNGs."""
     out = tmp_path / "run"
-    rc = cli.main(["train", "--backend", backend, "--data-dir", str(mnist_dir()), "--epochs", "2", "--out", str(out),
-                   *SMALL_MNIST])
+    rc = cli.main(
+        [
+            "train",
+            "--backend",
+            backend,
+            "--data-dir",
+            str(mnist_dir()),
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+            *SMALL_MNIST,
+        ]
+    )
     assert rc == 0
     files = set(os.listdir(out))
-    assert {"config.json", "history.jsonl", "metrics.json", "checkpoint.npz", "training_curves.png",
-            "confusion.png", "precision_recall.png", "alignment.png"} <= files
+    assert {
+        "config.json",
+        "history.jsonl",
+        "metrics.json",
+        "checkpoint.npz",
+        "training_curves.png",
+        "confusion.png",
+        "precision_recall.png",
+        "alignment.png",
+    } <= files
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and len(metrics["train_error"]) == len(metrics["loss"]) == 2
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["wall_s"] > 0 and metrics["samples_per_s"] > 0
@@ -81,8 +127,24 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes_the_run(tmp_path, monkeyp
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_finite_checkpoint(tmp_path, capsys):
     out = tmp_path / "nan"
-    rc = cli.main(["train", *XOR, "--dtype", "float32", "--output", "identity", "--lr", "1e30", "--epochs", "5", "--batch-size", "4",
-                   "--out", str(out)])
+    rc = cli.main(
+        [
+            "train",
+            *XOR,
+            "--dtype",
+            "float32",
+            "--output",
+            "identity",
+            "--lr",
+            "1e30",
+            "--epochs",
+            "5",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == cli.EXIT_NONFINITE
     assert "training loss is" in capsys.readouterr().err
     ckpt = load_checkpoint(str(out / "checkpoint.npz"))
@@ -94,8 +156,16 @@ def test_compare_runs_dfa_and_bp_from_the_same_weights(tmp_path, capsys):
     rc = cli.main(["compare", "--data-dir", str(mnist_dir()), "--epochs", "1", "--out", str(out), *SMALL_MNIST])
     assert rc == 0
     assert "| DFA |" in capsys.readouterr().out
-    assert {"summary.md", "summary.json", "training_curves.png", "confusion_dfa.png", "confusion_bp.png",
-            "precision_recall.png", "dfa", "bp"} <= set(os.listdir(out))
+    assert {
+        "summary.md",
+        "summary.json",
+        "training_curves.png",
+        "confusion_dfa.png",
+        "confusion_bp.png",
+        "precision_recall.png",
+        "dfa",
+        "bp",
+    } <= set(os.listdir(out))
     first = [load_checkpoint(str(out / m / "checkpoint.npz")) for m in ("dfa", "bp")]
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["results"]) == {"DFA", "BP"}
@@ -164,12 +234,15 @@ def _saved_epochs(monkeypatch):
     return written
 
 
-@pytest.mark.parametrize("every,epochs,expected", [
-    ("2", 5, [0, 2, 4, 5]),  # every 2 epochs, and the end
-    ("2", 4, [0, 2, 4]),  # the end is epoch 4: written once
-    ("1", 3, [0, 1, 2, 3]),
-    ("3600s", 4, [0, 4]),  # never due: the start and the end only
-])
+@pytest.mark.parametrize(
+    "every,epochs,expected",
+    [
+        ("2", 5, [0, 2, 4, 5]),  # every 2 epochs, and the end
+        ("2", 4, [0, 2, 4]),  # the end is epoch 4: written once
+        ("1", 3, [0, 1, 2, 3]),
+        ("3600s", 4, [0, 4]),  # never due: the start and the end only
+    ],
+)
 def test_checkpoint_every_writes_at_its_cadence_and_at_the_end(tmp_path, monkeypatch, every, epochs, expected):
     import signal
 
@@ -188,8 +261,26 @@ def test_divergence_writes_the_last_finite_epoch_whatever_the_cadence(tmp_path, 
     """With writes due only at the start, a NaN loss still leaves the last finite epoch on disk."""
     written = _saved_epochs(monkeypatch)
     out = tmp_path / "nan"
-    rc = cli.main(["train", *XOR, "--dtype", "float32", "--output", "identity", "--lr", "1e30", "--epochs", "5",
-                   "--batch-size", "4", "--checkpoint-every", every, "--out", str(out)])
+    rc = cli.main(
+        [
+            "train",
+            *XOR,
+            "--dtype",
+            "float32",
+            "--output",
+            "identity",
+            "--lr",
+            "1e30",
+            "--epochs",
+            "5",
+            "--batch-size",
+            "4",
+            "--checkpoint-every",
+            every,
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == cli.EXIT_NONFINITE
     ckpt = load_checkpoint(str(out / "checkpoint.npz"))
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
@@ -233,8 +324,12 @@ def test_sigterm_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
 
     cut, straight = tmp_path / "cut", tmp_path / "straight"
     common = ["train", "--optimizer", "adam", "--lr", "0.05", *XOR]
-    proc = subprocess.Popen([sys.executable, "-m", "dfa_train.cli", *common, "--epochs", "1000000", "--out", str(cut)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dfa_train.cli", *common, "--epochs", "1000000", "--out", str(cut)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     history = cut / "history.jsonl"
     deadline = time.monotonic() + 120
     try:
@@ -257,16 +352,19 @@ def test_sigterm_leaves_a_checkpoint_that_resumes_exactly(tmp_path):
     a, b = _params(straight), _params(cut)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
-    assert json.loads((cut / "metrics.json").read_text())["loss"] == json.loads(
-        (straight / "metrics.json").read_text())["loss"]
+    assert (
+        json.loads((cut / "metrics.json").read_text())["loss"]
+        == json.loads((straight / "metrics.json").read_text())["loss"]
+    )
 
 
 def test_resume_refuses_a_changed_setting(tmp_path):
     from dfa_train.config import RunConfig
     from dfa_train.run import run
 
-    config = RunConfig(dataset="xor", layers=(2, 4, 1), batch_size=2, lr=0.5, epochs=2, align_every=0,
-                       no_plots=True, dtype="float64")
+    config = RunConfig(
+        dataset="xor", layers=(2, 4, 1), batch_size=2, lr=0.5, epochs=2, align_every=0, no_plots=True, dtype="float64"
+    )
     run(config, str(tmp_path / "r"))
     with pytest.raises(ValueError, match="cannot resume with a different lr"):
         run(config.replace(lr=0.1, epochs=3), str(tmp_path / "r"), resume=True)
@@ -289,11 +387,14 @@ def test_resume_reads_every_spelling_of_epochs_and_keeps_config_true(tmp_path, s
     assert json.loads((out / "config.json").read_text())["epochs"] == 4
 
 
-@pytest.mark.parametrize("options,named", [
-    (["--layers", "2,5,1"], "--layers"),
-    (["--lr", "0.1", "--batch-size", "4"], "--batch-size, --lr"),
-    (["--optimizer", "adam"], "--optimizer"),
-])
+@pytest.mark.parametrize(
+    "options,named",
+    [
+        (["--layers", "2,5,1"], "--layers"),
+        (["--lr", "0.1", "--batch-size", "4"], "--batch-size, --lr"),
+        (["--optimizer", "adam"], "--optimizer"),
+    ],
+)
 def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, options, named):
     out = tmp_path / "r"
     assert cli.main(["train", *XOR, "--epochs", "2", "--out", str(out)]) == 0
@@ -318,8 +419,23 @@ def test_offline_without_mnist_trains_on_the_bundled_slice_and_says_so(tmp_path,
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / ".cache"))
     out = tmp_path / "r"
     with pytest.warns(UserWarning, match="bundled slice of MNIST"):
-        rc = cli.main(["train", "--no-download", "--layers", "784,8,10", "--epochs", "1", "--batch-size", "500",
-                       "--align-every", "0", "--no-plots", "--out", str(out)])
+        rc = cli.main(
+            [
+                "train",
+                "--no-download",
+                "--layers",
+                "784,8,10",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "500",
+                "--align-every",
+                "0",
+                "--no-plots",
+                "--out",
+                str(out),
+            ]
+        )
     assert rc == 0
     config = json.loads((out / "config.json").read_text())
     assert config["dataset"] == "mnist-slice"

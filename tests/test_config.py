@@ -12,12 +12,37 @@ from dfa_train.config import CONFIG_VERSION, ConfigError, RunConfig, field_names
 from dfa_train.run import Checkpointer
 from dfa_train.state import EpochEnd, ResumeState
 
-CUSTOM = RunConfig(backend="jax", dataset="xor", layers=(2, 8, 1), activation="relu", output="identity",
-                   reduction="mean", dtype="float64", method="dfa", mode="batch_mean",
-                   optimizer="adam", lr=3e-3, momentum=0.5, batch_size=3, epochs=7, seed=4, param_seed=5,
-                   feedback_seed=6, feedback_dist="uniform", feedback_scale=0.7, device="cpu", tol=0.01, patience=2,
-                   limit_train=10, limit_test=20, align_every=0, standardize=True, checkpoint_every="30s",
-                   no_download=True, no_plots=True)
+CUSTOM = RunConfig(
+    backend="jax",
+    dataset="xor",
+    layers=(2, 8, 1),
+    activation="relu",
+    output="identity",
+    reduction="mean",
+    dtype="float64",
+    method="dfa",
+    mode="batch_mean",
+    optimizer="adam",
+    lr=3e-3,
+    momentum=0.5,
+    batch_size=3,
+    epochs=7,
+    seed=4,
+    param_seed=5,
+    feedback_seed=6,
+    feedback_dist="uniform",
+    feedback_scale=0.7,
+    device="cpu",
+    tol=0.01,
+    patience=2,
+    limit_train=10,
+    limit_test=20,
+    align_every=0,
+    standardize=True,
+    checkpoint_every="30s",
+    no_download=True,
+    no_plots=True,
+)
 
 
 @pytest.mark.parametrize("config", [RunConfig(), CUSTOM], ids=["defaults", "every_field_set"])
@@ -37,7 +62,13 @@ def test_defaults_resolve_layers_per_dataset_and_match_the_report():
     assert RunConfig(layers=[784, 16, 10]).layers == (784, 16, 10)  # lists become tuples
     c = RunConfig()
     assert (c.activation, c.output, c.reduction, c.lr, c.batch_size, c.feedback_scale) == (
-        "tanh", "sigmoid", "sum", 1e-4, 200, 1.9)
+        "tanh",
+        "sigmoid",
+        "sum",
+        1e-4,
+        200,
+        1.9,
+    )
 
 
 def test_spec_and_optimizer_spec():
@@ -136,11 +167,17 @@ def test_from_json_refuses_other_versions_missing_unknown_and_mistyped_keys():
 # Checkpoint cadence
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("auto", CheckpointEvery("auto", AUTO_RATIO)), ("1", CheckpointEvery("epochs", 1)),
-    ("2", CheckpointEvery("epochs", 2)), (2, CheckpointEvery("epochs", 2)),
-    ("30s", CheckpointEvery("seconds", 30.0)), ("0.5s", CheckpointEvery("seconds", 0.5)),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("auto", CheckpointEvery("auto", AUTO_RATIO)),
+        ("1", CheckpointEvery("epochs", 1)),
+        ("2", CheckpointEvery("epochs", 2)),
+        (2, CheckpointEvery("epochs", 2)),
+        ("30s", CheckpointEvery("seconds", 30.0)),
+        ("0.5s", CheckpointEvery("seconds", 0.5)),
+    ],
+)
 def test_parse_checkpoint_every(text, expected):
     assert parse_checkpoint_every(text) == expected
 
@@ -212,8 +249,13 @@ def test_checkpointer_with_a_fake_clock_writes_at_its_cadence_and_flushes_the_la
 
 def test_checkpointer_every_2_epochs():
     written = []
-    ck = Checkpointer("unused", parse_checkpoint_every("2"), {}, clock=_FakeClock(),
-                      save=lambda path, c: written.append(c.resume.epoch))
+    ck = Checkpointer(
+        "unused",
+        parse_checkpoint_every("2"),
+        {},
+        clock=_FakeClock(),
+        save=lambda path, c: written.append(c.resume.epoch),
+    )
     for epoch in range(1, 6):
         ck.offer(_epoch_end(epoch))
     ck.flush()

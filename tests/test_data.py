@@ -8,12 +8,13 @@ import shutil
 
 import numpy as np
 import pytest
+from dfa_test_data import full_mnist_dir, mnist, mnist_dir
 
 from dfa_train.data import (
-    DatasetNotFoundError,
     MNIST_FILES,
     MNIST_SLICE_DIR,
     MNIST_SLICE_FILES,
+    DatasetNotFoundError,
     load_idx_dataset,
     load_mnist,
     load_mnist_slice,
@@ -22,8 +23,6 @@ from dfa_train.data import (
     write_idx,
     xor_dataset,
 )
-
-from dfa_test_data import full_mnist_dir, mnist, mnist_dir
 
 SLICE_TRAIN_COUNTS = [191, 220, 198, 191, 214, 180, 200, 224, 172, 210]  # digits 0..9 in the first 2,000
 SLICE_TEST_COUNTS = [42, 67, 55, 45, 55, 50, 43, 49, 40, 54]  # and in the first 500 test images
@@ -119,7 +118,7 @@ def test_read_idx_rejects_bad_headers(tmp_path):
     _write_idx(path, (2,), [0] * 8, magic=0x0D01)  # float32 IDX
     with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
         read_idx(str(path))
-    _write_idx(path, (2 ** 31, 2 ** 31, 2 ** 31), [])  # a size that would overflow int64
+    _write_idx(path, (2**31, 2**31, 2**31), [])  # a size that would overflow int64
     with pytest.raises(ValueError, match="header announces shape"):
         read_idx(str(path))
 
@@ -155,8 +154,12 @@ def test_load_mnist_missing_folder_names_it(tmp_path):
 def _tiny_dataset(folder, n_train=6, n_test=3, test_size=(4, 4)):
     """Four valid IDX files of 4x4 images (6 train, 3 test) in ``folder``; returns file paths by part."""
     rng = np.random.default_rng(0)
-    shapes = {"train_images": (n_train, 4, 4), "train_labels": (n_train,), "test_images": (n_test, *test_size),
-              "test_labels": (n_test,)}
+    shapes = {
+        "train_images": (n_train, 4, 4),
+        "train_labels": (n_train,),
+        "test_images": (n_test, *test_size),
+        "test_labels": (n_test,),
+    }
     files = {}
     for part, (name, _, _) in MNIST_FILES.items():
         high = 10 if part.endswith("labels") else 256

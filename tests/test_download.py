@@ -107,8 +107,16 @@ def test_offline_with_nothing_local_says_where_it_looked(cache, monkeypatch, tmp
     with pytest.raises(DatasetNotFoundError) as err:
         find_mnist(base_urls=["http://127.0.0.1:9/"], timeout=1)
     message = str(err.value)
-    for part in ("DFA_DATA_DIR", str(tmp_path / "empty"), str(tmp_path / "empty" / "mnist"), str(cache),
-                 "--data-dir", "127.0.0.1:9", "train-images-idx3-ubyte.gz", "--dataset mnist-slice"):
+    for part in (
+        "DFA_DATA_DIR",
+        str(tmp_path / "empty"),
+        str(tmp_path / "empty" / "mnist"),
+        str(cache),
+        "--data-dir",
+        "127.0.0.1:9",
+        "train-images-idx3-ubyte.gz",
+        "--dataset mnist-slice",
+    ):
         assert part in message
     with pytest.raises(DatasetNotFoundError, match="downloads disabled") as err:
         find_mnist(download=False)

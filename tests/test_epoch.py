@@ -43,9 +43,24 @@ RAGGED_ALIGNED = {"dfa-sample-sgd": 2, "dfa-batch_mean-nesterov": 2, "dfa-class_
 def _fit(backend, engine, case, spec=SPEC64, donate=False):
     method, mode, opt = case.split("-")
     batch_size, align_every = (32, RAGGED_ALIGNED[case]) if case in RAGGED_ALIGNED else (25, 0)
-    return fit(backend, spec, X_TRAIN, Y_TRAIN, x_test=X_TEST, y_test=Y_TEST, method=method, mode=mode,
-               optimizer=OPTIMIZERS[opt], epochs=3, batch_size=batch_size, seed=4, align_every=align_every,
-               eval_batch_size=40, donate=donate, engine=engine)
+    return fit(
+        backend,
+        spec,
+        X_TRAIN,
+        Y_TRAIN,
+        x_test=X_TEST,
+        y_test=Y_TEST,
+        method=method,
+        mode=mode,
+        optimizer=OPTIMIZERS[opt],
+        epochs=3,
+        batch_size=batch_size,
+        seed=4,
+        align_every=align_every,
+        eval_batch_size=40,
+        donate=donate,
+        engine=engine,
+    )
 
 
 def _assert_histories_close(h, ref, rtol):
@@ -105,8 +120,16 @@ def test_on_batch_sees_every_step_in_both_engines():
     calls = {}
     for engine in ("epoch", "step"):
         calls[engine] = []
-        fit("torch", SPEC64, X_TRAIN, Y_TRAIN, epochs=2, batch_size=32, engine=engine,
-            on_batch=lambda *a, seen=calls[engine]: seen.append(a))
+        fit(
+            "torch",
+            SPEC64,
+            X_TRAIN,
+            Y_TRAIN,
+            epochs=2,
+            batch_size=32,
+            engine=engine,
+            on_batch=lambda *a, seen=calls[engine]: seen.append(a),
+        )
     assert calls["epoch"] == calls["step"] == [(e, i, 4) for e in range(2) for i in range(4)]
 
 
@@ -114,8 +137,12 @@ def _epoch_inputs(be, spec, opt, n=100):
     x, y = X_TRAIN[:n].astype(spec.dtype), Y_TRAIN[:n].astype(spec.dtype)
     with be.precision_scope(spec.dtype):
         params = be.asarray(init_params(spec, 0))
-        return params, be.asarray(init_feedback(spec, 1)), be.make_optimizer(opt, spec.dtype).init(params), \
-            *be.asarray((x, y))
+        return (
+            params,
+            be.asarray(init_feedback(spec, 1)),
+            be.make_optimizer(opt, spec.dtype).init(params),
+            *be.asarray((x, y)),
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

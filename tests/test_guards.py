@@ -55,8 +55,16 @@ def test_overflowed_params_stop_even_when_the_loss_was_finite():
     finite: stop_on_nonfinite checks the params too."""
     x, y = _data()
     with pytest.raises(NonFiniteLossError, match="params overflowed"):
-        fit("torch", MLPSpec((8, 16, 3)), x, y, optimizer=OptimizerSpec("sgd", 1e38), epochs=2, batch_size=120,
-            stop_on_nonfinite=True)
+        fit(
+            "torch",
+            MLPSpec((8, 16, 3)),
+            x,
+            y,
+            optimizer=OptimizerSpec("sgd", 1e38),
+            epochs=2,
+            batch_size=120,
+            stop_on_nonfinite=True,
+        )
 
 
 @pytest.mark.parametrize("factor", [1.0, 0.5, -3, float("nan"), True])
@@ -70,8 +78,26 @@ def test_cli_divergence_exits_3_and_keeps_the_last_finite_checkpoint(tmp_path, c
     """The issue's reproduction, on XOR: lr 1e38 makes the run diverge. Exit 3, and the
     checkpoint on disk is the finite epoch-0 state, which resumes."""
     out = tmp_path / "dv"
-    argv = ["train", "--dataset", "xor", "--layers", "2,4,1", "--batch-size", "4", "--lr", "1e38", "--epochs", "3",
-            "--align-every", "0", "--no-plots", "--progress", "off", "--out", str(out)]
+    argv = [
+        "train",
+        "--dataset",
+        "xor",
+        "--layers",
+        "2,4,1",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e38",
+        "--epochs",
+        "3",
+        "--align-every",
+        "0",
+        "--no-plots",
+        "--progress",
+        "off",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 3
     assert "training stopped" in capsys.readouterr().err
     ckpt = load_checkpoint(str(out / "checkpoint.npz"))
@@ -79,8 +105,26 @@ def test_cli_divergence_exits_3_and_keeps_the_last_finite_checkpoint(tmp_path, c
 
 
 def test_cli_guard_can_be_switched_off(tmp_path, capsys):
-    base = ["train", "--dataset", "xor", "--layers", "2,4,1", "--batch-size", "1", "--lr", "3e3", "--epochs", "3",
-            "--align-every", "0", "--no-plots", "--progress", "off", "--dtype", "float64"]
+    base = [
+        "train",
+        "--dataset",
+        "xor",
+        "--layers",
+        "2,4,1",
+        "--batch-size",
+        "1",
+        "--lr",
+        "3e3",
+        "--epochs",
+        "3",
+        "--align-every",
+        "0",
+        "--no-plots",
+        "--progress",
+        "off",
+        "--dtype",
+        "float64",
+    ]
     assert cli.main([*base, "--diverge-factor", "2", "--out", str(tmp_path / "a")]) == 3
     assert "divergence guard" in capsys.readouterr().err
     assert cli.main([*base, "--diverge-factor", "0", "--out", str(tmp_path / "b")]) == 0

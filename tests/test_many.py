@@ -30,14 +30,20 @@ CASES = {
     "dfa_sample_sgd_ragged_align": (
         SPEC64,
         dict(method="dfa", mode="sample", optimizer=OptimizerSpec("sgd", 0.02), batch_size=32, align_every=3),
-        [{}, {"seed": 7, "param_seed": 3, "feedback_seed": 11, "feedback_scale": 0.5},
-         {"optimizer": OptimizerSpec("sgd", 0.05)}],
+        [
+            {},
+            {"seed": 7, "param_seed": 3, "feedback_seed": 11, "feedback_scale": 0.5},
+            {"optimizer": OptimizerSpec("sgd", 0.05)},
+        ],
     ),
     "dfa_batch_mean_momentum_nesterov": (
         SPEC64,
         dict(method="dfa", mode="batch_mean", optimizer=OptimizerSpec("momentum", 0.05), batch_size=25),
-        [{"seed": 1}, {"seed": 2, "optimizer": OptimizerSpec("momentum", 0.02, momentum=0.5)},
-         {"seed": 3, "optimizer": OptimizerSpec("momentum", 0.05, nesterov=True)}],
+        [
+            {"seed": 1},
+            {"seed": 2, "optimizer": OptimizerSpec("momentum", 0.02, momentum=0.5)},
+            {"seed": 3, "optimizer": OptimizerSpec("momentum", 0.05, nesterov=True)},
+        ],
     ),
     "dfa_class_mean_adam_mean_reduction": (
         SPEC64_MEAN,
@@ -47,8 +53,11 @@ CASES = {
     "bp_sample_sgd_and_adam": (
         SPEC64,
         dict(method="bp", mode="sample", batch_size=32),
-        [{"optimizer": OptimizerSpec("sgd", 0.02), "param_seed": 2},
-         {"optimizer": OptimizerSpec("adam", 1e-2), "seed": 5}, {"optimizer": OptimizerSpec("sgd", 0.04)}],
+        [
+            {"optimizer": OptimizerSpec("sgd", 0.02), "param_seed": 2},
+            {"optimizer": OptimizerSpec("adam", 1e-2), "seed": 5},
+            {"optimizer": OptimizerSpec("sgd", 0.04)},
+        ],
     ),
 }
 
@@ -133,8 +142,21 @@ def test_jax_members_with_other_numbers_share_one_program():
         ([{}], {"method": "bp", "mode": "batch_mean"}, ValueError, ["bp", "sample"]),
         ([{}], {"optimizer": "sgd"}, TypeError, ["optimizer", "OptimizerSpec"]),
     ],
-    ids=["unknown_key", "empty", "not_a_sequence", "not_a_dict", "bad_seed", "bad_optimizer", "bad_scale",
-         "refused_options", "refused_feedback", "unknown_option", "bad_epochs", "bp_mode", "bad_shared_optimizer"],
+    ids=[
+        "unknown_key",
+        "empty",
+        "not_a_sequence",
+        "not_a_dict",
+        "bad_seed",
+        "bad_optimizer",
+        "bad_scale",
+        "refused_options",
+        "refused_feedback",
+        "unknown_option",
+        "bad_epochs",
+        "bp_mode",
+        "bad_shared_optimizer",
+    ],
 )
 def test_bad_members_and_options_are_named(members, kwargs, error, words):
     """Bad members and options fail before training with a message naming the culprit."""

@@ -7,9 +7,8 @@ import sys
 import pytest
 
 from dfa_core import BACKEND_NAMES, get_backend
-from dfa_core.registry import resolve_backend
-
 from dfa_core.backend import BACKEND_API, Backend
+from dfa_core.registry import resolve_backend
 
 MIRRORED = BACKEND_API  # the one list of backend names (dfa_core.backend)
 

@@ -9,12 +9,26 @@ import threading
 
 import pytest
 
-from dfa_train import cli
-from dfa_train import data
+from dfa_train import cli, data
 from dfa_train import run as run_module
 
-XOR = ["--dataset", "xor", "--layers", "2,4,1", "--batch-size", "2", "--lr", "0.5", "--align-every", "0",
-       "--no-plots", "--dtype", "float64", "--progress", "off"]
+XOR = [
+    "--dataset",
+    "xor",
+    "--layers",
+    "2,4,1",
+    "--batch-size",
+    "2",
+    "--lr",
+    "0.5",
+    "--align-every",
+    "0",
+    "--no-plots",
+    "--dtype",
+    "float64",
+    "--progress",
+    "off",
+]
 
 
 def _exit_code(argv):
@@ -95,6 +109,7 @@ def test_out_that_is_a_file_or_unwritable(tmp_path, monkeypatch, capsys):
 def test_a_failed_start_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
     """A run that fails before its first epoch (here: the trainer raises) removes the folder it made,
     and in a folder the user made empty it removes only its own files; the rerun then works."""
+
     def broken(*args, **kwargs):
         raise ValueError("simulated failure before the first epoch")
 
@@ -111,11 +126,14 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
     assert cli.main(["train", *XOR, "--epochs", "1", "--out", str(out)]) == 0
 
 
-@pytest.mark.parametrize("device,backend,named", [
-    ("tpu", "torch", "torch device 'tpu' is not available"),
-    ("cuda", "torch", "torch device 'cuda' is not available"),
-    ("gpu", "jax", "JAX platform 'gpu' is not available"),
-])
+@pytest.mark.parametrize(
+    "device,backend,named",
+    [
+        ("tpu", "torch", "torch device 'tpu' is not available"),
+        ("cuda", "torch", "torch device 'cuda' is not available"),
+        ("gpu", "jax", "JAX platform 'gpu' is not available"),
+    ],
+)
 def test_unavailable_devices_exit_2_before_any_folder(tmp_path, capsys, device, backend, named):
     pytest.importorskip("torch")
     import torch
@@ -156,6 +174,7 @@ def test_an_interrupted_comparison_resumes(tmp_path, monkeypatch, capsys):
 
     def stop_during_bp(config, data, params, feedback, state, on_epoch, bar):
         if config.method == "bp":
+
             def on_epoch_then_stop(e):
                 on_epoch(e)
                 raise KeyboardInterrupt
@@ -195,9 +214,26 @@ def test_a_silent_mirror_is_announced_and_times_out(tmp_path, monkeypatch, capsy
     monkeypatch.setenv(data.MIRROR_ENV, f"http://127.0.0.1:{port}/")
     try:
         with pytest.warns(UserWarning):
-            rc = cli.main(["train", "--timeout", "0.3", "--layers", "784,4,10", "--epochs", "1", "--batch-size",
-                           "1000", "--align-every", "0", "--no-plots", "--progress", "off",
-                           "--out", str(tmp_path / "r")])
+            rc = cli.main(
+                [
+                    "train",
+                    "--timeout",
+                    "0.3",
+                    "--layers",
+                    "784,4,10",
+                    "--epochs",
+                    "1",
+                    "--batch-size",
+                    "1000",
+                    "--align-every",
+                    "0",
+                    "--no-plots",
+                    "--progress",
+                    "off",
+                    "--out",
+                    str(tmp_path / "r"),
+                ]
+            )
     finally:
         server.close()
     assert rc == 0
@@ -226,10 +262,13 @@ def test_a_damaged_history_is_rebuilt_from_the_checkpoint_on_resume(tmp_path, da
     assert [r["loss"] for r in records] == [r["loss"] for r in expected]
 
 
-@pytest.mark.parametrize("text,named", [
-    ("{not json", "config.json"),
-    ('{"version": 1}', "config.json"),
-])
+@pytest.mark.parametrize(
+    "text,named",
+    [
+        ("{not json", "config.json"),
+        ('{"version": 1}', "config.json"),
+    ],
+)
 def test_a_damaged_config_names_the_file(tmp_path, capsys, text, named):
     out = tmp_path / "r"
     assert cli.main(["train", *XOR, "--epochs", "1", "--out", str(out)]) == 0

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from dfa_test_data import mnist_dir
 
 import dfa_train
 from dfa_train import cli
@@ -14,12 +15,36 @@ from dfa_train.run import run
 from dfa_train.sweep import members_of, parse_floats, parse_seeds, per_epoch_mean_std, setting_name
 from dfa_train.trainer import fit
 
-from dfa_test_data import mnist_dir
-
-XOR = ["--dataset", "xor", "--layers", "2,4,1", "--batch-size", "2", "--align-every", "0", "--dtype", "float64",
-       "--epochs", "6"]
-SMALL_MNIST = ["--dataset", "mnist", "--layers", "784,16,10", "--limit-train", "300", "--limit-test", "100",
-               "--batch-size", "50", "--align-every", "3", "--epochs", "2"]
+XOR = [
+    "--dataset",
+    "xor",
+    "--layers",
+    "2,4,1",
+    "--batch-size",
+    "2",
+    "--align-every",
+    "0",
+    "--dtype",
+    "float64",
+    "--epochs",
+    "6",
+]
+SMALL_MNIST = [
+    "--dataset",
+    "mnist",
+    "--layers",
+    "784,16,10",
+    "--limit-train",
+    "300",
+    "--limit-test",
+    "100",
+    "--batch-size",
+    "50",
+    "--align-every",
+    "3",
+    "--epochs",
+    "2",
+]
 
 
 def _loop_fit_many(backend, spec, x_train, y_train, *, members, **fit_kwargs):
@@ -39,8 +64,17 @@ def loop_fit_many(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("text,seeds", [("0-7", tuple(range(8))), ("0,3,5", (0, 3, 5)), ("4", (4,)),
-                                        ("2-4,9", (2, 3, 4, 9)), (" 1 , 2 ", (1, 2)), ("5-5", (5,))])
+@pytest.mark.parametrize(
+    "text,seeds",
+    [
+        ("0-7", tuple(range(8))),
+        ("0,3,5", (0, 3, 5)),
+        ("4", (4,)),
+        ("2-4,9", (2, 3, 4, 9)),
+        (" 1 , 2 ", (1, 2)),
+        ("5-5", (5,)),
+    ],
+)
 def test_parse_seeds(text, seeds):
     assert parse_seeds(text) == seeds
 
@@ -51,12 +85,19 @@ def test_parse_seeds_refuses(text):
         parse_seeds(text)
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["--seeds", "3-1"], "--seeds"), (["--seeds", "x"], "--seeds"), (["--seeds", "-2"], "--seeds"),
-    (["--seeds", "1,1"], "--seeds"), (["--seeds", "0", "--lr", "1e-4,abc"], "--lr"),
-    (["--seeds", "0", "--lr", "0"], "--lr"), (["--seeds", "0", "--lr", "1e-3,1e-3"], "--lr"),
-    ([], "--seeds"),  # required
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--seeds", "3-1"], "--seeds"),
+        (["--seeds", "x"], "--seeds"),
+        (["--seeds", "-2"], "--seeds"),
+        (["--seeds", "1,1"], "--seeds"),
+        (["--seeds", "0", "--lr", "1e-4,abc"], "--lr"),
+        (["--seeds", "0", "--lr", "0"], "--lr"),
+        (["--seeds", "0", "--lr", "1e-3,1e-3"], "--lr"),
+        ([], "--seeds"),  # required
+    ],
+)
 def test_bad_sweep_arguments_exit_2_naming_the_option(argv, expected, capsys):
     with pytest.raises(SystemExit) as err:
         cli.main(["sweep", *XOR, *argv])
@@ -70,8 +111,7 @@ def test_parse_floats():
 
 def test_members_map_one_seed_to_order_init_and_feedback(tmp_path):
     members = members_of(RunConfig(dataset="xor"), (0, 3), (1e-4, 0.5), str(tmp_path))
-    assert [(m.setting, m.seed) for m in members] == [("lr=0.0001", 0), ("lr=0.0001", 3), ("lr=0.5", 0),
-                                                      ("lr=0.5", 3)]
+    assert [(m.setting, m.seed) for m in members] == [("lr=0.0001", 0), ("lr=0.0001", 3), ("lr=0.5", 0), ("lr=0.5", 3)]
     m = members[1]
     assert (m.config.seed, m.config.param_seed, m.config.feedback_seed, m.config.lr) == (3, 3, 4, 1e-4)
     assert m.run_dir == os.path.join(str(tmp_path), "lr=0.0001", "seed=3")
@@ -107,8 +147,11 @@ def test_sweep_writes_member_folders_summary_and_plot(tmp_path, capsys, loop_fit
             folder = out / member["dir"]
             assert {"config.json", "history.jsonl", "metrics.json", "params.npz"} <= set(os.listdir(folder))
             config = RunConfig.from_json((folder / "config.json").read_text())
-            assert (config.seed, config.param_seed, config.feedback_seed) == (member["seed"], member["seed"],
-                                                                             member["seed"] + 1)
+            assert (config.seed, config.param_seed, config.feedback_seed) == (
+                member["seed"],
+                member["seed"],
+                member["seed"] + 1,
+            )
             assert config.lr == setting["lr"]
             metrics = _read(folder / "metrics.json")
             assert len((folder / "history.jsonl").read_text().splitlines()) == metrics["epochs_run"] == 6
@@ -148,8 +191,21 @@ def test_sweep_refuses_a_folder_that_holds_one(tmp_path, capsys, loop_fit_many):
 def test_sweep_through_the_real_fit_many_matches_the_loop_of_fits(tmp_path, backend, monkeypatch):
     """The same sweep (MNIST slice of 300, DFA with alignment) through dfa_train.fit_many and through a
     loop of fit: same member metrics (float64, rtol 1e-9) and params."""
-    args = ["sweep", "--backend", backend, "--data-dir", str(mnist_dir()), *SMALL_MNIST, "--dtype", "float64",
-            "--seeds", "0,1", "--lr", "1e-3,3e-3", "--no-plots"]
+    args = [
+        "sweep",
+        "--backend",
+        backend,
+        "--data-dir",
+        str(mnist_dir()),
+        *SMALL_MNIST,
+        "--dtype",
+        "float64",
+        "--seeds",
+        "0,1",
+        "--lr",
+        "1e-3,3e-3",
+        "--no-plots",
+    ]
     assert cli.main([*args, "--out", str(tmp_path / "many")]) == 0
     monkeypatch.setattr(dfa_train, "fit_many", _loop_fit_many)
     assert cli.main([*args, "--out", str(tmp_path / "loop")]) == 0
@@ -159,7 +215,9 @@ def test_sweep_through_the_real_fit_many_matches_the_loop_of_fits(tmp_path, back
             b = _read(tmp_path / "loop" / setting / f"seed={seed}" / "metrics.json")
             np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-9)
             assert a["train_error"] == b["train_error"] and a["confusion"] == b["confusion"]
-            with np.load(tmp_path / "many" / setting / f"seed={seed}" / "params.npz") as p, \
-                    np.load(tmp_path / "loop" / setting / f"seed={seed}" / "params.npz") as q:
+            with (
+                np.load(tmp_path / "many" / setting / f"seed={seed}" / "params.npz") as p,
+                np.load(tmp_path / "loop" / setting / f"seed={seed}" / "params.npz") as q,
+            ):
                 for key in p.files:
                     np.testing.assert_allclose(p[key], q[key], rtol=1e-9, atol=1e-12)

@@ -38,8 +38,17 @@ def test_torch_and_jax_give_the_same_float64_history(case):
     """In float64 both backends see the same batches and record the same history:
     losses and angles within rtol 1e-8, identical error counts, equal final params."""
     method, mode, opt, batch_size = PARITY_CASES[case]
-    kwargs = dict(x_test=X_TEST, y_test=Y_TEST, method=method, mode=mode, optimizer=opt, epochs=3,
-                  batch_size=batch_size, seed=4, align_every=2)
+    kwargs = dict(
+        x_test=X_TEST,
+        y_test=Y_TEST,
+        method=method,
+        mode=mode,
+        optimizer=opt,
+        epochs=3,
+        batch_size=batch_size,
+        seed=4,
+        align_every=2,
+    )
     h_torch = fit("torch", SPEC64, X_TRAIN, Y_TRAIN, **kwargs)
     h_jax = fit("jax", SPEC64, X_TRAIN, Y_TRAIN, **kwargs)
     np.testing.assert_allclose(h_torch.loss, h_jax.loss, rtol=1e-8)
@@ -60,8 +69,9 @@ def test_fit_is_train_step_over_numpy_ordered_batches():
     """fit's updates are SGD on dfa_grads over the batches rng.permutation(N) per epoch
     (rng = default_rng(seed)), so a hand-written loop reproduces its params and losses."""
     opt = OptimizerSpec("sgd", 0.02)
-    h = fit("torch", SPEC64, X_TRAIN, Y_TRAIN, optimizer=opt, epochs=2, batch_size=32, seed=9,
-            param_seed=3, feedback_seed=5)
+    h = fit(
+        "torch", SPEC64, X_TRAIN, Y_TRAIN, optimizer=opt, epochs=2, batch_size=32, seed=9, param_seed=3, feedback_seed=5
+    )
     params, feedback = init_params(SPEC64, 3), init_feedback(SPEC64, 5)
     rng = np.random.default_rng(9)
     for epoch in range(2):
@@ -116,8 +126,18 @@ def test_xor_by_dfa_on_both_backends():
     spec = MLPSpec((2, 8, 1), dtype="float64")
     x, y = xor_dataset("float64")
     for backend in ("torch", "jax"):
-        h = fit(backend, spec, x, y, optimizer=OptimizerSpec("sgd", 0.5), epochs=300, batch_size=4, seed=0,
-                param_seed=0, feedback_seed=1)
+        h = fit(
+            backend,
+            spec,
+            x,
+            y,
+            optimizer=OptimizerSpec("sgd", 0.5),
+            epochs=300,
+            batch_size=4,
+            seed=0,
+            param_seed=0,
+            feedback_seed=1,
+        )
         assert h.train_error[-1] == 0.0, backend
         np.testing.assert_array_equal(h.confusion, [[2, 0], [0, 2]])
 
