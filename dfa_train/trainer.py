@@ -588,6 +588,9 @@ def fit(
     )
     params_np = init_params(spec, param_seed) if params is None else params
     validation.check_params(spec, params_np)
+    for name, leaf in validation.named_leaves(params_np):
+        host = leaf.detach().cpu() if hasattr(leaf, "detach") else leaf  # NumPy, torch or JAX
+        validation.raise_for_nonfinite(name, bool(np.all(np.isfinite(np.asarray(host)))))
     feedback_np = init_feedback(
         spec, feedback_seed, feedback_dist, feedback_scale, feedback_transform, matrices=feedback
     )

@@ -142,3 +142,14 @@ def test_a_run_too_large_for_memory_is_refused_before_allocating(tmp_path, monke
     assert not out.exists()
     with pytest.raises(MemoryError, match="would need about"):
         fit("torch", MLPSpec((2, 100000, 1)), np.zeros((4, 2)), np.zeros((4, 1)), epochs=1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_fit_refuses_non_finite_initial_params(backend):
+    from dfa_core import init_params
+
+    params = [list(p) for p in init_params(SPEC)]
+    params[1][0][0, 0] = np.nan
+    x, y = _data()
+    with pytest.raises(ValueError, match="params W_2 has non-finite values"):
+        fit(backend, SPEC, x, y, params=tuple(map(tuple, params)), epochs=1)
