@@ -9,7 +9,9 @@ import torch
 
 from dfa_core import validation
 from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec  # noqa: F401  (METHODS re-exported)
+from dfa_core.tree import tree_map
 from dfa_torch import alignment
+from dfa_torch.arrays import as_input
 from dfa_torch.dfa import bp_grads_and_loss, dfa_grads_and_loss
 from dfa_torch.optim import _flatten, _unflatten, apply_updates, apply_updates_, make_optimizer
 
@@ -60,6 +62,7 @@ def _build_step(spec, opt, method, mode, donate, with_alignment):
         return _apply(params, updates), opt_state
 
     def step(params, feedback, opt_state, x, y):
+        params, feedback, x, y = _as_tensors(spec, params, feedback, x, y)
         # Measured before the update, which may write into params (donate=True).
         angles = alignment.alignment_angles_unchecked(spec, params, feedback, x, y, mode) if with_alignment else None
         if method == "dfa":
@@ -73,3 +76,19 @@ def _build_step(spec, opt, method, mode, donate, with_alignment):
         return params, opt_state, batch_loss
 
     return step
+
+
+def _as_tensors(spec: MLPSpec, params, feedback, x, y):
+    """NumPy inputs become tensors on the params' device, as JAX's jit converts them; a call whose
+    inputs are all tensors (the training loops') pays four isinstance checks."""
+    leads = (params[0][0], x, y) + ((feedback[0],) if feedback else ())
+    if all(isinstance(a, torch.Tensor) for a in leads):
+        return params, feedback, x, y
+    w = params[0][0]
+    device = w.device if isinstance(w, torch.Tensor) else None
+
+    def cast(a):
+        return a if isinstance(a, torch.Tensor) else as_input(a, spec.dtype, device)
+
+    feedback = tuple(cast(b) for b in feedback) if feedback is not None else None
+    return tree_map(cast, params), feedback, cast(x), cast(y)

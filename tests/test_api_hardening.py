@@ -98,3 +98,24 @@ def test_complex_feedback_is_refused(source):
             init_feedback(SPEC, matrices=[complex_matrix])
         else:
             init_feedback(SPEC, transform=lambda m: m * (1 + 1j))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_step_takes_numpy_on_both_backends(backend):
+    """torch's step converts NumPy inputs as JAX's jit does; both give the same float64 update."""
+    from dfa_core import OptimizerSpec
+
+    opt = OptimizerSpec("momentum", 0.1)
+    x, y = _batch()
+    out = {}
+    for name in BACKENDS:
+        be = get_backend(name)
+        params = init_params(SPEC)
+        state = be.make_optimizer(opt, SPEC.dtype).init(be.asarray(params))
+        step = be.train_step(SPEC, opt, "dfa", "sample")
+        with be.precision_scope(SPEC.dtype):
+            new, _, loss = step(params, init_feedback(SPEC), state, x, y)
+        out[name] = be.to_numpy(new)
+    for (w, b), (w_ref, b_ref) in zip(out[backend], out["jax" if backend == "torch" else "torch"]):
+        np.testing.assert_allclose(w, w_ref, rtol=1e-10)
+        np.testing.assert_allclose(b, b_ref, rtol=1e-10)

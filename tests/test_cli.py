@@ -189,6 +189,12 @@ BAD_ARGS = {
     "optimizer": (["train", "--optimizer", "rmsprop"], "'sgd', 'momentum', 'adam'"),
     "lr": (["train", "--lr", "-1"], "--lr"),
     "epochs": (["train", "--epochs", "0"], "--epochs"),
+    # issue 9, item 11: these used to exit 1
+    "momentum": (["train", "--dataset", "xor", "--momentum", "1.5"], "argument --momentum"),
+    "tol_negative": (["train", "--dataset", "xor", "--tol", "-1"], "argument --tol"),
+    "tol_nan": (["train", "--dataset", "xor", "--tol", "nan"], "argument --tol"),
+    "diverge_factor": (["train", "--dataset", "xor", "--diverge-factor", "0.5"], "argument --diverge-factor"),
+    "timeout": (["train", "--dataset", "xor", "--timeout", "0"], "argument --timeout"),
 }
 
 
