@@ -95,15 +95,21 @@ def load_data(config: RunConfig) -> Data:
 def resolve_dataset(config: RunConfig) -> RunConfig:
     """``config``, or with dataset 'mnist-slice' when full MNIST is nowhere to be had (offline, no copy).
 
-    The fallback warns (``MnistSliceWarning`` on stderr) and is recorded in the config, so the
-    run folder says what it trained on and a resume reads the same data. An explicit
-    ``data_dir`` is never replaced.
+    The fallback is said on stderr ("dfa: warning: ...", the ``MnistSliceWarning``'s text) and
+    recorded in the config, so the run folder says what it trained on and a resume reads the
+    same data. An explicit ``data_dir`` is never replaced.
     """
+    import warnings
+
     from dfa_train import data
 
     if config.dataset != "mnist" or config.data_dir is not None:
         return config
-    _, is_slice = data.find_mnist_or_slice(None, download=not config.no_download, timeout=config.download_timeout)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", data.MnistSliceWarning)
+        _, is_slice = data.find_mnist_or_slice(None, download=not config.no_download, timeout=config.download_timeout)
+    for w in caught:
+        print(f"dfa: warning: {w.message}", file=sys.stderr)
     return config.replace(dataset=data.MNIST_SLICE_NAME) if is_slice else config
 
 

@@ -213,32 +213,14 @@ def test_a_silent_mirror_is_announced_and_times_out(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home" / ".cache"))
     monkeypatch.setenv(data.MIRROR_ENV, f"http://127.0.0.1:{port}/")
     try:
-        with pytest.warns(UserWarning):
-            rc = cli.main(
-                [
-                    "train",
-                    "--timeout",
-                    "0.3",
-                    "--layers",
-                    "784,4,10",
-                    "--epochs",
-                    "1",
-                    "--batch-size",
-                    "1000",
-                    "--align-every",
-                    "0",
-                    "--no-plots",
-                    "--progress",
-                    "off",
-                    "--out",
-                    str(tmp_path / "r"),
-                ]
-            )
+        argv = ["train", "--timeout", "0.3", "--layers", "784,4,10", "--epochs", "1", "--batch-size", "1000"]
+        rc = cli.main([*argv, "--align-every", "0", "--no-plots", "--progress", "off", "--out", str(tmp_path / "r")])
     finally:
         server.close()
     assert rc == 0
     err = capsys.readouterr().err
     assert f"dfa: downloading http://127.0.0.1:{port}/" in err and "waits up to 0.3 s" in err
+    assert "dfa: warning: " in err and "bundled slice" in err
 
 
 @pytest.mark.parametrize("damage", ["cut_last_line", "missing", "garbage"])
