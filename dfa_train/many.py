@@ -19,7 +19,7 @@ import inspect
 import numbers
 import time
 from types import ModuleType
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -31,7 +31,7 @@ from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec
 from dfa_core.tree import tree_map
 from dfa_train import memory
 from dfa_train.state import AlignmentRecord, History
-from dfa_train.trainer import _check_data, confusion_matrix, fit, labels_of
+from dfa_train.trainer import _check_data, final_confusion, fit, history_config, labels_of
 
 MEMBER_KEYS = ("seed", "param_seed", "feedback_seed", "feedback_scale", "optimizer")
 """What a member may set for itself; everything else is shared by all members."""
@@ -299,20 +299,8 @@ def _run_group(be, spec: MLPSpec, opts, members: Sequence[Member], feedback_np, 
 
 def _history(be, spec: MLPSpec, opts, member: Member, rec: _Record, feedback_np, data: _Data) -> History:
     """Member's History, with the config fit(**fit_kwargs, **member) records."""
-    has_test = data.test_labels is not None
-    num_classes = max(spec.n_out, 2)
-    # The predictions are there: every epoch that ran measured them.
-    if data.test_labels is not None:
-        confusion = confusion_matrix(data.test_labels, cast(np.ndarray, rec.test_pred), num_classes)
-    else:
-        confusion = confusion_matrix(data.labels, cast(np.ndarray, rec.pred), num_classes)
-    config = {
-        "backend": be.__name__,
-        "layer_sizes": list(spec.layer_sizes),
-        "activation": spec.activation,
-        "output": spec.output,
-        "reduction": spec.reduction,
-        "dtype": spec.dtype,
+    confusion, split = final_confusion(spec, data.labels, rec.pred, data.test_labels, rec.test_pred)
+    settings = {
         "method": opts["method"],
         "mode": opts["mode"],
         "optimizer": member.optimizer.to_dict(),
@@ -326,16 +314,15 @@ def _history(be, spec: MLPSpec, opts, member: Member, rec: _Record, feedback_np,
         "tol": opts["tol"],
         "patience": opts["patience"],
         "align_every": opts["align_every"],
-        "n_train": int(data.labels.shape[0]),
-        "n_test": int(data.test_labels.shape[0]) if data.test_labels is not None else 0,
     }
+    config = history_config(be, spec, settings, data.labels.shape[0], data.test_labels)
     return History(
         loss=tuple(rec.losses),
         train_error=tuple(rec.errors),
         test_accuracy=tuple(rec.accuracies),
         time_s=tuple(rec.times),
         confusion=confusion,
-        confusion_split="test" if has_test else "train",
+        confusion_split=split,
         alignment=tuple(rec.alignment),
         stopped_early=rec.stopped_early,
         config=config,

@@ -384,22 +384,43 @@ def _epoch_end(run: _Settings, data: _Data, loop: _Loop, epoch: int, feedback_np
     )
 
 
-def _history(run: _Settings, data: _Data, loop: _Loop, params_out, feedback_np, drawn: Dict[str, Any]) -> History:
-    """The History of a finished run; ``drawn`` holds the seeds of what fit drew itself (or None)."""
-    spec, has_test = run.spec, data.test_labels is not None
+def final_confusion(
+    spec: MLPSpec,
+    labels: np.ndarray,
+    pred: Optional[np.ndarray],
+    test_labels: Optional[np.ndarray],
+    test_pred: Optional[np.ndarray],
+) -> Tuple[np.ndarray, str]:
+    """History's confusion matrix and its split: on the test set when there is one, else the training set.
+
+    The predictions exist by then: the evaluation runs after every epoch (and at once for a run
+    resumed after its last epoch).
+    """
     num_classes = max(spec.n_out, 2)
-    # The predictions are there: _evaluate ran after the last epoch (or at once, resumed after it).
-    if data.test_labels is not None:
-        confusion = confusion_matrix(data.test_labels, cast(np.ndarray, loop.test_pred), num_classes)
-    else:
-        confusion = confusion_matrix(data.labels, cast(np.ndarray, loop.pred), num_classes)
-    config = {
-        "backend": run.be.__name__,
+    if test_labels is not None:
+        return confusion_matrix(test_labels, cast(np.ndarray, test_pred), num_classes), "test"
+    return confusion_matrix(labels, cast(np.ndarray, pred), num_classes), "train"
+
+
+def history_config(
+    be: ModuleType, spec: MLPSpec, settings: Dict[str, Any], n_train: int, test_labels: Optional[np.ndarray]
+) -> Dict[str, Any]:
+    """History.config: the backend and spec, the run's ``settings`` (fit's keyword names), the data sizes."""
+    spec_fields = {
         "layer_sizes": list(spec.layer_sizes),
         "activation": spec.activation,
         "output": spec.output,
         "reduction": spec.reduction,
         "dtype": spec.dtype,
+    }
+    n_test = int(test_labels.shape[0]) if test_labels is not None else 0
+    return {"backend": be.__name__, **spec_fields, **settings, "n_train": int(n_train), "n_test": n_test}
+
+
+def _history(run: _Settings, data: _Data, loop: _Loop, params_out, feedback_np, drawn: Dict[str, Any]) -> History:
+    """The History of a finished run; ``drawn`` holds the seeds of what fit drew itself (or None)."""
+    confusion, split = final_confusion(run.spec, data.labels, loop.pred, data.test_labels, loop.test_pred)
+    settings = {
         "method": run.method,
         "mode": run.mode,
         "optimizer": run.optimizer.to_dict(),
@@ -410,16 +431,15 @@ def _history(run: _Settings, data: _Data, loop: _Loop, params_out, feedback_np, 
         "tol": run.tol,
         "patience": run.patience,
         "align_every": run.align_every,
-        "n_train": int(data.labels.shape[0]),
-        "n_test": int(data.test_labels.shape[0]) if data.test_labels is not None else 0,
     }
+    config = history_config(run.be, run.spec, settings, data.labels.shape[0], data.test_labels)
     return History(
         loss=tuple(loop.losses),
         train_error=tuple(loop.errors),
         test_accuracy=tuple(loop.accuracies),
         time_s=tuple(loop.times),
         confusion=confusion,
-        confusion_split="test" if has_test else "train",
+        confusion_split=split,
         alignment=tuple(loop.records),
         stopped_early=loop.stopped_early,
         config=config,
