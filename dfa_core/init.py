@@ -6,12 +6,13 @@ the same network on torch and on JAX.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dfa_core.spec import MLPSpec
+from dfa_core.model import SPEC_TYPES, NetSpec
 from dfa_core.validation import dtype_name
 
 PARAM_INITS = ("default", "zeros")
@@ -30,27 +31,29 @@ def _check_seed(seed) -> int:
 
 
 def _check_spec(spec) -> None:
-    if not isinstance(spec, MLPSpec):
-        raise TypeError(f"spec must be a dfa_core.MLPSpec, got {type(spec).__name__}")
+    if not isinstance(spec, SPEC_TYPES):
+        raise TypeError(f"spec must be a dfa_core.MLPSpec or dfa_core.ModelSpec, got {type(spec).__name__}")
 
 
-def init_params(spec: MLPSpec, seed: int = 0, init: str = "default") -> Params:
-    """Draws the weights and biases of every layer.
+def init_params(spec: NetSpec, seed: int = 0, init: str = "default") -> Params:
+    """Draws the weights and biases of every layer (every Dense/Conv2d block of a ModelSpec).
 
     Args:
-      spec: the network.
+      spec: the network, an MLPSpec or a ModelSpec.
       seed: seed of a NumPy ``default_rng``; layers are drawn in order W_1, b_1, W_2, ...
-      init: ``"default"`` draws W_l and b_l from U(-1/sqrt(n_{l-1}), 1/sqrt(n_{l-1})),
-        the distribution of torch.nn.Linear's default initialisation;
+      init: ``"default"`` draws W_l and b_l from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the
+        distribution of torch.nn.Linear's and torch.nn.Conv2d's default initialisation, with
+        fan_in = n_{l-1} for a dense layer and C_in * k * k for a conv;
         ``"zeros"`` sets everything to 0 (DFA can still learn from zero weights).
 
     Returns:
-      ((W_1, b_1), ..., (W_L, b_L)) with W_l of shape (n_l, n_{l-1}) and b_l of shape
-      (n_l,), all of ``spec.dtype``.
+      ((W_1, b_1), ..., (W_L, b_L)), all of ``spec.dtype``: W_l of shape (n_l, n_{l-1}) and
+      b_l of shape (n_l,) for a dense layer, W_l (C_out, C_in, k, k) and b_l (C_out,) for a
+      conv. A Dense-only ModelSpec gets exactly the arrays of the equivalent MLPSpec.
 
     Raises:
       ValueError: unknown ``init``.
-      TypeError: ``spec`` is not an MLPSpec or ``seed`` is not a non-negative int.
+      TypeError: ``spec`` is not an MLPSpec/ModelSpec or ``seed`` is not a non-negative int.
     """
     _check_spec(spec)
     seed = _check_seed(seed)
@@ -62,7 +65,8 @@ def init_params(spec: MLPSpec, seed: int = 0, init: str = "default") -> Params:
         if init == "zeros":
             w, b = np.zeros(w_shape), np.zeros(b_shape)
         else:
-            bound = 1.0 / np.sqrt(w_shape[1])
+            # fan_in: everything one output unit reads (in, or in * k * k for a conv).
+            bound = 1.0 / np.sqrt(math.prod(w_shape[1:]))
             w = rng.uniform(-bound, bound, size=w_shape)
             b = rng.uniform(-bound, bound, size=b_shape)
         params.append((w.astype(spec.dtype), b.astype(spec.dtype)))
@@ -77,7 +81,7 @@ def _check_real(what: str, m) -> None:
 
 
 def init_feedback(
-    spec: MLPSpec,
+    spec: NetSpec,
     seed: int = 1,
     dist: str = "normal",
     scale: float = DEFAULT_FEEDBACK_SCALE,
@@ -86,8 +90,12 @@ def init_feedback(
 ) -> Feedback:
     """Draws (or checks) the fixed random feedback matrices B_1..B_{L-1}.
 
+    For a ModelSpec, n_l is the size of hidden block l's output a_l per sample (C * H * W
+    for a conv block, its rows in (C, H, W) order); a Dense-only ModelSpec gets exactly the
+    matrices of the equivalent MLPSpec.
+
     Args:
-      spec: the network.
+      spec: the network, an MLPSpec or a ModelSpec.
       seed: seed of a NumPy ``default_rng``; matrices are drawn in layer order.
       dist: ``"normal"`` draws N(0, scale^2) (the report's default, scale 1.9);
         ``"uniform"`` draws U(-scale, scale).
@@ -105,7 +113,8 @@ def init_feedback(
     Raises:
       ValueError: unknown ``dist``, non-positive ``scale``, wrong number or shape of
         ``matrices`` or of a transformed matrix, non-finite values.
-      TypeError: bad ``spec``, ``seed``, ``transform``.
+      TypeError: bad ``spec``, ``seed``, ``transform``; ``matrices`` or a transformed matrix
+        not real.
     """
     _check_spec(spec)
     seed = _check_seed(seed)

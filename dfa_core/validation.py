@@ -11,6 +11,7 @@ import numbers
 from typing import Iterator, Optional, Tuple
 
 from dfa_core.backend import ArrayLike, FeedbackLike, ParamsLike
+from dfa_core.model import SPEC_TYPES, Conv2d, ModelSpec, NetSpec
 from dfa_core.spec import METHODS, MODES, MLPSpec, OptimizerSpec
 
 _NUMERIC_PREFIXES = ("float", "int", "uint", "bool", "bfloat")
@@ -38,8 +39,42 @@ def _shape(array: object, what: str) -> Tuple[int, ...]:
 
 
 def check_spec(spec: object) -> None:
+    """spec must be an MLPSpec or a ModelSpec (both validate their own fields on construction)."""
+    if not isinstance(spec, SPEC_TYPES):
+        raise TypeError(f"spec must be a dfa_core.MLPSpec or dfa_core.ModelSpec, got {type(spec).__name__}")
+
+
+def check_mlp_spec(spec: object, what: str) -> None:
+    """For the entry points that do not take a ModelSpec yet: say so instead of failing inside."""
+    if isinstance(spec, ModelSpec):
+        raise TypeError(f"{what} takes a dfa_core.MLPSpec only for now, got a ModelSpec")
     if not isinstance(spec, MLPSpec):
         raise TypeError(f"spec must be a dfa_core.MLPSpec, got {type(spec).__name__}")
+
+
+def _model_text(spec: NetSpec) -> str:
+    """How the messages name the model: its layer sizes, or its blocks' layers."""
+    if isinstance(spec, MLPSpec):
+        return f"layer_sizes {spec.layer_sizes}"
+    return f"the model's {spec.num_layers} Dense/Conv2d layers"
+
+
+def _param_layout(spec: NetSpec, l: int) -> str:
+    """The layout of W_l, named after its layer: torch.nn's Linear or Conv2d."""
+    if isinstance(spec, ModelSpec) and isinstance(spec.blocks[l - 1].layer, Conv2d):
+        return " (Conv2d: out_channels, in_channels, k, k)"
+    if isinstance(spec, ModelSpec):
+        return " (Dense: units, in_features)"
+    return ""
+
+
+def _feedback_layout(spec: NetSpec, l: int) -> str:
+    """Why B_l has its rows: n_l for an MLP, the size of a_l for a model's block."""
+    if isinstance(spec, MLPSpec):
+        return f"(n_{l}, n_L)"
+    a_shape = spec.blocks[l - 1].a_shape
+    size = " * ".join(str(n) for n in a_shape)
+    return f"(size of a_{l} = {size}, n_L)" if len(a_shape) > 1 else f"(n_{l}, n_L)"
 
 
 def check_mode(mode: object) -> None:
@@ -59,25 +94,32 @@ def check_train_step(spec: object, opt: object, method: object, mode: object) ->
         raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {mode!r}")
 
 
-def check_params(spec: MLPSpec, params: ParamsLike) -> None:
-    """params must be ((W_1, b_1), ..., (W_L, b_L)) with spec's shapes and dtype."""
+def check_params(spec: NetSpec, params: ParamsLike) -> None:
+    """params must be ((W_1, b_1), ..., (W_L, b_L)) with spec's shapes and dtype.
+
+    W_l is (n_l, n_{l-1}) for an MLP layer or a Dense block, (C_out, C_in, k, k) for a Conv2d block.
+    """
     expected = spec.param_shapes
     if not isinstance(params, (tuple, list)) or len(params) != len(expected):
         got = len(params) if isinstance(params, (tuple, list)) else type(params).__name__
-        raise ValueError(f"params: expected {len(expected)} (W, b) pairs for layer_sizes {spec.layer_sizes}, got {got}")
+        raise ValueError(f"params: expected {len(expected)} (W, b) pairs for {_model_text(spec)}, got {got}")
     for l, (pair, (w_shape, b_shape)) in enumerate(zip(params, expected), start=1):
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise ValueError(f"params[{l - 1}]: expected a (W_{l}, b_{l}) pair, got {type(pair).__name__}")
         for name, arr, shape in ((f"W_{l}", pair[0], w_shape), (f"b_{l}", pair[1], b_shape)):
             got_shape = _shape(arr, f"params {name}")
             if got_shape != shape:
-                raise ValueError(f"params: {name} must have shape {shape}, got {got_shape}")
+                layout = _param_layout(spec, l) if name.startswith("W") else ""
+                raise ValueError(f"params: {name} must have shape {shape}{layout}, got {got_shape}")
             if dtype_name(arr) != spec.dtype:
                 raise TypeError(f"params: {name} must have dtype {spec.dtype} (spec.dtype), got {dtype_name(arr)}")
 
 
-def check_feedback(spec: MLPSpec, feedback: FeedbackLike) -> None:
-    """feedback must be (B_1, ..., B_{L-1}) with B_l of shape (n_l, n_L) and spec's dtype."""
+def check_feedback(spec: NetSpec, feedback: FeedbackLike) -> None:
+    """feedback must be (B_1, ..., B_{L-1}) with B_l of shape (n_l, n_L) and spec's dtype.
+
+    For a ModelSpec, n_l is the size of block l's output a_l per sample (C * H * W for a conv).
+    """
     expected = spec.feedback_shapes
     if not isinstance(feedback, (tuple, list)) or len(feedback) != len(expected):
         got = len(feedback) if isinstance(feedback, (tuple, list)) else type(feedback).__name__
@@ -87,23 +129,28 @@ def check_feedback(spec: MLPSpec, feedback: FeedbackLike) -> None:
     for l, (b, shape) in enumerate(zip(feedback, expected), start=1):
         got_shape = _shape(b, f"feedback B_{l}")
         if got_shape != shape:
-            raise ValueError(f"feedback: B_{l} must have shape {shape} (n_{l}, n_L), got {got_shape}")
+            raise ValueError(f"feedback: B_{l} must have shape {shape} {_feedback_layout(spec, l)}, got {got_shape}")
         if dtype_name(b) != spec.dtype:
             raise TypeError(f"feedback: B_{l} must have dtype {spec.dtype} (spec.dtype), got {dtype_name(b)}")
 
 
-def check_x(spec: MLPSpec, x: ArrayLike) -> int:
-    """x must be (batch, n_0) with batch >= 1 and a numeric dtype; returns batch."""
+def check_x(spec: NetSpec, x: ArrayLike) -> int:
+    """x must be (batch, n_0) (a ModelSpec: (batch, *input_shape)), batch >= 1, numeric; returns batch."""
     shape = _shape(x, "x")
-    if len(shape) != 2 or shape[1] != spec.n_in or shape[0] < 1:
-        raise ValueError(f"x must have shape (batch, {spec.n_in}) with batch >= 1, got {shape}")
+    per_sample = (spec.n_in,) if isinstance(spec, MLPSpec) else spec.input_shape
+    if shape[1:] != per_sample or shape[0] < 1:
+        expected = ", ".join(str(n) for n in ("batch", *per_sample))
+        hint = ""
+        if len(per_sample) > 1 and len(shape) == 2 and shape[1] == spec.n_in:
+            hint = f"; flat images need x.reshape(-1, {', '.join(str(n) for n in per_sample)}) first"
+        raise ValueError(f"x must have shape ({expected}) with batch >= 1, got {shape}{hint}")
     if not dtype_name(x).startswith(_NUMERIC_PREFIXES):
         raise TypeError(f"x must have a real numeric dtype, got {dtype_name(x)}")
     return shape[0]
 
 
-def check_batch(spec: MLPSpec, x: ArrayLike, y: ArrayLike) -> int:
-    """x (batch, n_0) and y (batch, n_L); returns batch."""
+def check_batch(spec: NetSpec, x: ArrayLike, y: ArrayLike) -> int:
+    """x (batch, n_0) or (batch, *input_shape) and y (batch, n_L); returns batch."""
     batch = check_x(spec, x)
     shape = _shape(y, "y")
     if shape != (batch, spec.n_out):

@@ -74,6 +74,7 @@ def train_epoch(
       ValueError, TypeError: a bad spec, optimizer, method, mode, batch_size or
         align_every, before anything is traced.
     """
+    validation.check_mlp_spec(spec, "train_epoch")
     validation.check_train_step(spec, opt, method, mode)
     batch_size = validation.check_int("batch_size", batch_size, 1)
     align_every = validation.check_int("align_every", align_every, 0)
@@ -156,7 +157,7 @@ def predict_labels(spec: MLPSpec, batch_size: int = 10000) -> Callable[[Params, 
     Raises:
       ValueError, TypeError: a bad spec or batch_size.
     """
-    validation.check_spec(spec)
+    validation.check_mlp_spec(spec, "predict_labels")
     return _build_predict(spec, validation.check_int("batch_size", batch_size, 1))
 
 

@@ -156,6 +156,7 @@ def train_epoch_many(
       ValueError, TypeError: bad arguments, before anything runs.
     """
     optimizer, nesterov = _check_structure(optimizer, nesterov)
+    validation.check_mlp_spec(spec, "train_epoch_many")
     validation.check_train_step(spec, OptimizerSpec(optimizer, nesterov=nesterov), method, mode)
     for name, value, minimum in (("batch_size", batch_size, 1), ("align_every", align_every, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -238,7 +239,7 @@ def predict_labels_many(spec: MLPSpec, batch_size: int = 10000) -> Callable[[Par
     Raises:
       ValueError, TypeError: a bad spec or batch_size.
     """
-    validation.check_spec(spec)
+    validation.check_mlp_spec(spec, "predict_labels_many")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     return _build_predict(spec, batch_size)

@@ -93,7 +93,7 @@ def _check_options(spec: MLPSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, An
         raise TypeError(f"fit_many got unexpected keyword arguments {unknown}; it takes {list(SHARED_OPTIONS)}")
     defaults = inspect.signature(fit).parameters
     opts = {k: fit_kwargs.get(k, defaults[k].default) for k in SHARED_OPTIONS}
-    validation.check_spec(spec)
+    validation.check_mlp_spec(spec, "fit_many")
     if opts["method"] not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {opts['method']!r}")
     validation.check_mode(opts["mode"])

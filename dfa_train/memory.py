@@ -59,7 +59,7 @@ def estimate_memory(
     Returns:
       The estimate in bytes (int).
     """
-    validation.check_spec(spec)
+    validation.check_mlp_spec(spec, "estimate_memory")
     size = np.dtype(spec.dtype).itemsize
     p, state = spec.num_params(), _STATE_COPIES[optimizer] * spec.num_params()
     h, io = sum(spec.layer_sizes[1:]), spec.n_in + spec.n_out

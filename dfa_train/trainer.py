@@ -165,7 +165,7 @@ def _settings(
 ) -> _Settings:
     """Checks fit's options (not the data) and returns them as one frozen record."""
     be = resolve_backend(backend)
-    validation.check_spec(spec)
+    validation.check_mlp_spec(spec, "fit")
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     validation.check_mode(mode)
