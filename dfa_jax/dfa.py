@@ -18,8 +18,9 @@ import jax.numpy as jnp
 
 from dfa_core import validation
 from dfa_core.backend import ArrayLike, FeedbackLike, ParamsLike
+from dfa_core.model import ModelSpec
 from dfa_core.spec import MLPSpec
-from dfa_jax import nn
+from dfa_jax import blocks, nn
 from dfa_jax.arrays import as_input, precision_scope
 from dfa_jax.mlp import Activations, Params, reduce_loss
 from dfa_jax.mlp import _loss as loss
@@ -165,6 +166,8 @@ def dfa_grads_and_loss(
     Returns:
       (((gW_1, gb_1), ..., (gW_L, gb_L)), loss ()).
     """
+    if isinstance(spec, ModelSpec):  # decided while tracing: the MLP program is unchanged
+        return blocks.dfa_grads_and_loss(spec, params, feedback, x, y, mode)
     act = nn.activation(spec.activation)
     avg, count = _grouping(mode, y)
     keep = (lambda t: t) if avg is None else avg
@@ -214,6 +217,8 @@ def bp_grads_and_loss(spec: MLPSpec, params: Params, x: Array, y: Array) -> Tupl
     Returns:
       (((gW_1, gb_1), ..., (gW_L, gb_L)), loss ()).
     """
+    if isinstance(spec, ModelSpec):
+        return blocks.bp_grads_and_loss(spec, params, x, y)
     batch_loss, grads = jax.value_and_grad(loss, argnums=1)(spec, params, x, y)
     return grads, batch_loss
 
@@ -302,11 +307,13 @@ def dfa_grads(
         validation.check_feedback(spec, feedback)  # None is not "no feedback" for DFA
         params_j, feedback_j, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
         # check_feedback refused None above, so prepare returned the feedback as JAX arrays.
-        return dfa_grads_unchecked(spec, params_j, cast(Feedback, feedback_j), x, y, mode)
+        unchecked = blocks.dfa_grads_unchecked if isinstance(spec, ModelSpec) else dfa_grads_unchecked
+        return unchecked(spec, params_j, cast(Feedback, feedback_j), x, y, mode)
 
 
 def bp_grads(spec: MLPSpec, params: ParamsLike, x: ArrayLike, y: ArrayLike, check_values: bool = True) -> Grads:
     """Backprop gradients of the same loss (jax.grad), shaped like params; see ``dfa_grads``."""
     with precision_scope(getattr(spec, "dtype", "float32")):
         params_j, _, x, y = prepare(spec, params, None, x, y, "sample", check_values)
-        return bp_grads_unchecked(spec, params_j, x, y)
+        unchecked = blocks.bp_grads_unchecked if isinstance(spec, ModelSpec) else bp_grads_unchecked
+        return unchecked(spec, params_j, x, y)

@@ -9,15 +9,16 @@ outside ``precision_scope``, as the torch twins do.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Tuple, TypeVar
+from typing import Any, Callable, NamedTuple, Tuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 
 from dfa_core.backend import ArrayLike, ParamsLike
+from dfa_core.model import ModelSpec
 from dfa_core.spec import MLPSpec
 from dfa_core.tree import tree_map
-from dfa_jax import nn
+from dfa_jax import blocks, nn
 from dfa_jax.arrays import as_input, precision_scope
 
 Array = jax.Array
@@ -84,23 +85,25 @@ def _loss(spec: MLPSpec, params: Params, x: Array, y: Array) -> Array:
 _R = TypeVar("_R")
 
 
-def _entry(fn: Callable[..., _R]) -> Callable[..., _R]:
+def _entry(fn: Callable[..., _R], block_fn: Callable[..., Any]) -> Callable[..., _R]:
     """The public twin of ``fn``: NumPy or JAX inputs, cast to spec.dtype, float64 kept.
 
     Outside ``precision_scope`` JAX would compute float64 inputs in float32; the public
-    functions scope themselves, as every public function of the backend does.
+    functions scope themselves, as every public function of the backend does. A
+    ``ModelSpec`` goes to ``block_fn``, its twin in ``dfa_jax.blocks``.
     """
 
     @functools.wraps(fn)
     def public(spec: MLPSpec, params: ParamsLike, x: ArrayLike, *targets: ArrayLike) -> _R:
+        run = block_fn if isinstance(spec, ModelSpec) else fn
         with precision_scope(spec.dtype):
             params = tree_map(lambda a: as_input(a, spec.dtype), params)
-            return fn(spec, params, *(as_input(a, spec.dtype) for a in (x, *targets)))
+            return run(spec, params, *(as_input(a, spec.dtype) for a in (x, *targets)))
 
     return public
 
 
-forward_with_activations = _entry(_forward_with_activations)
-logits = _entry(_logits)
-forward = _entry(_forward)
-loss = _entry(_loss)
+forward_with_activations = _entry(_forward_with_activations, blocks._jit_forward_with_activations)
+logits = _entry(_logits, blocks._jit_logits)
+forward = _entry(_forward, blocks._jit_forward)
+loss = _entry(_loss, blocks._jit_loss)

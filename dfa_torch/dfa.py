@@ -15,8 +15,9 @@ import torch
 
 from dfa_core import validation
 from dfa_core.backend import ArrayLike, FeedbackLike, ParamsLike
+from dfa_core.model import ModelSpec
 from dfa_core.spec import MLPSpec
-from dfa_torch import nn
+from dfa_torch import blocks, nn
 from dfa_torch.arrays import as_input, precision_scope
 from dfa_torch.mlp import Activations, Params, reduce_loss
 from dfa_torch.mlp import _loss as loss
@@ -162,6 +163,8 @@ def dfa_grads_and_loss(
     Returns:
       (((gW_1, gb_1), ..., (gW_L, gb_L)), loss ()).
     """
+    if isinstance(spec, ModelSpec):  # conv/pool/dense blocks: per-block VJPs (dfa_torch.blocks)
+        return blocks.dfa_grads_and_loss(spec, params, feedback, x, y, mode)
     act = nn.activation(spec.activation)
     avg, count = _grouping(mode, y)
     keep = (lambda t: t) if avg is None else avg
@@ -215,6 +218,8 @@ def bp_grads_and_loss(spec: MLPSpec, params: Params, x: Tensor, y: Tensor) -> Tu
     Returns:
       (((gW_1, gb_1), ..., (gW_L, gb_L)), loss ()).
     """
+    if isinstance(spec, ModelSpec):
+        return blocks.bp_grads_and_loss(spec, params, x, y)
     with torch.enable_grad():
         leaves = tuple((w.detach().requires_grad_(), b.detach().requires_grad_()) for w, b in params)
         batch_loss = loss(spec, leaves, x, y)

@@ -9,14 +9,15 @@ when tensors disagree, as the JAX twins do.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
 from dfa_core.backend import ArrayLike, ParamsLike
+from dfa_core.model import ModelSpec
 from dfa_core.spec import MLPSpec
 from dfa_core.tree import tree_map
-from dfa_torch import nn
+from dfa_torch import blocks, nn
 from dfa_torch.arrays import as_input, torch_dtype
 
 Tensor = torch.Tensor
@@ -93,8 +94,11 @@ def _device_of(params: ParamsLike, arrays: Sequence[Tuple[str, ArrayLike]]) -> O
 _R = TypeVar("_R")
 
 
-def _entry(fn: Callable[..., _R]) -> Callable[..., _R]:
-    """The public twin of ``fn``: NumPy arrays or tensors in, cast to spec.dtype on the params' device."""
+def _entry(fn: Callable[..., _R], block_fn: Callable[..., Any]) -> Callable[..., _R]:
+    """The public twin of ``fn``: NumPy arrays or tensors in, cast to spec.dtype on the params' device.
+
+    A ``ModelSpec`` is routed to ``block_fn``, its twin in ``dfa_torch.blocks``.
+    """
 
     @functools.wraps(fn)
     def public(spec: MLPSpec, params: ParamsLike, x: ArrayLike, *targets: ArrayLike) -> _R:
@@ -107,12 +111,13 @@ def _entry(fn: Callable[..., _R]) -> Callable[..., _R]:
                 else as_input(a, spec.dtype, device)
             )
 
-        return fn(spec, tree_map(cast, params), *(cast(a) for a in (x, *targets)))
+        impl = block_fn if isinstance(spec, ModelSpec) else fn
+        return impl(spec, tree_map(cast, params), *(cast(a) for a in (x, *targets)))
 
     return public
 
 
-forward_with_activations = _entry(_forward_with_activations)
-logits = _entry(_logits)
-forward = _entry(_forward)
-loss = _entry(_loss)
+forward_with_activations = _entry(_forward_with_activations, blocks._forward_with_activations)
+logits = _entry(_logits, blocks._logits)
+forward = _entry(_forward, blocks._forward)
+loss = _entry(_loss, blocks._loss)
