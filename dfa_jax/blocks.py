@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from dfa_core.model import AvgPool2d, Conv2d, Dense, Flatten, Layer, MaxPool2d, ModelSpec
 from dfa_jax import nn
+from dfa_jax.nn import reduce_loss
 
 Array = jax.Array
 Params = Tuple[Tuple[Array, Array], ...]  # ((W_1, b_1), ..., (W_L, b_L)), shapes spec.param_shapes
@@ -153,15 +154,6 @@ def _logits(spec: ModelSpec, params: Params, x: Array) -> Array:
 def _forward(spec: ModelSpec, params: Params, x: Array) -> Array:
     """y_hat = out(a_L), (batch, n_L)."""
     return nn.output_function(spec.output)(_logits(spec, params, x))
-
-
-def reduce_loss(spec: ModelSpec, logits_BxO: Array, y_BxO: Array) -> Array:
-    """Per-sample losses summed ('sum') or averaged ('mean') over the batch: ().
-
-    The same lines as dfa_jax.mlp.reduce_loss: importing it would make an import cycle.
-    """
-    per_sample = nn.per_sample_loss(spec.output, logits_BxO, y_BxO)
-    return jnp.sum(per_sample) if spec.reduction == "sum" else jnp.mean(per_sample)
 
 
 def _loss(spec: ModelSpec, params: Params, x: Array, y: Array) -> Array:

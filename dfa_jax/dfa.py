@@ -22,8 +22,9 @@ from dfa_core.model import ModelSpec
 from dfa_core.spec import MLPSpec
 from dfa_jax import blocks, nn
 from dfa_jax.arrays import as_input, precision_scope
-from dfa_jax.mlp import Activations, Params, reduce_loss
+from dfa_jax.mlp import Activations, Params
 from dfa_jax.mlp import _loss as loss
+from dfa_jax.nn import reduce_loss
 
 Array = jax.Array
 Grads = Tuple[Tuple[Array, Array], ...]

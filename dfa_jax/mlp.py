@@ -12,7 +12,6 @@ import functools
 from typing import Any, Callable, NamedTuple, Tuple, TypeVar
 
 import jax
-import jax.numpy as jnp
 
 from dfa_core.backend import ArrayLike, ParamsLike
 from dfa_core.model import ModelSpec
@@ -20,6 +19,7 @@ from dfa_core.spec import MLPSpec
 from dfa_core.tree import tree_map
 from dfa_jax import blocks, nn
 from dfa_jax.arrays import as_input, precision_scope
+from dfa_jax.nn import reduce_loss
 
 Array = jax.Array
 Params = Tuple[Tuple[Array, Array], ...]
@@ -69,12 +69,6 @@ def _logits(spec: MLPSpec, params: Params, x: Array) -> Array:
 def _forward(spec: MLPSpec, params: Params, x: Array) -> Array:
     """y_hat = g(a_L), (batch, n_L) (the report's ``forward``)."""
     return nn.output_function(spec.output)(_logits(spec, params, x))
-
-
-def reduce_loss(spec: MLPSpec, logits_BxO: Array, y_BxO: Array) -> Array:
-    """Per-sample losses summed (reduction 'sum') or averaged ('mean') over the batch: ()."""
-    per_sample = nn.per_sample_loss(spec.output, logits_BxO, y_BxO)
-    return jnp.sum(per_sample) if spec.reduction == "sum" else jnp.mean(per_sample)
 
 
 def _loss(spec: MLPSpec, params: Params, x: Array, y: Array) -> Array:

@@ -83,3 +83,13 @@ def output_function(name: str) -> Callable[[Array], Array]:
 def per_sample_loss(name: str, logits_BxO: Array, y_BxO: Array) -> Array:
     """Loss paired with output ``name``, one value per sample: shape (batch,)."""
     return _OUTPUTS[name][1](logits_BxO, y_BxO)
+
+
+def reduce_loss(spec, logits_BxO: Array, y_BxO: Array) -> Array:
+    """Per-sample losses of ``spec.output`` summed ('sum') or averaged ('mean') over the batch: ().
+
+    Shared by the MLP path (``mlp``) and the blocks path (``blocks``); ``spec`` is an MLPSpec
+    or a ModelSpec (only ``output`` and ``reduction`` are read).
+    """
+    per_sample = per_sample_loss(spec.output, logits_BxO, y_BxO)
+    return jnp.sum(per_sample) if spec.reduction == "sum" else jnp.mean(per_sample)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from dfa_core.model import AvgPool2d, Block, Conv2d, Dense, Flatten, Layer, MaxPool2d, ModelSpec
 from dfa_torch import nn
+from dfa_torch.nn import reduce_loss
 
 Tensor = torch.Tensor
 Params = Tuple[Tuple[Tensor, Tensor], ...]  # ((W_1, b_1), ..., (W_L, b_L)), shapes spec.param_shapes
@@ -161,15 +162,6 @@ def _logits(spec: ModelSpec, params: Params, x: Tensor) -> Tensor:
 def _forward(spec: ModelSpec, params: Params, x: Tensor) -> Tensor:
     """y_hat = out(a_L), (batch, n_L)."""
     return nn.output_function(spec.output)(_logits(spec, params, x))
-
-
-def reduce_loss(spec: ModelSpec, logits_BxO: Tensor, y_BxO: Tensor) -> Tensor:
-    """Per-sample losses summed ('sum') or averaged ('mean') over the batch: ().
-
-    The same lines as dfa_torch.mlp.reduce_loss: importing it would make an import cycle.
-    """
-    per_sample = nn.per_sample_loss(spec.output, logits_BxO, y_BxO)
-    return torch.sum(per_sample) if spec.reduction == "sum" else torch.mean(per_sample)
 
 
 def _loss(spec: ModelSpec, params: Params, x: Tensor, y: Tensor) -> Tensor:

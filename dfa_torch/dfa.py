@@ -19,8 +19,9 @@ from dfa_core.model import ModelSpec
 from dfa_core.spec import MLPSpec
 from dfa_torch import blocks, nn
 from dfa_torch.arrays import as_input, precision_scope
-from dfa_torch.mlp import Activations, Params, reduce_loss
+from dfa_torch.mlp import Activations, Params
 from dfa_torch.mlp import _loss as loss
+from dfa_torch.nn import reduce_loss
 
 Tensor = torch.Tensor
 Grads = Tuple[Tuple[Tensor, Tensor], ...]

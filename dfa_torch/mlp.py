@@ -19,6 +19,7 @@ from dfa_core.spec import MLPSpec
 from dfa_core.tree import tree_map
 from dfa_torch import blocks, nn
 from dfa_torch.arrays import as_input, torch_dtype
+from dfa_torch.nn import reduce_loss
 
 Tensor = torch.Tensor
 Params = Tuple[Tuple[Tensor, Tensor], ...]
@@ -68,12 +69,6 @@ def _logits(spec: MLPSpec, params: Params, x: Tensor) -> Tensor:
 def _forward(spec: MLPSpec, params: Params, x: Tensor) -> Tensor:
     """y_hat = g(a_L), (batch, n_L) (the report's ``forward``)."""
     return nn.output_function(spec.output)(_logits(spec, params, x))
-
-
-def reduce_loss(spec: MLPSpec, logits_BxO: Tensor, y_BxO: Tensor) -> Tensor:
-    """Per-sample losses summed (reduction 'sum') or averaged ('mean') over the batch: ()."""
-    per_sample = nn.per_sample_loss(spec.output, logits_BxO, y_BxO)
-    return torch.sum(per_sample) if spec.reduction == "sum" else torch.mean(per_sample)
 
 
 def _loss(spec: MLPSpec, params: Params, x: Tensor, y: Tensor) -> Tensor:

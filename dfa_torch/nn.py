@@ -86,3 +86,13 @@ def output_function(name: str) -> Callable[[Tensor], Tensor]:
 def per_sample_loss(name: str, logits_BxO: Tensor, y_BxO: Tensor) -> Tensor:
     """Loss paired with output ``name``, one value per sample: shape (batch,)."""
     return _OUTPUTS[name][1](logits_BxO, y_BxO)
+
+
+def reduce_loss(spec, logits_BxO: Tensor, y_BxO: Tensor) -> Tensor:
+    """Per-sample losses of ``spec.output`` summed ('sum') or averaged ('mean') over the batch: ().
+
+    Shared by the MLP path (``mlp``) and the blocks path (``blocks``); ``spec`` is an MLPSpec
+    or a ModelSpec (only ``output`` and ``reduction`` are read).
+    """
+    per_sample = per_sample_loss(spec.output, logits_BxO, y_BxO)
+    return torch.sum(per_sample) if spec.reduction == "sum" else torch.mean(per_sample)
