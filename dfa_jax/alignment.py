@@ -115,7 +115,7 @@ def alignment_angles(
       ValueError, TypeError: bad spec, mode, shapes, dtypes or values, before any tracing.
     """
     with precision_scope(getattr(spec, "dtype", "float32")):
-        validation.check_spec(spec)
+        validation.check_mlp_spec(spec, "alignment_angles")
         validation.check_feedback(spec, feedback)  # None is not "no feedback" for DFA
         params_j, feedback_j, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
         # check_feedback refused None above, so prepare returned the feedback as JAX arrays.
