@@ -131,6 +131,23 @@ def output_shape(layer: Layer, shape: Shape, where: str) -> Shape:
     return (c, h // layer.size, w // layer.size)
 
 
+def layer_flops(layer: Layer, in_shape: Shape) -> int:
+    """Forward floating-point operations per sample of ``layer`` on an ``in_shape`` input.
+
+    A multiply-add counts 2: Dense 2 * in * units + units, Conv2d 2 * (C_in k k) * size of a
+    + size of a (the bias), a pool one operation per input it reads (the window's compares
+    or adds), Flatten none. The backward pass costs about twice the forward.
+    """
+    if isinstance(layer, Flatten):
+        return 0
+    out = output_shape(layer, in_shape, type(layer).__name__)
+    if isinstance(layer, Dense):
+        return 2 * in_shape[0] * layer.units + layer.units
+    if isinstance(layer, Conv2d):
+        return (2 * in_shape[0] * layer.kernel_size**2 + 1) * math.prod(out)
+    return math.prod(out) * layer.size * layer.size
+
+
 @dataclasses.dataclass(frozen=True)
 class Block:
     """One block: its parameter-free prefix, its parametrised layer, and the shapes around them."""
@@ -153,6 +170,14 @@ class Block:
             return (self.layer.units, self.u_shape[0]), (self.layer.units,)
         k = self.layer.kernel_size
         return (self.layer.out_channels, self.u_shape[0], k, k), (self.layer.out_channels,)
+
+    def flops(self) -> int:
+        """Forward FLOPs per sample of the prefix and the layer (``layer_flops``), activation excluded."""
+        total, shape = 0, self.in_shape
+        for layer in self.prefix:
+            total += layer_flops(layer, shape)
+            shape = output_shape(layer, shape, type(layer).__name__)
+        return total + layer_flops(self.layer, self.u_shape)
 
     @property
     def fan_in(self) -> int:
@@ -290,5 +315,6 @@ __all__ = [
     "NetSpec",
     "PARAMETRISED",
     "SPEC_TYPES",
+    "layer_flops",
     "output_shape",
 ]
