@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from dfa_core import validation
-from dfa_core.spec import MLPSpec, OptimizerSpec
+from dfa_core.model import NetSpec
+from dfa_core.spec import OptimizerSpec
 from dfa_jax import alignment
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, Feedback
@@ -28,7 +29,7 @@ Array = jax.Array
 
 
 def train_epoch(
-    spec: MLPSpec,
+    spec: NetSpec,
     opt: OptimizerSpec,
     method: str = "dfa",
     mode: str = "sample",
@@ -48,7 +49,7 @@ def train_epoch(
       params: ((W_l, b_l), ...), W_l (n_l, n_{l-1}), b_l (n_l,), JAX arrays of spec.dtype.
       feedback: (B_1, ..., B_{L-1}), B_l (n_l, n_L); ignored for 'bp'.
       opt_state: from ``make_optimizer(opt, spec.dtype).init(params)``.
-      x: the whole training set, (N, n_0), spec.dtype, unchecked (check it once).
+      x: the whole training set, (N, n_0) (a ModelSpec: (N, *input_shape)), spec.dtype, unchecked (check it once).
       y: its targets, (N, n_L); one-hot for 'class_mean'.
       order: (N,) integer permutation of range(N) (NumPy or JAX; sent as int32).
       step0: global index of the epoch's first step (Python int or 0-d integer array).
@@ -74,15 +75,16 @@ def train_epoch(
       ValueError, TypeError: a bad spec, optimizer, method, mode, batch_size or
         align_every, before anything is traced.
     """
-    validation.check_mlp_spec(spec, "train_epoch")
     validation.check_train_step(spec, opt, method, mode)
     batch_size = validation.check_int("batch_size", batch_size, 1)
     align_every = validation.check_int("align_every", align_every, 0)
+    if align_every:  # the alignment angles are written for MLPs
+        validation.check_mlp_spec(spec, "train_epoch(align_every > 0)")
     return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
 
 
 def _angles_if_due(
-    spec: MLPSpec, mode: str, due: Array, params: Params, feedback: Feedback, xb: Array, yb: Array
+    spec: NetSpec, mode: str, due: Array, params: Params, feedback: Feedback, xb: Array, yb: Array
 ) -> Array:
     """(2, L) angles (weights, deltas) when ``due``, else NaN; the cond skips the measure."""
 
@@ -136,14 +138,14 @@ def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every):
     return run
 
 
-def _labels(spec: MLPSpec, params: Params, x: Array) -> Array:
+def _labels(spec: NetSpec, params: Params, x: Array) -> Array:
     y_hat = forward(spec, params, x)
     if spec.n_out == 1:
         return (y_hat[:, 0] > 0.5).astype(jnp.int32)
     return jnp.argmax(y_hat, axis=1).astype(jnp.int32)
 
 
-def predict_labels(spec: MLPSpec, batch_size: int = 10000) -> Callable[[Params, Array], Array]:
+def predict_labels(spec: NetSpec, batch_size: int = 10000) -> Callable[[Params, Array], Array]:
     """Builds predict(params, x) -> (N,) int32 class labels on the device, one jitted program.
 
     The label of a row is argmax of the network's output, or y_hat > 0.5 with one
@@ -151,13 +153,13 @@ def predict_labels(spec: MLPSpec, batch_size: int = 10000) -> Callable[[Params, 
     ``batch_size`` at a time (a ``lax.scan`` over the full chunks, then the remainder),
     which bounds the activations' memory. Jitted once per spec, batch_size and N.
 
-    The returned function takes params ((W_l, b_l), ...) and x (N, n_0), JAX arrays of
+    The returned function takes params ((W_l, b_l), ...) and x (N, n_0) (a ModelSpec: (N, *input_shape)), JAX arrays of
     spec.dtype.
 
     Raises:
       ValueError, TypeError: a bad spec or batch_size.
     """
-    validation.check_mlp_spec(spec, "predict_labels")
+    validation.check_spec(spec)
     return _build_predict(spec, validation.check_int("batch_size", batch_size, 1))
 
 
@@ -171,7 +173,7 @@ def _build_predict(spec, batch_size):
         if num_full == 1:
             parts.append(_labels(spec, params, x[:cut]))
         elif num_full > 1:
-            chunks = x[:cut].reshape(num_full, batch_size, x.shape[1])
+            chunks = x[:cut].reshape(num_full, batch_size, *x.shape[1:])
             parts.append(lax.map(lambda xc: _labels(spec, params, xc), chunks).reshape(cut))
         if cut < x.shape[0]:
             parts.append(_labels(spec, params, x[cut:]))

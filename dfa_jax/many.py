@@ -26,7 +26,8 @@ import optax
 from jax import lax
 
 from dfa_core import validation
-from dfa_core.spec import OPTIMIZERS, MLPSpec, OptimizerSpec
+from dfa_core.model import NetSpec
+from dfa_core.spec import OPTIMIZERS, OptimizerSpec
 from dfa_jax import alignment
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, bp_grads_and_loss, dfa_grads_and_loss
@@ -88,7 +89,7 @@ def init_opt_state_many(optimizer: str, nesterov: bool, params: Params, hyper: H
 
 
 def train_epoch_many(
-    spec: MLPSpec,
+    spec: NetSpec,
     optimizer: str = "sgd",
     nesterov: bool = False,
     method: str = "dfa",
@@ -128,11 +129,12 @@ def train_epoch_many(
       ValueError, TypeError: bad arguments, before anything is traced.
     """
     optimizer, nesterov = _check_structure(optimizer, nesterov)
-    validation.check_mlp_spec(spec, "train_epoch_many")
     validation.check_train_step(spec, OptimizerSpec(optimizer, nesterov=nesterov), method, mode)
     for name, value, minimum in (("batch_size", batch_size, 1), ("align_every", align_every, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if align_every:  # the alignment angles are written for MLPs
+        validation.check_mlp_spec(spec, "train_epoch_many(align_every > 0)")
     return _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every)
 
 
@@ -203,14 +205,14 @@ def _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_ever
     return run
 
 
-def _labels(spec: MLPSpec, params: Params, x: Array) -> Array:
+def _labels(spec: NetSpec, params: Params, x: Array) -> Array:
     y_hat = forward(spec, params, x)
     if spec.n_out == 1:
         return (y_hat[:, 0] > 0.5).astype(jnp.int32)
     return jnp.argmax(y_hat, axis=1).astype(jnp.int32)
 
 
-def predict_labels_many(spec: MLPSpec, batch_size: int = 10000) -> Callable[[Params, Array], Array]:
+def predict_labels_many(spec: NetSpec, batch_size: int = 10000) -> Callable[[Params, Array], Array]:
     """Builds predict(params, x) -> (M, N) int32 labels of M members, one jitted program.
 
     A label is argmax of the output, or y_hat > 0.5 with one output unit
@@ -222,7 +224,7 @@ def predict_labels_many(spec: MLPSpec, batch_size: int = 10000) -> Callable[[Par
     Raises:
       ValueError, TypeError: a bad spec or batch_size.
     """
-    validation.check_mlp_spec(spec, "predict_labels_many")
+    validation.check_spec(spec)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     return _build_predict(spec, batch_size)
@@ -238,7 +240,7 @@ def _build_predict(spec, batch_size):
         cut = num_full * batch_size
         parts = []
         if num_full:
-            chunks = x[:cut].reshape(num_full, batch_size, x.shape[1])
+            chunks = x[:cut].reshape(num_full, batch_size, *x.shape[1:])
             out = lax.map(lambda xc: labels_M(params, xc), chunks)  # (num_full, M, batch_size)
             parts.append(jnp.moveaxis(out, 0, 1).reshape(-1, cut))
         if cut < x.shape[0]:

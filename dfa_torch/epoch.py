@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 
 from dfa_core import validation
-from dfa_core.spec import MLPSpec, OptimizerSpec
+from dfa_core.model import NetSpec
+from dfa_core.spec import OptimizerSpec
 from dfa_torch.mlp import Params, forward
 from dfa_torch.train import _build_step
 
@@ -23,7 +24,7 @@ Tensor = torch.Tensor
 
 
 def train_epoch(
-    spec: MLPSpec,
+    spec: NetSpec,
     opt: OptimizerSpec,
     method: str = "dfa",
     mode: str = "sample",
@@ -42,7 +43,7 @@ def train_epoch(
       params: ((W_l, b_l), ...), W_l (n_l, n_{l-1}), b_l (n_l,), tensors of spec.dtype.
       feedback: (B_1, ..., B_{L-1}), B_l (n_l, n_L); ignored for 'bp'.
       opt_state: from ``make_optimizer(opt, spec.dtype).init(params)``.
-      x: the whole training set, (N, n_0), spec.dtype, unchecked (check it once).
+      x: the whole training set, (N, n_0) (a ModelSpec: (N, *input_shape)), spec.dtype, unchecked (check it once).
       y: its targets, (N, n_L); one-hot for 'class_mean'.
       order: (N,) integer permutation of range(N) (NumPy or a tensor).
       step0: global index of the epoch's first step (Python int or 0-d integer tensor,
@@ -67,10 +68,11 @@ def train_epoch(
       ValueError, TypeError: a bad spec, optimizer, method, mode, batch_size or
         align_every, before anything runs.
     """
-    validation.check_mlp_spec(spec, "train_epoch")
     validation.check_train_step(spec, opt, method, mode)
     batch_size = validation.check_int("batch_size", batch_size, 1)
     align_every = validation.check_int("align_every", align_every, 0)
+    if align_every:  # the alignment angles are written for MLPs
+        validation.check_mlp_spec(spec, "train_epoch(align_every > 0)")
     return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
 
 
@@ -101,27 +103,27 @@ def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every):
     return epoch
 
 
-def _labels(spec: MLPSpec, params: Params, x: Tensor) -> Tensor:
+def _labels(spec: NetSpec, params: Params, x: Tensor) -> Tensor:
     y_hat = forward(spec, params, x)
     if spec.n_out == 1:
         return (y_hat[:, 0] > 0.5).to(torch.int32)
     return torch.argmax(y_hat, dim=1).to(torch.int32)
 
 
-def predict_labels(spec: MLPSpec, batch_size: int = 10000) -> Callable[[Params, Tensor], Tensor]:
+def predict_labels(spec: NetSpec, batch_size: int = 10000) -> Callable[[Params, Tensor], Tensor]:
     """Builds predict(params, x) -> (N,) int32 class labels on x's device.
 
     The torch twin of ``dfa_jax.predict_labels``: argmax of the network's output, or
     y_hat > 0.5 with one output unit (``dfa_train.trainer.labels_of``), computed
     ``batch_size`` rows at a time under ``torch.no_grad``, concatenated on the device.
 
-    The returned function takes params ((W_l, b_l), ...) and x (N, n_0), tensors of
+    The returned function takes params ((W_l, b_l), ...) and x (N, n_0) (a ModelSpec: (N, *input_shape)), tensors of
     spec.dtype.
 
     Raises:
       ValueError, TypeError: a bad spec or batch_size.
     """
-    validation.check_mlp_spec(spec, "predict_labels")
+    validation.check_spec(spec)
     return _build_predict(spec, validation.check_int("batch_size", batch_size, 1))
 
 

@@ -24,7 +24,8 @@ import torch
 import torch.func
 
 from dfa_core import validation
-from dfa_core.spec import OPTIMIZERS, MLPSpec, OptimizerSpec
+from dfa_core.model import NetSpec
+from dfa_core.spec import OPTIMIZERS, OptimizerSpec
 from dfa_core.tree import tree_map
 from dfa_torch import alignment
 from dfa_torch.arrays import torch_dtype
@@ -115,7 +116,7 @@ def init_opt_state_many(optimizer: str, nesterov: bool, params: Params, hyper: H
 
 
 def train_epoch_many(
-    spec: MLPSpec,
+    spec: NetSpec,
     optimizer: str = "sgd",
     nesterov: bool = False,
     method: str = "dfa",
@@ -156,11 +157,12 @@ def train_epoch_many(
       ValueError, TypeError: bad arguments, before anything runs.
     """
     optimizer, nesterov = _check_structure(optimizer, nesterov)
-    validation.check_mlp_spec(spec, "train_epoch_many")
     validation.check_train_step(spec, OptimizerSpec(optimizer, nesterov=nesterov), method, mode)
     for name, value, minimum in (("batch_size", batch_size, 1), ("align_every", align_every, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if align_every:  # the alignment angles are written for MLPs
+        validation.check_mlp_spec(spec, "train_epoch_many(align_every > 0)")
     return _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every)
 
 
@@ -221,14 +223,14 @@ def _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_ever
     return epoch
 
 
-def _labels(spec: MLPSpec, params: Params, x: Tensor) -> Tensor:
+def _labels(spec: NetSpec, params: Params, x: Tensor) -> Tensor:
     y_hat = forward(spec, params, x)
     if spec.n_out == 1:
         return (y_hat[:, 0] > 0.5).to(torch.int32)
     return torch.argmax(y_hat, dim=1).to(torch.int32)
 
 
-def predict_labels_many(spec: MLPSpec, batch_size: int = 10000) -> Callable[[Params, Tensor], Tensor]:
+def predict_labels_many(spec: NetSpec, batch_size: int = 10000) -> Callable[[Params, Tensor], Tensor]:
     """Builds predict(params, x) -> (M, N) int32 labels of M members.
 
     The torch twin of ``dfa_jax.many.predict_labels_many``: argmax of the output, or
@@ -239,7 +241,7 @@ def predict_labels_many(spec: MLPSpec, batch_size: int = 10000) -> Callable[[Par
     Raises:
       ValueError, TypeError: a bad spec or batch_size.
     """
-    validation.check_mlp_spec(spec, "predict_labels_many")
+    validation.check_spec(spec)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     return _build_predict(spec, batch_size)

@@ -19,14 +19,19 @@ import os
 import tempfile
 import zipfile
 import zlib
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from dfa_train.state import ResumeState
 
-FORMAT_VERSION = 1
-"""Bumped whenever the layout of the .npz changes; ``load_checkpoint`` refuses other versions."""
+FORMAT_VERSION = 2
+"""Bumped whenever the layout of the .npz changes; ``load_checkpoint`` reads this one and
+``READ_VERSIONS``, and refuses others. Version 2 stores block l's params as ``params/{l}/{i}``
+(any number of leaves per block, ``param_leaves`` in the metadata: a conv or composite block);
+version 1 (MLPs, ``params/{l}/W`` and ``params/{l}/b``) still loads."""
+
+READ_VERSIONS = (1, 2)
 
 CHECKPOINT_NAME = "checkpoint.npz"
 
@@ -34,7 +39,7 @@ CHECKPOINT_NAME = "checkpoint.npz"
 class Checkpoint(NamedTuple):
     """One saved training state, all NumPy."""
 
-    params: Tuple[Tuple[np.ndarray, np.ndarray], ...]  # ((W_l (n_l, n_{l-1}), b_l (n_l,)), ...)
+    params: Tuple[Tuple[np.ndarray, ...], ...]  # each block's leaves: ((W_1, b_1), ...) for Dense and Conv2d
     feedback: Tuple[np.ndarray, ...]  # (B_1, ..., B_{L-1}), B_l (n_l, n_L)
     resume: ResumeState  # epoch, global_step, rng_state, opt_state (dict of arrays) and history so far
     meta: Dict[str, Any]  # free JSON: the run's config, backend that wrote it, ...
@@ -117,8 +122,9 @@ def save_checkpoint(path: str, checkpoint: Checkpoint) -> None:
                 "(a diverged state would overwrite the last good one)"
             )
     arrays: Dict[str, Any] = {}  # NumPy arrays; Any as numpy's stubs type savez's **kwds as allow_pickle too
-    for l, (w, b) in enumerate(checkpoint.params):
-        arrays[f"params/{l}/W"], arrays[f"params/{l}/b"] = np.asarray(w), np.asarray(b)
+    for l, leaves in enumerate(checkpoint.params):
+        for i, leaf in enumerate(leaves):
+            arrays[f"params/{l}/{i}"] = np.asarray(leaf)
     for l, b in enumerate(checkpoint.feedback):
         arrays[f"feedback/{l}"] = np.asarray(b)
     for key, value in (resume.opt_state or {}).items():
@@ -126,6 +132,7 @@ def save_checkpoint(path: str, checkpoint: Checkpoint) -> None:
     meta = {
         "format_version": FORMAT_VERSION,
         "num_layers": len(checkpoint.params),
+        "param_leaves": [len(leaves) for leaves in checkpoint.params],
         "num_feedback": len(checkpoint.feedback),
         "has_opt_state": resume.opt_state is not None,
         "epoch": resume.epoch,
@@ -189,10 +196,11 @@ def _read_meta(path: str, arrays: Dict[str, np.ndarray]) -> Dict[str, Any]:
         meta = json.loads(arrays.pop("__meta__").tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: its metadata is not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format_version") not in READ_VERSIONS:
         version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise CheckpointError(f"{path}: checkpoint format version {version!r}, this code reads {FORMAT_VERSION}")
-    for key, kind in _META_KEYS.items():
+        raise CheckpointError(f"{path}: checkpoint format version {version!r}, this code reads {list(READ_VERSIONS)}")
+    keys = dict(_META_KEYS, param_leaves=list) if meta["format_version"] >= 2 else _META_KEYS
+    for key, kind in keys.items():
         if not isinstance(meta.get(key), kind):
             got = type(meta[key]).__name__ if key in meta else "nothing"
             raise CheckpointError(f"{path}: metadata key {key!r} must be a {kind.__name__}, got {got}")
@@ -203,6 +211,21 @@ def _array(path: str, arrays: Dict[str, np.ndarray], key: str) -> np.ndarray:
     if key not in arrays:
         raise CheckpointError(f"{path}: array {key!r} is missing")
     return arrays[key]
+
+
+def _read_params(path: str, arrays: Dict[str, np.ndarray], meta: Dict[str, Any]) -> Tuple[Tuple[np.ndarray, ...], ...]:
+    """Block l's leaves: ``params/{l}/{i}`` (version 2) or ``params/{l}/W``, ``params/{l}/b`` (version 1)."""
+    names: List[Tuple[str, ...]]
+    if meta["format_version"] == 1:
+        names = [("W", "b")] * meta["num_layers"]
+    else:
+        counts = meta["param_leaves"]
+        if len(counts) != meta["num_layers"] or not all(isinstance(n, int) and n >= 1 for n in counts):
+            raise CheckpointError(
+                f"{path}: metadata 'param_leaves' {counts!r} does not fit {meta['num_layers']} layers"
+            )
+        names = [tuple(str(i) for i in range(n)) for n in counts]
+    return tuple(tuple(_array(path, arrays, f"params/{l}/{name}") for name in block) for l, block in enumerate(names))
 
 
 def load_checkpoint(path: str) -> Checkpoint:
@@ -217,10 +240,7 @@ def load_checkpoint(path: str) -> Checkpoint:
         raise FileNotFoundError(f"no checkpoint at {path}")
     arrays = _read_arrays(path)
     meta = _read_meta(path, arrays)
-    params = tuple(
-        (_array(path, arrays, f"params/{l}/W"), _array(path, arrays, f"params/{l}/b"))
-        for l in range(meta["num_layers"])
-    )
+    params = _read_params(path, arrays, meta)
     feedback = tuple(_array(path, arrays, f"feedback/{l}") for l in range(meta["num_feedback"]))
     opt_state: Optional[Dict[str, np.ndarray]] = None
     if meta["has_opt_state"]:
@@ -245,6 +265,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "FORMAT_VERSION",
+    "READ_VERSIONS",
     "atomic_write_text",
     "load_checkpoint",
     "remove_stale_temps",

@@ -28,7 +28,7 @@ import numpy as np
 
 from dfa_core import init as dfa_init
 from dfa_core.registry import BACKEND_NAMES
-from dfa_core.spec import ACTIVATIONS, DTYPES, MODES, OPTIMIZERS, OUTPUTS, REDUCTIONS, MLPSpec
+from dfa_core.spec import ACTIVATIONS, DTYPES, MODES, OPTIMIZERS, OUTPUTS, REDUCTIONS
 from dfa_train.cadence import parse_checkpoint_every
 from dfa_train.checkpoint import CHECKPOINT_NAME
 from dfa_train.config import DATASETS, ConfigError, RunConfig, field_names
@@ -109,6 +109,13 @@ def _seeds(text: str):
     return parse_seeds(text)
 
 
+def _arch(text: str) -> str:
+    from dfa_train.arch import parse_arch
+
+    parse_arch(text)
+    return text
+
+
 def _floats(text: str):
     from dfa_train.sweep import parse_floats
 
@@ -125,6 +132,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         type=parse_layers,
         default=None,
         help="comma-separated widths, input first (default 784,200,10 for mnist, 2,4,1 for xor)",
+    )
+    p.add_argument(
+        "--arch",
+        type=_argument_type(_arch),
+        default=None,
+        help="a model of layers instead of an MLP: 'lenet5', 'convnet6' or tokens such as "
+        "conv6k5p2,maxpool2,conv16k5,maxpool2,flatten,dense120,dense84,dense10 (input shape from --dataset)",
     )
     p.add_argument("--activation", choices=ACTIVATIONS, default=_DEFAULTS["activation"])
     p.add_argument("--output", choices=OUTPUTS, default=_DEFAULTS["output"])
@@ -257,8 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="member seeds: 0-7, 0,3,5 or 4; seed s trains with seed s, param seed s, feedback seed s+1",
     )
     sweep.add_argument("--out", default=None, help="folder (default runs/<timestamp>-sweep-<backend>)")
-    summary = sub.add_parser("summary", help="print the model table")
+    summary = sub.add_parser("summary", help="print the model table (layers, shapes, parameters, feedback, FLOPs)")
     _add_model_args(summary)
+    summary.add_argument(
+        "--dataset", choices=DATASETS, default=_DEFAULTS["dataset"], help="sets the input shape of an --arch model"
+    )
     return parser
 
 
@@ -402,8 +419,8 @@ def cmd_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: S
 
 
 def cmd_summary(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
-    spec = MLPSpec(args.layers or (784, 200, 10), args.activation, args.output, args.reduction, args.dtype)
-    print(model_table(spec))
+    config = _config_from_args(args)
+    print(model_table(config.spec()))
     return 0
 
 

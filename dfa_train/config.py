@@ -20,18 +20,29 @@ import numbers
 from typing import Any, Dict, Mapping, Optional, Tuple, Union, cast
 
 from dfa_core.init import DEFAULT_FEEDBACK_SCALE, FEEDBACK_DISTS
+from dfa_core.model import ModelSpec, NetSpec
 from dfa_core.registry import BACKEND_NAMES
 from dfa_core.spec import ACTIVATIONS, DTYPES, METHODS, MODES, OPTIMIZERS, OUTPUTS, REDUCTIONS, MLPSpec, OptimizerSpec
+from dfa_train.arch import INPUT_SHAPES, parse_arch
 from dfa_train.cadence import CheckpointEvery, format_checkpoint_every, parse_checkpoint_every
 
-CONFIG_VERSION = 1
-"""Bumped whenever RunConfig's fields change meaning; ``from_json`` refuses other versions."""
+CONFIG_VERSION = 2
+"""Bumped whenever RunConfig's fields change meaning; ``from_json`` refuses other versions.
+Version 1 (before ``arch``) still reads, as a config with ``arch=None``."""
 
-DATASETS: Tuple[str, ...] = ("mnist", "mnist-slice", "idx", "xor")
+DATASETS: Tuple[str, ...] = ("mnist", "mnist-slice", "fashion-mnist", "cifar10", "idx", "xor")
 """mnist: full MNIST, verified (downloaded if missing); mnist-slice: the bundled first 2,000/500 images
-(dfa_train.data.load_mnist_slice); idx: any MNIST-layout folder (--data-dir); xor: the four points."""
+(dfa_train.data.load_mnist_slice); fashion-mnist and cifar10: verified, downloaded if missing;
+idx: any MNIST-layout folder (--data-dir); xor: the four points."""
 
-DEFAULT_LAYERS = {"mnist": (784, 200, 10), "mnist-slice": (784, 200, 10), "idx": (784, 200, 10), "xor": (2, 4, 1)}
+DEFAULT_LAYERS = {
+    "mnist": (784, 200, 10),
+    "mnist-slice": (784, 200, 10),
+    "fashion-mnist": (784, 200, 10),
+    "cifar10": (3072, 200, 10),
+    "idx": (784, 200, 10),
+    "xor": (2, 4, 1),
+}
 
 FEEDBACK_SEED_OFFSET = 1
 """A sweep member with seed s uses seed s (batch order), param_seed s (initial weights) and
@@ -95,6 +106,7 @@ class RunConfig:
     dataset: str = "mnist"  # one of DATASETS: 'mnist', 'mnist-slice', 'idx' or 'xor'
     data_dir: Optional[str] = None  # folder of the IDX files; None: $DFA_DATA_DIR, the cache, else a download
     layers: Optional[Tuple[int, ...]] = None  # (n_0, ..., n_L) widths, input first; None: DEFAULT_LAYERS[dataset]
+    arch: Optional[str] = None  # a model of layers instead of an MLP (dfa_train.arch: 'lenet5', 'conv6k5,...')
     activation: str = "tanh"  # hidden activation, one of dfa_core.ACTIVATIONS
     output: str = "sigmoid"  # output function and its paired loss, one of dfa_core.OUTPUTS
     reduction: str = "sum"  # per-group updates summed ('sum', the report's) or averaged ('mean')
@@ -142,7 +154,10 @@ class RunConfig:
             raise ConfigError(
                 "mode", f"expected 'sample' with method 'bp' (grouping modes apply to DFA only), got {self.mode!r}"
             )
-        object.__setattr__(self, "layers", self._checked_layers())
+        if self.arch is None:
+            object.__setattr__(self, "layers", self._checked_layers())
+        else:
+            self._check_arch()
         for field, minimum in (
             ("batch_size", 1),
             ("epochs", 1),
@@ -188,12 +203,34 @@ class RunConfig:
             )
         return tuple(int(n) for n in layers)
 
+    def _check_arch(self) -> None:
+        if self.layers is not None:
+            raise ConfigError(
+                "layers", f"expected None with arch {self.arch!r} (the arch gives the model), {_got(self.layers)}"
+            )
+        if not isinstance(self.arch, str):
+            raise ConfigError("arch", f"expected None or an architecture string such as 'lenet5', {_got(self.arch)}")
+        try:
+            self.spec()  # parses the string and checks its shapes against the dataset's input
+        except (ValueError, TypeError) as err:
+            raise ConfigError("arch", f"{err} (dataset {self.dataset!r}, input shape {self.input_shape()})") from None
+
     # -- derived objects ------------------------------------------------------------------------
 
-    def spec(self) -> MLPSpec:
-        """The network: ``MLPSpec(layers, activation, output, reduction, dtype)``."""
-        layers = cast(Tuple[int, ...], self.layers)  # never None: __post_init__ filled in the default
-        return MLPSpec(layers, self.activation, self.output, self.reduction, self.dtype)
+    def input_shape(self) -> Tuple[int, ...]:
+        """One sample's shape: the dataset's image shape (C, H, W) with an arch ('idx': MNIST's), else (n_0,)."""
+        if self.arch is None:
+            return (cast(Tuple[int, ...], self.layers)[0],)
+        return INPUT_SHAPES.get(self.dataset, INPUT_SHAPES["mnist"])
+
+    def spec(self) -> NetSpec:
+        """The network: ``MLPSpec(layers, activation, output, reduction, dtype)``, or with ``arch`` a
+        ``ModelSpec(input_shape(), parse_arch(arch), activation, output, reduction, dtype)``."""
+        if self.arch is not None:
+            layers = parse_arch(self.arch)
+            return ModelSpec(self.input_shape(), layers, self.activation, self.output, self.reduction, self.dtype)
+        widths = cast(Tuple[int, ...], self.layers)  # never None without arch: __post_init__ filled in the default
+        return MLPSpec(widths, self.activation, self.output, self.reduction, self.dtype)
 
     def optimizer_spec(self) -> OptimizerSpec:
         """The optimizer: ``OptimizerSpec(optimizer, lr, momentum=momentum)``."""
@@ -257,6 +294,8 @@ class RunConfig:
         if not isinstance(data, Mapping):
             raise ValueError(f"RunConfig.from_json: expected a JSON object, {_got(data)}")
         version = data.get("version")
+        if version == 1 and "arch" not in data:  # written before models of layers: an MLP
+            data, version = {**data, "arch": None, "version": CONFIG_VERSION}, CONFIG_VERSION
         if version != CONFIG_VERSION:
             raise ValueError(
                 f"RunConfig.from_json: key 'version': expected {CONFIG_VERSION}, got {version!r} "

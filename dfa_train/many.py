@@ -26,8 +26,9 @@ import numpy.typing as npt
 
 from dfa_core import validation
 from dfa_core.init import init_feedback, init_params
+from dfa_core.model import NetSpec
 from dfa_core.registry import resolve_backend
-from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec
+from dfa_core.spec import METHODS, OptimizerSpec
 from dfa_core.tree import tree_map
 from dfa_train import memory
 from dfa_train.state import AlignmentRecord, History
@@ -80,7 +81,7 @@ class Member(NamedTuple):
     optimizer: OptimizerSpec
 
 
-def _check_options(spec: MLPSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+def _check_options(spec: NetSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     """fit's shared options with fit's defaults, checked as fit checks them."""
     refused = sorted(k for k in fit_kwargs if k in REFUSED_OPTIONS)
     if refused:
@@ -93,7 +94,7 @@ def _check_options(spec: MLPSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, An
         raise TypeError(f"fit_many got unexpected keyword arguments {unknown}; it takes {list(SHARED_OPTIONS)}")
     defaults = inspect.signature(fit).parameters
     opts = {k: fit_kwargs.get(k, defaults[k].default) for k in SHARED_OPTIONS}
-    validation.check_mlp_spec(spec, "fit_many")
+    validation.check_spec(spec)
     if opts["method"] not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {opts['method']!r}")
     validation.check_mode(opts["mode"])
@@ -159,7 +160,7 @@ def _groups(members: Sequence[Member]) -> Dict[Tuple[str, bool], List[int]]:
     return groups
 
 
-def _check_memory(be, spec: MLPSpec, opts, groups, n_train: int, n_test: int) -> None:
+def _check_memory(be, spec: NetSpec, opts, groups, n_train: int, n_test: int) -> None:
     """Refuses, before allocating, a run whose largest group would not fit (groups run one after another)."""
     need, worst = 0, ("", 0)  # worst: (optimizer, members) of the largest group
     for (name, _), idx in groups.items():
@@ -179,7 +180,7 @@ def _check_memory(be, spec: MLPSpec, opts, groups, n_train: int, n_test: int) ->
     memory.check_memory(
         be,
         need,
-        f"fit_many ({worst[1]} '{worst[0]}' members of {list(spec.layer_sizes)} in "
+        f"fit_many ({worst[1]} '{worst[0]}' members of {memory.describe(spec)} in "
         f"{spec.dtype}, {n_train} training samples, batch {opts['batch_size']}; train "
         "fewer members per call, a smaller eval_batch_size or batch_size)",
     )
@@ -218,7 +219,7 @@ def _stack(trees: Sequence[Any]) -> Any:
 
 
 def _record_epoch(
-    spec: MLPSpec,
+    spec: NetSpec,
     rec: _Record,
     m: int,
     epoch: int,
@@ -254,7 +255,7 @@ def _record_epoch(
             rec.active = False
 
 
-def _run_group(be, spec: MLPSpec, opts, members: Sequence[Member], feedback_np, data: _Data) -> List[_Record]:
+def _run_group(be, spec: NetSpec, opts, members: Sequence[Member], feedback_np, data: _Data) -> List[_Record]:
     """Trains one group (members of one optimizer structure) as one program; returns their records."""
     name, nesterov = _structure(members[0].optimizer)
     params = be.asarray(_stack([init_params(spec, m.param_seed) for m in members]))
@@ -297,7 +298,7 @@ def _run_group(be, spec: MLPSpec, opts, members: Sequence[Member], feedback_np, 
     return recs
 
 
-def _history(be, spec: MLPSpec, opts, member: Member, rec: _Record, feedback_np, data: _Data) -> History:
+def _history(be, spec: NetSpec, opts, member: Member, rec: _Record, feedback_np, data: _Data) -> History:
     """Member's History, with the config fit(**fit_kwargs, **member) records."""
     confusion, split = final_confusion(spec, data.labels, rec.pred, data.test_labels, rec.test_pred)
     settings = {
@@ -333,7 +334,7 @@ def _history(be, spec: MLPSpec, opts, member: Member, rec: _Record, feedback_np,
 
 def fit_many(
     backend: Union[str, ModuleType],
-    spec: MLPSpec,
+    spec: NetSpec,
     x_train: npt.ArrayLike,
     y_train: npt.ArrayLike,
     *,

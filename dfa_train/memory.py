@@ -8,14 +8,15 @@ both numbers. Imports neither torch nor JAX.
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Optional, Tuple, Union
 
 import numpy as np
 
 from dfa_core import validation
+from dfa_core.model import ModelSpec, NetSpec
 from dfa_core.registry import resolve_backend
-from dfa_core.spec import MLPSpec
 
 _MEMINFO = "/proc/meminfo"
 
@@ -23,7 +24,7 @@ _STATE_COPIES = {"sgd": 0, "momentum": 1, "adam": 2}  # optimizer-state trees sh
 
 
 def estimate_memory(
-    spec: MLPSpec,
+    spec: NetSpec,
     num_members: int,
     n_train: int,
     n_test: int = 0,
@@ -59,16 +60,31 @@ def estimate_memory(
     Returns:
       The estimate in bytes (int).
     """
-    validation.check_mlp_spec(spec, "estimate_memory")
+    validation.check_spec(spec)
     size = np.dtype(spec.dtype).itemsize
     p, state = spec.num_params(), _STATE_COPIES[optimizer] * spec.num_params()
-    h, io = sum(spec.layer_sizes[1:]), spec.n_in + spec.n_out
+    h, io = activation_numbers(spec), spec.n_in + spec.n_out
     b = min(batch_size, n_train)
-    lasting = p + state + (sum(n * spec.n_out for n in spec.hidden_sizes) if method == "dfa" else 0)
+    lasting = p + state + (sum(rows * cols for rows, cols in spec.feedback_shapes) if method == "dfa" else 0)
     step = 3 * p + state + b * io + 2 * b * h + ((3 * b * h + 2 * p) if align else 0)
     evaluation = 2 * min(eval_batch_size, max(n_train, n_test)) * h
     shared = (n_train + n_test) * io
     return int(num_members * ((lasting + max(step, evaluation)) * size + 4 * n_train) + shared * size)
+
+
+def activation_numbers(spec: NetSpec) -> int:
+    """H: numbers a forward pass keeps per sample. An MLP's n_1 + ... + n_L; a ModelSpec's blocks'
+    inputs after their prefix (u_l, which pools and flattens change) and outputs a_l."""
+    if isinstance(spec, ModelSpec):
+        return sum(math.prod(block.u_shape) + block.a_size for block in spec.blocks)
+    return sum(spec.layer_sizes[1:])
+
+
+def describe(spec: NetSpec) -> str:
+    """The model in a message: an MLP's widths, or a ModelSpec's input shape and block count."""
+    if isinstance(spec, ModelSpec):
+        return f"a {spec.num_layers}-block model on {spec.input_shape} inputs"
+    return str(list(spec.layer_sizes))
 
 
 def _host_available() -> Optional[int]:
@@ -108,7 +124,7 @@ def check_memory(backend: Union[str, ModuleType], need: int, what: str) -> None:
 
 def check_run_memory(
     backend: Union[str, ModuleType],
-    spec: MLPSpec,
+    spec: NetSpec,
     n_train: int,
     n_test: int,
     batch_size: int,
@@ -122,10 +138,10 @@ def check_run_memory(
     check_memory(
         backend,
         need,
-        f"training {list(spec.layer_sizes)} in {spec.dtype} ({spec.num_params():,} "
+        f"training {describe(spec)} in {spec.dtype} ({spec.num_params():,} "
         f"parameters, {n_train:,} samples, batch {batch_size}; use smaller layers, "
         "batch_size or eval_batch_size)",
     )
 
 
-__all__ = ["available_memory", "check_memory", "check_run_memory", "estimate_memory"]
+__all__ = ["available_memory", "check_memory", "check_run_memory", "estimate_memory", "activation_numbers", "describe"]

@@ -29,6 +29,7 @@ import numpy as np
 
 from dfa_core import init as dfa_init
 from dfa_core.backend import ParamsLike
+from dfa_core.model import ModelSpec
 from dfa_train import memory, run_files
 from dfa_train.cadence import CheckpointEvery, checkpoint_due
 from dfa_train.checkpoint import CHECKPOINT_NAME, Checkpoint, atomic_write_text, load_checkpoint, save_checkpoint
@@ -79,6 +80,14 @@ def load_data(config: RunConfig) -> Data:
         d = data.load_idx_dataset(config.data_dir, config.dtype)
     elif config.dataset == "mnist-slice":
         d = data.load_mnist_slice(config.dtype)
+    elif config.dataset != "mnist":
+        d = data.load_dataset(
+            config.dataset,
+            config.data_dir,
+            dtype=config.dtype,
+            download=not config.no_download,
+            timeout=config.download_timeout,
+        )
     else:
         folder = data.find_mnist(config.data_dir, download=not config.no_download, timeout=config.download_timeout)
         d = data.load_mnist(folder, config.dtype)
@@ -117,7 +126,16 @@ def check_widths(config: RunConfig, data: Data) -> None:
     """Raises ConfigError when the first/last widths do not fit the data's columns ('layers') or the
     targets cannot be grouped by class ('mode'): bad inputs, found before any folder is made."""
     x_train, y_train = data[0], data[1]
-    layers = cast(Tuple[int, ...], config.layers)  # never None: RunConfig filled in the default
+    if config.arch is not None:
+        spec = cast(ModelSpec, config.spec())
+        if spec.n_in != x_train.shape[1] or spec.n_out != y_train.shape[1]:
+            raise ConfigError(
+                "arch",
+                f"{config.arch!r} on {spec.input_shape} inputs ({spec.n_in} numbers per sample) with {spec.n_out} "
+                f"outputs does not fit dataset {config.dataset!r}: its inputs have {x_train.shape[1]} numbers "
+                f"and its targets {y_train.shape[1]} columns",
+            )
+    layers = (x_train.shape[1], y_train.shape[1]) if config.arch is not None else cast(Tuple[int, ...], config.layers)
     if layers[0] != x_train.shape[1] or layers[-1] != y_train.shape[1]:
         raise ConfigError(
             "layers",

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
-from dfa_core.spec import MLPSpec
+from dfa_core.model import ModelSpec, NetSpec, layer_flops, output_shape
+from dfa_train.arch import format_arch
 
 
-def model_table(spec: MLPSpec) -> str:
-    """The network as a text table: one row per layer, weight/bias/feedback shapes, parameter counts."""
+def model_table(spec: NetSpec) -> str:
+    """The network as a text table: one row per layer, weight/bias/feedback shapes, parameter counts.
+
+    A ModelSpec gets ``blocks_table`` (output shapes and FLOPs as well).
+    """
+    if isinstance(spec, ModelSpec):
+        return blocks_table(spec)
     lines = [f"{'layer':<8}{'W shape':<16}{'b shape':<10}{'params':>10}  {'activation':<12}{'feedback B':<12}"]
     for l, (w, b) in enumerate(spec.param_shapes, start=1):
         last = l == spec.num_layers
@@ -17,6 +24,40 @@ def model_table(spec: MLPSpec) -> str:
         lines.append(f"{l:<8}{str(w):<16}{str(b):<10}{w[0] * w[1] + b[0]:>10}  {act:<12}{fb:<12}")
     lines.append(
         f"total parameters: {spec.num_params()}; loss: {spec.loss}; reduction: {spec.reduction}; dtype: {spec.dtype}"
+    )
+    return "\n".join(lines)
+
+
+def _token(layer) -> str:
+    try:
+        return format_arch((layer,))
+    except TypeError:  # a layer without a token (a composite block)
+        return type(layer).__name__
+
+
+def blocks_table(spec: ModelSpec) -> str:
+    """A ModelSpec as a text table: one row per layer with its block, output shape per sample,
+    parameters, the block's feedback matrix (at its parametrised layer) and forward FLOPs per sample."""
+    head = f"{'block':<6}{'layer':<16}{'output shape':<16}{'params':>10}  {'feedback B':<14}{'FLOPs':>12}"
+    lines = [head]
+    for l, block in enumerate(spec.blocks, start=1):
+        shape = block.in_shape
+        for layer in block.prefix:
+            flops = layer_flops(layer, shape)
+            shape = output_shape(layer, shape, type(layer).__name__)
+            lines.append(f"{l:<6}{_token(layer):<16}{str(shape):<16}{0:>10}  {'':<14}{flops:>12,}")
+        params = sum(math.prod(s) for s in block.param_shapes)
+        fb = str(spec.feedback_shapes[l - 1]) if l < spec.num_layers else "- (output)"
+        lines.append(
+            f"{l:<6}{_token(block.layer):<16}{str(block.a_shape):<16}{params:>10}  {fb:<14}"
+            f"{layer_flops(block.layer, block.u_shape):>12,}"
+        )
+    total_flops = sum(block.flops() for block in spec.blocks)
+    lines.append(
+        f"input {spec.input_shape}; {spec.num_layers} blocks; total parameters: {spec.num_params()}; "
+        f"feedback numbers: {sum(r * c for r, c in spec.feedback_shapes)}; forward FLOPs per sample: "
+        f"{total_flops:,}; activation: {spec.activation}; loss: {spec.loss}; reduction: {spec.reduction}; "
+        f"dtype: {spec.dtype}"
     )
     return "\n".join(lines)
 
@@ -64,4 +105,4 @@ def sweep_table(summary: Mapping[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
-__all__ = ["comparison_table", "model_table", "summary_line", "sweep_table"]
+__all__ = ["blocks_table", "comparison_table", "model_table", "summary_line", "sweep_table"]

@@ -31,9 +31,11 @@ import numpy.typing as npt
 from dfa_core import validation
 from dfa_core.backend import ParamsLike
 from dfa_core.init import DEFAULT_FEEDBACK_SCALE, init_feedback, init_params
+from dfa_core.model import ModelSpec, NetSpec
 from dfa_core.registry import resolve_backend
-from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec
+from dfa_core.spec import METHODS, OptimizerSpec
 from dfa_train import memory
+from dfa_train.arch import format_arch
 from dfa_train.state import (
     AlignmentRecord,
     EpochEnd,
@@ -49,9 +51,15 @@ ENGINES = ("epoch", "step")
 """fit's engines: 'epoch' runs each epoch as one compiled call, 'step' one call per batch."""
 
 
-def _check_data(spec: MLPSpec, x, y, mode: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Checks a whole dataset once (shapes, finiteness, one-hot rows for class_mean); returns NumPy arrays."""
+def _check_data(spec: NetSpec, x, y, mode: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Checks a whole dataset once (shapes, finiteness, one-hot rows for class_mean); returns NumPy arrays.
+
+    For a ModelSpec, flat rows (N, C * H * W) are reshaped to (N, *input_shape) (row-major, the
+    (C, H, W) order the datasets store).
+    """
     x, y = np.asarray(x), np.asarray(y)
+    if isinstance(spec, ModelSpec) and x.ndim == 2 and len(spec.input_shape) > 1 and x.shape[1] == spec.n_in:
+        x = x.reshape(x.shape[0], *spec.input_shape)
     try:
         validation.check_batch(spec, x, y)
     except (ValueError, TypeError) as err:
@@ -92,7 +100,7 @@ class _Settings:
     """fit's checked options: what stays fixed for the whole run."""
 
     be: ModuleType  # the backend module (dfa_torch or dfa_jax)
-    spec: MLPSpec
+    spec: NetSpec
     method: str  # 'dfa' or 'bp'
     mode: str  # DFA grouping
     optimizer: OptimizerSpec
@@ -145,7 +153,7 @@ class _Loop:
 
 def _settings(
     backend: Union[str, ModuleType],
-    spec: MLPSpec,
+    spec: NetSpec,
     method: str,
     mode: str,
     optimizer: Optional[OptimizerSpec],
@@ -165,7 +173,9 @@ def _settings(
 ) -> _Settings:
     """Checks fit's options (not the data) and returns them as one frozen record."""
     be = resolve_backend(backend)
-    validation.check_mlp_spec(spec, "fit")
+    validation.check_spec(spec)
+    if align_every and isinstance(spec, ModelSpec):
+        raise ValueError("fit: alignment angles are measured for MLPs only so far; use align_every=0 with a ModelSpec")
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     validation.check_mode(mode)
@@ -385,7 +395,7 @@ def _epoch_end(run: _Settings, data: _Data, loop: _Loop, epoch: int, feedback_np
 
 
 def final_confusion(
-    spec: MLPSpec,
+    spec: NetSpec,
     labels: np.ndarray,
     pred: Optional[np.ndarray],
     test_labels: Optional[np.ndarray],
@@ -403,11 +413,16 @@ def final_confusion(
 
 
 def history_config(
-    be: ModuleType, spec: MLPSpec, settings: Dict[str, Any], n_train: int, test_labels: Optional[np.ndarray]
+    be: ModuleType, spec: NetSpec, settings: Dict[str, Any], n_train: int, test_labels: Optional[np.ndarray]
 ) -> Dict[str, Any]:
     """History.config: the backend and spec, the run's ``settings`` (fit's keyword names), the data sizes."""
+    model: Dict[str, Any] = (
+        {"input_shape": list(spec.input_shape), "arch": format_arch(spec.layers)}
+        if isinstance(spec, ModelSpec)
+        else {"layer_sizes": list(spec.layer_sizes)}
+    )
     spec_fields = {
-        "layer_sizes": list(spec.layer_sizes),
+        **model,
         "activation": spec.activation,
         "output": spec.output,
         "reduction": spec.reduction,
@@ -464,7 +479,7 @@ def _train(run: _Settings, data: _Data, loop: _Loop, feedback_np):
 
 def fit(
     backend: Union[str, ModuleType],
-    spec: MLPSpec,
+    spec: NetSpec,
     x_train: npt.ArrayLike,
     y_train: npt.ArrayLike,
     *,

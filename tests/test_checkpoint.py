@@ -160,7 +160,7 @@ def _damage(path, how):
     elif how == "truncated":
         data = data[: len(data) // 2]
     elif how == "crc":  # flip one byte inside the first stored array's data
-        i = data.index(b"params/0/W.npy") + 200
+        i = data.index(b"params/0/0.npy") + 200
         data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
     elif how == "random":
         data = np.random.default_rng(0).bytes(4096)
