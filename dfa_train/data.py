@@ -1,4 +1,4 @@
-"""Small datasets for tests and experiments: MNIST (or any IDX dataset) from gzip IDX files, and XOR.
+"""Datasets for tests and experiments: MNIST (or any IDX dataset) from gzip IDX files, Fashion-MNIST, CIFAR-10, XOR.
 
 NumPy and the standard library only. ``load_mnist`` reads a local folder and checks the
 SHA-256 of every decompressed file before using it. ``find_mnist`` decides which folder:
@@ -14,6 +14,11 @@ with a ``MnistSliceWarning`` when no full copy can be found or downloaded.
 
 Damaged files (not gzip, cut short, wrong IDX header, counts or image sizes that disagree)
 raise ValueError naming the file and what is wrong.
+
+``load_dataset(name, ...)`` is the one entry point for every named dataset ('mnist',
+'mnist-slice', 'fashion-mnist', 'cifar10'; their image shapes in ``IMAGE_SHAPES``). Fashion-MNIST
+and CIFAR-10 are found, downloaded and checked by ``dfa_train.dataset_files`` (SHA-256 of the
+files as published) and loaded here by ``load_fashion_mnist`` and ``load_cifar10``.
 """
 
 from __future__ import annotations
@@ -23,14 +28,23 @@ import hashlib
 import math
 import os
 import sys
-import tempfile
-import urllib.error
-import urllib.request
 import warnings
 import zlib
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+
+from dfa_train.dataset_files import (
+    CIFAR10_ARCHIVE,
+    CIFAR10_IMAGE_SHAPE,
+    CIFAR10_NUM_CLASSES,
+    SOURCES,
+    DatasetNotFoundError,
+    download_verified,
+    find_dataset,
+    read_cifar10_archive,
+    verify_file,
+)
 
 MNIST_FILES = {
     # split/part: (file name, SHA-256 of the decompressed IDX bytes, IDX magic number)
@@ -106,16 +120,13 @@ MNIST_SLICE_FILES = {
 """The slice's four files: MNIST's names and layout, the first ``MNIST_SLICE_SIZES`` records."""
 
 
-class DatasetNotFoundError(FileNotFoundError):
-    """No local copy of a dataset and no download possible; the message says where it looked."""
-
-
 class MnistSliceWarning(UserWarning):
     """``find_mnist_or_slice`` fell back to the bundled 2,000/500 slice of MNIST."""
 
 
 class MNIST(NamedTuple):
-    """MNIST as flat inputs in [0, 1] and one-hot labels."""
+    """MNIST as flat inputs in [0, 1] and one-hot labels; ``load_dataset`` returns every dataset in this form,
+    images flattened in (C, H, W) order (shapes in ``IMAGE_SHAPES``)."""
 
     x_train: np.ndarray  # (60000, 784), dtype, pixel / 255
     y_train: np.ndarray  # (60000, 10), dtype, one-hot
@@ -372,37 +383,28 @@ def download_idx(url: str, dest: str, sha256: Optional[str], timeout: float = 30
     """Downloads one gzip IDX file to ``dest``, verified before it is moved in place.
 
     The bytes go to a temporary file in ``dest``'s folder; the decompressed content must
-    hash to ``sha256`` (if given); only then ``os.replace`` puts it at ``dest``.
+    hash to ``sha256`` (if given); only then ``os.replace`` puts it at ``dest``
+    (``dataset_files.download_verified``).
 
     Raises:
       OSError (urllib.error.URLError): the download failed.
       ValueError: the file is truncated, not gzip, or has the wrong checksum; nothing is kept.
     """
-    folder = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".part-", suffix=".gz", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            while True:
-                chunk = response.read(1 << 20)
-                if not chunk:
-                    break
-                f.write(chunk)
+
+    def check(tmp: str) -> None:
         try:
             with gzip.open(tmp, "rb") as f:
                 raw = f.read()
-        except (OSError, EOFError) as err:
-            raise ValueError(f"{url}: the download is not a complete gzip file ({err})") from None
-        if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256.lower():
+        except (OSError, EOFError, zlib.error) as err:
+            raise ValueError(f"the download is not a complete gzip file ({err})") from None
+        got = hashlib.sha256(raw).hexdigest()
+        if sha256 is not None and got != sha256.lower():
             raise ValueError(
-                f"{url}: SHA-256 of the decompressed bytes is {hashlib.sha256(raw).hexdigest()}, "
-                f"expected {sha256}; the download is corrupt and was not kept"
+                f"SHA-256 of the decompressed bytes is {got}, expected {sha256}; "
+                "the download is corrupt and was not kept"
             )
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return dest
+
+    return download_verified(url, dest, check, timeout)
 
 
 def _missing(folder: str) -> str:
@@ -442,7 +444,9 @@ def _download_into(cache: str, base_urls: Optional[Sequence[str]], timeout: floa
             try:
                 download_idx(base + name, dest, sha, timeout)
                 break
-            except (OSError, ValueError) as err:
+            except ValueError as err:  # its message starts with the URL
+                errors.append(str(err))
+            except OSError as err:
                 errors.append(f"{base + name}: {err}")
         else:
             break
@@ -595,6 +599,122 @@ def make_mnist_slice(source: str, dest: str, n_train: int = 2000, n_test: int = 
         array = read_idx(os.path.join(source, name), sha, magic)
         write_idx(os.path.join(dest, name), array[: n_train if part.startswith("train") else n_test])
     return dest
+
+
+def load_fashion_mnist(path: str, dtype: str = "float32") -> MNIST:
+    """Loads Fashion-MNIST from its four gzip IDX files in ``path``, each checked first.
+
+    Each ``.gz`` file must have the size and SHA-256 of the file as published
+    (``dataset_files.FASHION_MNIST``; TFDS's checksums, which hash the *compressed* files, so a
+    recompressed copy is refused: load such a copy with ``load_idx_dataset``, unverified).
+
+    Args:
+      path: folder holding MNIST's four file names (``MNIST_FILES``) with Fashion-MNIST's content.
+      dtype: 'float32' or 'float64', the dtype of inputs and labels.
+
+    Returns:
+      MNIST(x_train (60000, 784), y_train (60000, 10), x_test (10000, 784), y_test (10000, 10)):
+      28x28 grey images flattened in (1, 28, 28) order, scaled to [0, 1]; labels one-hot.
+
+    Raises:
+      FileNotFoundError: ``path`` or one of the files is missing.
+      ValueError: bad dtype, or a damaged file (the message names it): a wrong size or SHA-256,
+        a damaged gzip or IDX header, or inconsistent counts.
+    """
+    _check_dtype(dtype)
+    source = SOURCES["fashion-mnist"]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{source.title} folder not found: {path!r}")
+    for file in source.files:
+        verify_file(os.path.join(path, file.name), file, source.title)
+    return load_idx_dataset(path, dtype, num_classes=10)
+
+
+def load_cifar10(path: str, dtype: str = "float32") -> MNIST:
+    """Loads CIFAR-10 from its binary archive ``cifar-10-binary.tar.gz`` in ``path``, checked first.
+
+    The archive must have the published size and SHA-256 (``dataset_files.CIFAR10``); its six
+    batch files are read from it in memory (``dataset_files.read_cifar10_archive``), never unpacked.
+
+    Args:
+      path: folder holding ``cifar-10-binary.tar.gz``.
+      dtype: 'float32' or 'float64', the dtype of inputs and labels.
+
+    Returns:
+      MNIST(x_train (50000, 3072), y_train (50000, 10), x_test (10000, 3072), y_test (10000, 10)):
+      32x32 colour images flattened in (3, 32, 32) order (the red plane, then green, then blue),
+      scaled to [0, 1]; labels one-hot. float32 inputs take 0.6 GB, float64 1.2 GB.
+
+    Raises:
+      FileNotFoundError: ``path`` or the archive is missing.
+      ValueError: bad dtype, or a damaged archive (the message names it and the member): a wrong
+        size or SHA-256, a batch file missing or not a whole number of records, a label above 9.
+    """
+    _check_dtype(dtype)
+    (images_train, labels_train), (images_test, labels_test) = read_cifar10_archive(
+        os.path.join(path, CIFAR10_ARCHIVE), SOURCES["cifar10"].files[0]
+    )
+    out = []
+    for images, labels in ((images_train, labels_train), (images_test, labels_test)):
+        x = images.astype(dtype)
+        x /= np.asarray(255, dtype=dtype)  # in place: one copy of the inputs, not two
+        out += [x, one_hot(labels, CIFAR10_NUM_CLASSES, dtype)]
+    return MNIST(*out)
+
+
+IMAGE_SHAPES: Dict[str, Tuple[int, int, int]] = {
+    "mnist": (1, 28, 28),
+    MNIST_SLICE_NAME: (1, 28, 28),
+    "fashion-mnist": (1, 28, 28),
+    "cifar10": CIFAR10_IMAGE_SHAPE,
+}
+"""Dataset name -> (C, H, W) of one image; ``load_dataset`` flattens images in this order."""
+
+
+def load_dataset(
+    name: str,
+    data_dir: Optional[str] = None,
+    *,
+    dtype: str = "float32",
+    download: bool = True,
+    timeout: float = 30.0,
+) -> MNIST:
+    """Loads the dataset ``name``, finding or downloading its files, every file checked.
+
+    Where the files come from:
+      'mnist': ``find_mnist`` (``data_dir`` or its ``mnist/``, else $DFA_DATA_DIR, the cache
+        ``cache_dir()/mnist``, a download); no fallback to the slice here.
+      'mnist-slice': the bundled 2,000/500 slice (``data_dir``, ``download``, ``timeout`` unused).
+      'fashion-mnist', 'cifar10': ``data_dir`` or ``data_dir/<name>`` if given (only there), else
+        the cache ``cache_dir()/<name>``, else a download into the cache from the mirrors of
+        ``dataset_files.SOURCES[name]`` ($DFA_FASHION_MNIST_MIRROR, $DFA_CIFAR10_MIRROR override them).
+
+    Args:
+      name: a key of ``IMAGE_SHAPES``: 'mnist', 'mnist-slice', 'fashion-mnist' or 'cifar10'.
+      data_dir: a folder holding the dataset's files, or None to look in the usual places.
+      dtype: 'float32' or 'float64', the dtype of inputs and labels.
+      download: whether missing files may be downloaded into the cache.
+      timeout: seconds a download waits for each piece of data.
+
+    Returns:
+      MNIST(x_train (N_train, C*H*W), y_train (N_train, 10), x_test (N_test, C*H*W),
+      y_test (N_test, 10)), with (C, H, W) = ``IMAGE_SHAPES[name]`` and images flattened in that
+      order; inputs in [0, 1], labels one-hot, both of ``dtype``.
+
+    Raises:
+      ValueError: an unknown ``name`` or ``dtype``, or a damaged file (the message names it).
+      DatasetNotFoundError: no copy found and none could be downloaded; the message says where
+        it looked and how to get the files.
+    """
+    if name not in IMAGE_SHAPES:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(map(repr, IMAGE_SHAPES))}")
+    _check_dtype(dtype)
+    if name == "mnist":
+        return load_mnist(find_mnist(data_dir, download=download, timeout=timeout), dtype)
+    if name == MNIST_SLICE_NAME:
+        return load_mnist_slice(dtype)
+    folder = find_dataset(name, data_dir, cache_root=cache_dir(), download=download, timeout=timeout)
+    return load_cifar10(folder, dtype) if name == "cifar10" else load_fashion_mnist(folder, dtype)
 
 
 def xor_dataset(dtype: str = "float32") -> Tuple[np.ndarray, np.ndarray]:

@@ -96,8 +96,10 @@ def test_a_bad_download_is_refused_and_not_kept(cache, serve, source, tmp_path, 
     else:
         data = (mirror / bad).read_bytes()
         (mirror / bad).write_bytes(data[: len(data) // 2])
-    with pytest.raises(DatasetNotFoundError, match="SHA-256" if damage == "corrupt" else "not a complete gzip"):
-        find_mnist(base_urls=[serve(mirror)], timeout=5)
+    url = serve(mirror)
+    with pytest.raises(DatasetNotFoundError, match="SHA-256" if damage == "corrupt" else "not a complete gzip") as err:
+        find_mnist(base_urls=[url], timeout=5)
+    assert str(err.value).count(url + bad) == 1  # the failed URL is named, once
     assert bad not in os.listdir(cache) and _leftovers(cache) == []
     assert MNIST_FILES["train_images"][0] in os.listdir(cache)
 
