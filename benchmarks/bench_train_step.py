@@ -1,6 +1,7 @@
 """Train-step throughput of DFA and BP (torch eager, torch.compile, JAX jit) against a matmul peak and peers.
 
-Issue 5. A plain script in the manner of nanoGPT's bench.py: every case is warmed up
+Issue 5 (MLPs) and issue 10 (conv nets, ``CONV_NETS``: our backends' DFA and BP steps on a
+``dfa_core.ModelSpec``). A plain script in the manner of nanoGPT's bench.py: every case is warmed up
 (JAX compilation and torch.compile are excluded from the timings and reported apart as
 ``warmup_s``), synchronised (``block_until_ready``, ``torch.cuda.synchronize``), timed
 as several repeats of a calibrated number of steps, and written as one JSON record per
@@ -9,10 +10,12 @@ line; a Markdown table and the issue's target checks are printed at the end.
     python benchmarks/bench_train_step.py --quick          # small grid, < 2 min on 2 CPU cores
     python benchmarks/bench_train_step.py                  # full grid (CPU: tens of minutes)
     python benchmarks/bench_train_step.py --device cuda    # full grid on the default GPU
+    python benchmarks/bench_train_step.py --nets lenet5,vgg5-32x32 --backends torch,jax   # conv nets only
 
-FLOPs are counted from the model, matrix products only (see ``FLOP_FORMULA``);
-elementwise work (activations, derivatives, loss, the SGD update) is ignored, so
-GFLOP/s is a lower bound on what the hardware did.
+FLOPs are counted from the model, matrix products only (see ``FLOP_FORMULA``; conv
+nets: ``CONV_FLOP_FORMULA``, from ``Block.flops``); elementwise work (activations,
+derivatives, loss, the SGD update) is ignored, so GFLOP/s is a lower bound on what the
+hardware did.
 
 Peak memory of a step (target (e)) is measured in a fresh subprocess per case, see
 ``memory_child``.
@@ -37,6 +40,8 @@ import warnings
 
 import numpy as np
 
+from dfa_core.model import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec, layer_flops  # NumPy only: no torch, jax
+
 NETS = {
     # name: (n_0, ..., n_L)
     "784-256-10": (784, 256, 10),
@@ -45,6 +50,31 @@ NETS = {
     "784-240x7-10": (784,) + (240,) * 7 + (10,),
 }
 BATCHES = (32, 128, 1024)
+
+# Conv nets (issue 10), our backends only (torch, torch_compile, jax); name: (input_shape, layers).
+CONV_NETS = {
+    # LeNet-5 (LeCun et al. 1998) on MNIST-sized input, with relu and max pools.
+    "lenet5": (
+        (1, 28, 28),
+        (Conv2d(6, 5, padding=2), MaxPool2d(2), Conv2d(16, 5), MaxPool2d(2), Flatten())
+        + (Dense(120), Dense(84), Dense(10)),
+    ),
+    # VGG-style on CIFAR-sized input: five 3x3 'same' convs of 32-64 channels, three pools, two dense.
+    "vgg5-32x32": (
+        (3, 32, 32),
+        (Conv2d(32, 3, padding="same"), Conv2d(32, 3, padding="same"), MaxPool2d(2))
+        + (Conv2d(64, 3, padding="same"), Conv2d(64, 3, padding="same"), MaxPool2d(2))
+        + (Conv2d(64, 3, padding="same"), MaxPool2d(2), Flatten(), Dense(128), Dense(10)),
+    ),
+}
+CONV_SPEC_KW = dict(activation="relu", output="softmax", reduction="mean")
+# A conv block's DFA weight gradient sums the projected error over every output position, so on
+# the benchmark's random batch DFA diverges at lr 1e-2 within ~10 steps (3e-4 within ~100) and
+# later steps time inf/NaN arithmetic; at 1e-4 LeNet-5 stays finite for 400+ steps.
+CONV_LEARNING_RATE = 1e-4
+# A final loss above this (ln 10 = 2.3 at the start) marks a diverged case in the checks.
+DIVERGED_LOSS = 100.0
+CONV_BATCHES = (128,)
 METHODS = ("dfa", "bp")
 OURS = ("torch", "torch_compile", "jax")
 PEERS = ("torch_nn", "biotorch")  # torch_nn: nn.Sequential + torch.optim.SGD (BP); biotorch: DFA
@@ -57,6 +87,8 @@ QUICK = dict(
     # Target (a) names this case; it costs ~1-2 s a step on 2 cores, so quick runs it on JAX only.
     extra=(("jax", "dfa", "784-4096x3-10", 1024), ("jax", "bp", "784-4096x3-10", 1024)),
     memory=(("784-240x7-10", 1024),),
+    conv_nets=tuple(CONV_NETS),
+    conv_impls=("torch", "jax"),  # torch.compile of a conv step takes ~20 s per case on 2 cores
     peak_sizes_cpu=(1024, 2048),
     peak_sizes_cuda=(2048, 4096),
     warmup=1,
@@ -68,6 +100,8 @@ FULL = dict(
     batches=BATCHES,
     extra=(),
     memory=(("784-240x7-10", 1024), ("784-4096x3-10", 1024)),
+    conv_nets=tuple(CONV_NETS),
+    conv_impls=OURS,
     peak_sizes_cpu=(512, 1024, 2048),
     peak_sizes_cuda=(1024, 2048, 4096, 8192),
     warmup=3,
@@ -88,6 +122,18 @@ FLOPs per step, matrix products only (elementwise ops -- activations, f', loss, 
   peers use the same count for their method (biotorch DFA also computes input gradients it throws away)."""
 
 
+CONV_FLOP_FORMULA = """\
+FLOPs per step of a conv net (dfa_core.model.layer_flops: a multiply-add counts 2, plus bias adds and
+one operation per pooled input; activations, f', loss, SGD update ignored). Per block l: P_l the
+parametrised layer's forward FLOPs, Q_l its prefix's (pools), a_l its output size, per sample:
+  forward  F   = B*sum_l (Q_l + P_l)                  (= B * sum of Block.flops())
+  DFA step     = F + B*sum_l P_l                      (weight-gradient VJP of each block)
+                   + 2*B*n_L*sum_{l=1..L-1} a_l       (feedback projection e @ B_l^T)
+  BP step      = F + B*sum_l P_l                      (weight gradients)
+                   + B*sum_{l=2..L} (P_l + Q_l)       (input gradients through layers and pools)
+  so BP ~ 3x forward, DFA ~ 2x forward."""
+
+
 def step_flops(sizes, batch: int, method: str) -> int:
     """Matrix-product FLOPs of one train step; see FLOP_FORMULA."""
     products = [sizes[l - 1] * sizes[l] for l in range(1, len(sizes))]
@@ -95,6 +141,33 @@ def step_flops(sizes, batch: int, method: str) -> int:
     if method == "dfa":
         return forward + 2 * batch * sizes[-1] * sum(sizes[1:-1]) + 2 * batch * sum(products)
     return forward + 2 * batch * sum(products) + 2 * batch * sum(products[1:])
+
+
+def conv_step_flops(spec: ModelSpec, batch: int, method: str) -> int:
+    """FLOPs of one train step of a ModelSpec ``spec``; see CONV_FLOP_FORMULA."""
+    layer = [layer_flops(block.layer, block.u_shape) for block in spec.blocks]  # P_l
+    prefix = [block.flops() - p for block, p in zip(spec.blocks, layer)]  # Q_l
+    forward = batch * (sum(layer) + sum(prefix))
+    if method == "dfa":
+        return forward + batch * sum(layer) + 2 * batch * spec.n_out * sum(b.a_size for b in spec.blocks[:-1])
+    return forward + batch * sum(layer) + batch * sum(p + q for p, q in zip(layer[1:], prefix[1:]))
+
+
+def conv_spec(net: str, dtype: str) -> ModelSpec:
+    """The ModelSpec of ``CONV_NETS[net]`` in ``dtype``."""
+    input_shape, layers = CONV_NETS[net]
+    return ModelSpec(input_shape, layers, dtype=dtype, **CONV_SPEC_KW)
+
+
+def net_spec(net: str, dtype: str):
+    """The spec a case runs: a ModelSpec for a conv net, else the MLPSpec of ``NETS[net]``."""
+    import dfa_core
+
+    return conv_spec(net, dtype) if net in CONV_NETS else dfa_core.MLPSpec(NETS[net], dtype=dtype, **SPEC_KW)
+
+
+def case_flops(net: str, spec, batch: int, method: str) -> int:
+    return conv_step_flops(spec, batch, method) if net in CONV_NETS else step_flops(NETS[net], batch, method)
 
 
 # ----------------------------------------------------------------------------- machine
@@ -146,6 +219,22 @@ def machine_info(args, torch, jax) -> dict:
     else:
         info["device_name"] = info["cpu_model"]
     return info
+
+
+def git_state() -> dict:
+    """The commit the run measured and the files it had changed on top (None outside a git checkout)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*argv):
+        try:
+            out = subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    # git diff takes no index lock (git status may refresh the index), so a run never blocks a commit.
+    changed = git("diff", "--name-only", "HEAD")
+    return {"commit": git("rev-parse", "HEAD"), "changed": changed.splitlines() if changed else []}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -223,27 +312,36 @@ class Env:
         return "cuda" if self.args.device == "cuda" else "cpu"
 
 
-def make_batch(sizes, batch: int, dtype: str, seed: int = 0):
-    """A random batch: x (B, n_0) ~ N(0, 1) and one-hot y (B, n_L), NumPy."""
+def make_inputs(input_shape, n_out: int, batch: int, dtype: str, seed: int = 0):
+    """A random batch: x (B, *input_shape) ~ N(0, 1) and one-hot y (B, n_out), NumPy."""
     rng = np.random.default_rng(seed)
-    x_BxI = rng.standard_normal((batch, sizes[0])).astype(dtype)
-    y_BxO = np.eye(sizes[-1], dtype=dtype)[rng.integers(0, sizes[-1], size=batch)]
-    return x_BxI, y_BxO
+    x = rng.standard_normal((batch, *input_shape)).astype(dtype)
+    y_BxO = np.eye(n_out, dtype=dtype)[rng.integers(0, n_out, size=batch)]
+    return x, y_BxO
 
 
-def build_ours(env: Env, impl: str, method: str, sizes, batch: int):
-    """run(n) for our train_step on ``impl``; params are fresh arrays, donated step to step."""
+def make_batch(sizes, batch: int, dtype: str, seed: int = 0):
+    """A random MLP batch: x (B, n_0) ~ N(0, 1) and one-hot y (B, n_L), NumPy."""
+    return make_inputs((sizes[0],), sizes[-1], batch, dtype, seed)
+
+
+def build_ours(env: Env, impl: str, method: str, spec, batch: int):
+    """run(n) for our train_step on ``impl``; params are fresh arrays, donated step to step.
+
+    Args:
+      spec: an MLPSpec or a ModelSpec (conv nets) in the run's dtype.
+    """
     import dfa_core
 
-    args = env.args
-    spec = dfa_core.MLPSpec(sizes, dtype=args.dtype, **SPEC_KW)
-    opt = dfa_core.OptimizerSpec("sgd", learning_rate=LEARNING_RATE)
+    lr = CONV_LEARNING_RATE if isinstance(spec, ModelSpec) else LEARNING_RATE
+    opt = dfa_core.OptimizerSpec("sgd", learning_rate=lr)
     backend = "jax" if impl == "jax" else "torch"
     be = dfa_core.get_backend(backend)
     step = be.train_step(spec, opt, method, "sample", donate=True)
     params_np = dfa_core.init_params(spec, seed=0)
     feedback_np = dfa_core.init_feedback(spec, seed=1)
-    x_np, y_np = make_batch(sizes, batch, args.dtype)
+    in_shape = spec.input_shape if isinstance(spec, ModelSpec) else (spec.n_in,)
+    x_np, y_np = make_inputs(in_shape, spec.n_out, batch, spec.dtype)
     tx = be.make_optimizer(opt, spec.dtype)
     if backend == "torch":
         torch = env.torch
@@ -406,7 +504,9 @@ def memory_child(payload: dict) -> dict:
     args = argparse.Namespace(**payload["args"])
     impl, method, sizes, batch = payload["impl"], payload["method"], tuple(payload["sizes"]), payload["batch"]
     env = Env(args, need_torch=impl != "jax", need_jax=impl == "jax")
-    run, _ = build_ours(env, impl, method, sizes, batch)
+    import dfa_core
+
+    run, _ = build_ours(env, impl, method, dfa_core.MLPSpec(sizes, dtype=args.dtype, **SPEC_KW), batch)
     run(2)
     rec = {}
     if args.device == "cuda" and impl != "jax":
@@ -559,7 +659,7 @@ def target_checks(records, device: str) -> list:
             ratios = [
                 (m, net, b, med(r) / med(ok[("jax", m, net, b)]))
                 for (i, m, net, b), r in ok.items()
-                if i == impl and ("jax", m, net, b) in ok
+                if i == impl and ("jax", m, net, b) in ok and net in NETS
             ]
             if ratios:
                 gm = math.exp(statistics.mean(math.log(q) for *_, q in ratios))
@@ -620,6 +720,64 @@ def target_checks(records, device: str) -> list:
     return lines
 
 
+def conv_checks(records) -> list:
+    """Issue 10's conv lines: DFA/BP step time per backend and net (target <= 0.75), torch/JAX time."""
+    ok = {
+        (r["impl"], r["method"], r["net"], r["batch"]): r
+        for r in records
+        if r["kind"] == "train_step" and r["status"] == "ok" and r["net"] in CONV_NETS
+    }
+    med = lambda r: r["sec_per_step"]["median"]
+    lines = []
+    for impl in OURS:
+        pairs = sorted(
+            (net, b, r, ok[(impl, "bp", net, b)])
+            for (i, m, net, b), r in ok.items()
+            if i == impl and m == "dfa" and (impl, "bp", net, b) in ok
+        )
+        if not pairs:
+            continue
+        n_pass = sum(med(dfa) / med(bp) <= 0.75 for _, _, dfa, bp in pairs)
+        # The FLOP ratio is what equal efficiency of the DFA and BP steps would give.
+        detail = ", ".join(
+            f"{net} B={b}: {med(dfa) / med(bp):.3f} (FLOP ratio {dfa['flop_per_step'] / bp['flop_per_step']:.3f})"
+            for net, b, dfa, bp in pairs
+        )
+        lines.append(f"{impl}: DFA/BP step time (target <= 0.75) {n_pass}/{len(pairs)} pass -- {detail}")
+    ratios = [
+        f"{m} {net} B={b}: {med(r) / med(ok[('jax', m, net, b)]):.2f}"
+        for (i, m, net, b), r in sorted(ok.items())
+        if i == "torch" and ("jax", m, net, b) in ok
+    ]
+    if ratios:
+        lines.append("torch/jax step time: " + ", ".join(ratios))
+    for r in sorted(ok.values(), key=lambda r: (r["impl"], r["method"], r["net"], r["batch"])):
+        if not (math.isfinite(r["final_loss"]) and r["final_loss"] < DIVERGED_LOSS):
+            lines.append(
+                f"WARNING {r['impl']} {r['method']} {r['net']} B={r['batch']}: final loss {r['final_loss']:.3g}, "
+                "diverged (its time may be of inf/NaN arithmetic)"
+            )
+    skipped = [r for r in records if r["kind"] == "train_step" and r["status"] != "ok" and r["net"] in CONV_NETS]
+    for r in skipped:
+        lines.append(f"skipped {r['impl']} {r['method']} {r['net']} B={r['batch']}: {r['reason']}")
+    if not lines:
+        lines.append("no conv-net case measured")
+    return lines
+
+
+def print_checks(records, device: str) -> None:
+    """The issue-5 target lines (when the records hold an MLP case), then issue 10's conv lines (a conv net)."""
+    mlp = any(r["kind"] == "memory" or (r["kind"] == "train_step" and r["net"] not in CONV_NETS) for r in records)
+    if mlp:
+        print("Issue 5 targets:")
+        for line in target_checks(records, device):
+            print("  " + line)
+    if any(r["kind"] == "train_step" and r["net"] in CONV_NETS for r in records):
+        print(("\n" if mlp else "") + "Conv nets (issue 10):")
+        for line in conv_checks(records):
+            print("  " + line)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -630,8 +788,18 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", help="float32 (default), float64; bfloat16 is reported as unsupported")
     p.add_argument("--backends", default=",".join(IMPLS), help=f"comma list from {','.join(IMPLS)}")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--nets", default=None, help=f"comma list from {','.join(NETS)} (default: the mode's grid)")
-    p.add_argument("--batches", default=None, help="comma list of batch sizes (default: the mode's grid)")
+    p.add_argument(
+        "--nets",
+        default=None,
+        help=f"comma list from {','.join(NETS)} (MLPs) and {','.join(CONV_NETS)} (conv nets) "
+        "(default: the mode's grid, every conv net included)",
+    )
+    p.add_argument(
+        "--batches",
+        default=None,
+        help=f"comma list of batch sizes (default: the mode's grid for MLPs, {','.join(map(str, CONV_BATCHES))} "
+        "for conv nets)",
+    )
     p.add_argument(
         "--threads", type=int, default=0, help="torch.set_num_threads(N); N=1 also makes XLA single-threaded"
     )
@@ -658,8 +826,11 @@ def parse_args(argv=None):
         mode = QUICK if args.quick else FULL
         args.backends = split(args.backends, IMPLS)
         args.methods = split(args.methods, METHODS)
-        args.nets = split(args.nets, NETS) if args.nets else list(mode["nets"])
-        args.batches = split(args.batches, conv=int) if args.batches else list(mode["batches"])
+        if args.nets:
+            args.nets = split(args.nets, {**NETS, **CONV_NETS})
+        else:
+            args.nets = list(mode["nets"]) + list(mode["conv_nets"])
+        args.batches = split(args.batches, conv=int) if args.batches else None
     return args
 
 
@@ -688,23 +859,33 @@ def main(argv=None):
         with open(args.report) as f:
             records = [json.loads(line) for line in f if line.strip()]
         print(markdown_table(records))
-        print("\nIssue 5 targets:")
-        for line in target_checks(records, records[0]["device"] if records else args.device):
-            print("  " + line)
+        print()
+        print_checks(records, records[0]["device"] if records else args.device)
         return
     configure_env(args)
     t_start = time.perf_counter()
     mode = QUICK if args.quick else FULL
+    mlp_nets = [n for n in args.nets if n in NETS]
+    conv_nets = [n for n in args.nets if n in CONV_NETS]
     cases = [
         (impl, method, net, b)
-        for net in args.nets
-        for b in args.batches
+        for net in mlp_nets
+        for b in args.batches or mode["batches"]
         for method in args.methods
         for impl in args.backends
         if impl in OURS or PEER_METHOD[impl] == method
     ]
-    if args.quick and args.nets == list(QUICK["nets"]) and args.batches == list(QUICK["batches"]):
+    if args.quick and mlp_nets == list(QUICK["nets"]) and args.batches in (None, list(QUICK["batches"])):
         cases += [c for c in mode["extra"] if c[0] in args.backends and c[1] in args.methods]
+    # Conv nets after the MLP grid, so the issue-5 rows come first; peers have no conv version here.
+    cases += [
+        (impl, method, net, b)
+        for net in conv_nets
+        for b in args.batches or CONV_BATCHES
+        for method in args.methods
+        for impl in args.backends
+        if impl in mode["conv_impls"]
+    ]
     need_torch = any(c[0] != "jax" for c in cases) or "torch" in args.backends
     need_jax = any(c[0] == "jax" for c in cases)
     env = Env(args, need_torch, need_jax)
@@ -722,7 +903,10 @@ def main(argv=None):
         f"# threads: {json.dumps(info['threads'])}, os.cpu_count()={info['os_cpu_count']}, "
         f"affinity={info['affinity_cpus']}, loadavg={os.getloadavg()}"
     )
-    print(FLOP_FORMULA)
+    if mlp_nets:
+        print(FLOP_FORMULA)
+    if conv_nets:
+        print(CONV_FLOP_FORMULA)
     sys.stdout.flush()
 
     base = {
@@ -731,6 +915,7 @@ def main(argv=None):
         **info,
         "dtype": args.dtype,
         "mode": "quick" if args.quick else "full",
+        "git": git_state(),  # the torch and JAX steps change between commits: say which code ran
     }
     records = []
 
@@ -772,17 +957,25 @@ def main(argv=None):
             print(f"skip biotorch: {biotorch_error}", flush=True)
 
     for impl, method, net, batch in cases:
-        sizes = NETS[net]
+        spec = None
         case = {
             "kind": "train_step",
             "impl": impl,
             "method": method,
             "net": net,
-            "layer_sizes": list(sizes),
+            **(
+                {
+                    "model": "conv",
+                    "input_shape": list(CONV_NETS[net][0]),
+                    "layers": [repr(l) for l in CONV_NETS[net][1]],
+                }
+                if net in CONV_NETS
+                else {"layer_sizes": list(NETS[net])}
+            ),
             "batch": batch,
             "group_mode": "sample",
-            "optimizer": f"sgd(lr={LEARNING_RATE})",
-            **SPEC_KW,
+            "optimizer": f"sgd(lr={CONV_LEARNING_RATE if net in CONV_NETS else LEARNING_RATE})",
+            **(CONV_SPEC_KW if net in CONV_NETS else SPEC_KW),
             "backend": "jax" if impl == "jax" else "torch",
             "compiler": {"torch": "eager", "torch_compile": "torch.compile", "jax": "jax.jit"}.get(impl, "eager"),
         }
@@ -793,10 +986,12 @@ def main(argv=None):
             reason = env.torch_error or (biotorch_error if impl == "biotorch" else None)
         if reason is None:
             try:
+                spec = net_spec(net, args.dtype)
+                flops = case_flops(net, spec, batch, method)
                 run, final_loss = (
-                    build_peer(env, impl, sizes, batch)
+                    build_peer(env, impl, NETS[net], batch)
                     if impl in PEERS
-                    else build_ours(env, impl, method, sizes, batch)
+                    else build_ours(env, impl, method, spec, batch)
                 )
                 timing = time_case(run, mode["warmup"], mode["repeats"], mode["target_s"])
             except Exception as e:  # report, e.g., a torch.compile failure, and go on
@@ -805,7 +1000,6 @@ def main(argv=None):
             rec = emit({**case, "status": "skipped", "reason": reason})
             print(f"skip {impl:13s} {method} {net:15s} B={batch:5d}: {reason}", flush=True)
             continue
-        flops = step_flops(sizes, batch, method)
         sec = timing["sec_per_step"]["median"]
         loss = final_loss()
         rec = emit(
@@ -830,7 +1024,7 @@ def main(argv=None):
             flush=True,
         )
 
-    if not args.no_memory and dtype_error is None:
+    if not args.no_memory and dtype_error is None and mlp_nets:  # memory (target e) is an MLP target
         for net, batch in mode["memory"]:
             for impl in ("torch", "jax"):
                 if (
@@ -861,9 +1055,7 @@ def main(argv=None):
     print()
     print(markdown_table(records))
     print()
-    print("Issue 5 targets:")
-    for line in target_checks(records, args.device):
-        print("  " + line)
+    print_checks(records, args.device)
     print(
         f"\nwrote {len(records)} records to {out_path}; wall {time.perf_counter() - t_start:.1f} s, "
         f"loadavg {os.getloadavg()}"
