@@ -22,7 +22,18 @@ from dfa_core.init import (
     init_feedback,
     init_params,
 )
-from dfa_core.model import AvgPool2d, Conv2d, Dense, Flatten, MaxPool2d, ModelSpec
+from dfa_core.model import (
+    AvgPool2d,
+    Conv2d,
+    Dense,
+    Flatten,
+    MaxPool2d,
+    ModelSpec,
+    Residual,
+    Sequential,
+    TransformerBlock,
+    resnet_basic_block,
+)
 from dfa_core.registry import BACKEND_NAMES, get_backend
 from dfa_core.spec import (
     ACTIVATIONS,
@@ -60,7 +71,11 @@ __all__ = [
     "OptimizerSpec",
     "PARAM_INITS",
     "REDUCTIONS",
+    "Residual",
+    "Sequential",
+    "TransformerBlock",
     "get_backend",
     "init_feedback",
     "init_params",
+    "resnet_basic_block",
 ]

@@ -62,6 +62,8 @@ BACKEND_API = (
     "train_epoch_many",
     "predict_labels_many",
     "memory_free",
+    # models of blocks
+    "user_block",
 )
 """Every public name a backend module exports, in the order of ``Backend`` below."""
 
@@ -208,3 +210,10 @@ class Backend(Protocol):
 
     def memory_free(self) -> Optional[Tuple[int, str]]:
         """(bytes free, where) on the backend's device as the framework reports it; None on CPU."""
+
+    def user_block(self, fn: Any, out_activation: Optional[str] = None) -> Any:
+        """A ``dfa_core.model.UserBlock`` for a ModelSpec's layers: one block, one feedback point.
+
+        torch: ``fn`` is any ``torch.nn.Module`` (run through ``torch.func.functional_call``);
+        JAX: a pure ``(init, apply)`` pair. Cross-backend parity is not expected for user blocks.
+        """

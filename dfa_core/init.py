@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from dfa_core.model import SPEC_TYPES, NetSpec
+from dfa_core.model import SPEC_TYPES, ModelSpec, NetSpec
 from dfa_core.validation import dtype_name
 
 PARAM_INITS = ("default", "zeros")
@@ -20,7 +20,7 @@ FEEDBACK_DISTS = ("normal", "uniform")
 DEFAULT_FEEDBACK_SCALE = 1.9
 """The report draws B_l from N(0, 1.9^2)."""
 
-Params = Tuple[Tuple[np.ndarray, np.ndarray], ...]
+Params = Tuple[Tuple[np.ndarray, ...], ...]  # per block: (W, b), or a composite's flat leaves
 Feedback = Tuple[np.ndarray, ...]
 
 
@@ -36,11 +36,12 @@ def _check_spec(spec) -> None:
 
 
 def init_params(spec: NetSpec, seed: int = 0, init: str = "default") -> Params:
-    """Draws the weights and biases of every layer (every Dense/Conv2d block of a ModelSpec).
+    """Draws the weights and biases of every layer (every block of a ModelSpec).
 
     Args:
       spec: the network, an MLPSpec or a ModelSpec.
       seed: seed of a NumPy ``default_rng``; layers are drawn in order W_1, b_1, W_2, ...
+        (a composite block's inner layers in their params order, see ``Block.param_inits``)
       init: ``"default"`` draws W_l and b_l from U(-1/sqrt(fan_in), 1/sqrt(fan_in)), the
         distribution of torch.nn.Linear's and torch.nn.Conv2d's default initialisation, with
         fan_in = n_{l-1} for a dense layer and C_in * k * k for a conv;
@@ -49,7 +50,9 @@ def init_params(spec: NetSpec, seed: int = 0, init: str = "default") -> Params:
     Returns:
       ((W_1, b_1), ..., (W_L, b_L)), all of ``spec.dtype``: W_l of shape (n_l, n_{l-1}) and
       b_l of shape (n_l,) for a dense layer, W_l (C_out, C_in, k, k) and b_l (C_out,) for a
-      conv. A Dense-only ModelSpec gets exactly the arrays of the equivalent MLPSpec.
+      conv; a composite block's flat tuple (W_1, b_1, W_2, b_2, ...), each inner layer drawn
+      with torch's default for its type (``Block.param_shapes``). A Dense-only ModelSpec gets
+      exactly the arrays of the equivalent MLPSpec.
 
     Raises:
       ValueError: unknown ``init``.
@@ -61,16 +64,40 @@ def init_params(spec: NetSpec, seed: int = 0, init: str = "default") -> Params:
         raise ValueError(f"init must be one of {list(PARAM_INITS)}, got {init!r}")
     rng = np.random.default_rng(seed)
     params = []
-    for w_shape, b_shape in spec.param_shapes:
-        if init == "zeros":
-            w, b = np.zeros(w_shape), np.zeros(b_shape)
-        else:
-            # fan_in: everything one output unit reads (in, or in * k * k for a conv).
-            bound = 1.0 / np.sqrt(math.prod(w_shape[1:]))
-            w = rng.uniform(-bound, bound, size=w_shape)
-            b = rng.uniform(-bound, bound, size=b_shape)
-        params.append((w.astype(spec.dtype), b.astype(spec.dtype)))
+    for l, (shapes, inits) in enumerate(_param_plan(spec)):
+        if inits and inits[0] == "user":  # a UserBlock draws its own, from a seed drawn here
+            block = spec.blocks[l]  # type: ignore[union-attr]
+            sub_seed = int(rng.integers(2**31))
+            drawn = [np.asarray(t, np.float64) for t in block.layer.init(block.u_shape, sub_seed)]  # type: ignore[union-attr]
+            if init == "zeros":
+                drawn = [np.zeros_like(t) for t in drawn]
+            params.append(tuple(t.astype(spec.dtype) for t in drawn))
+            continue
+        leaves = []
+        for shape, how in zip(shapes, inits):
+            if init == "zeros" or how == "zeros":
+                leaf = np.zeros(shape)
+            elif how == "ones":
+                leaf = np.ones(shape)
+            else:
+                bound = float(how)
+                leaf = rng.uniform(-bound, bound, size=shape)
+            leaves.append(leaf.astype(spec.dtype))
+        params.append(tuple(leaves))
     return tuple(params)
+
+
+def _param_plan(spec: NetSpec) -> Sequence[Tuple[Tuple[Tuple[int, ...], ...], Tuple[Union[float, str], ...]]]:
+    """(shapes, inits) per block: a float c draws U(-c, c); c = 1/sqrt(fan_in), fan_in = everything
+    one output unit reads (in, or C_in * k * k for a conv), for W and b alike; 'ones'/'zeros' set
+    the leaf; 'user' leaves come from the UserBlock's own init."""
+    if isinstance(spec, ModelSpec):
+        return [(block.param_shapes, block.param_inits) for block in spec.blocks]
+    plan = []
+    for w_shape, b_shape in spec.param_shapes:
+        bound = 1.0 / np.sqrt(math.prod(w_shape[1:]))
+        plan.append(((w_shape, b_shape), (bound, bound)))
+    return plan
 
 
 def _check_real(what: str, m) -> None:

@@ -11,7 +11,7 @@ import numbers
 from typing import Iterator, Optional, Tuple
 
 from dfa_core.backend import ArrayLike, FeedbackLike, ParamsLike
-from dfa_core.model import SPEC_TYPES, Conv2d, ModelSpec, NetSpec
+from dfa_core.model import SPEC_TYPES, Conv2d, Dense, ModelSpec, NetSpec
 from dfa_core.spec import METHODS, MODES, MLPSpec, OptimizerSpec
 
 _NUMERIC_PREFIXES = ("float", "int", "uint", "bool", "bfloat")
@@ -44,14 +44,6 @@ def check_spec(spec: object) -> None:
         raise TypeError(f"spec must be a dfa_core.MLPSpec or dfa_core.ModelSpec, got {type(spec).__name__}")
 
 
-def check_mlp_spec(spec: object, what: str) -> None:
-    """For the entry points that do not take a ModelSpec yet: say so instead of failing inside."""
-    if isinstance(spec, ModelSpec):
-        raise TypeError(f"{what} takes a dfa_core.MLPSpec only for now, got a ModelSpec")
-    if not isinstance(spec, MLPSpec):
-        raise TypeError(f"spec must be a dfa_core.MLPSpec, got {type(spec).__name__}")
-
-
 def _model_text(spec: NetSpec) -> str:
     """How the messages name the model: its layer sizes, or its blocks' layers."""
     if isinstance(spec, MLPSpec):
@@ -63,8 +55,10 @@ def _param_layout(spec: NetSpec, l: int) -> str:
     """The layout of W_l, named after its layer: torch.nn's Linear or Conv2d."""
     if isinstance(spec, ModelSpec) and isinstance(spec.blocks[l - 1].layer, Conv2d):
         return " (Conv2d: out_channels, in_channels, k, k)"
-    if isinstance(spec, ModelSpec):
+    if isinstance(spec, ModelSpec) and isinstance(spec.blocks[l - 1].layer, Dense):
         return " (Dense: units, in_features)"
+    if isinstance(spec, ModelSpec):  # a composite: name the block, its leaves' shapes say the rest
+        return f" ({type(spec.blocks[l - 1].layer).__name__} block {l}: {spec.blocks[l - 1].param_shapes})"
     return ""
 
 
@@ -94,19 +88,29 @@ def check_train_step(spec: object, opt: object, method: object, mode: object) ->
         raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {mode!r}")
 
 
+def _leaf_names(spec: NetSpec, l: int) -> Tuple[str, ...]:
+    """Names of block l's params in messages: W_l, b_l; a composite's W1_l, b1_l, ..., W_proj_l, b_proj_l."""
+    names = spec.blocks[l - 1].param_names if isinstance(spec, ModelSpec) else ("W", "b")
+    return tuple(f"{name}_{l}" for name in names)
+
+
 def check_params(spec: NetSpec, params: ParamsLike) -> None:
     """params must be ((W_1, b_1), ..., (W_L, b_L)) with spec's shapes and dtype.
 
-    W_l is (n_l, n_{l-1}) for an MLP layer or a Dense block, (C_out, C_in, k, k) for a Conv2d block.
+    W_l is (n_l, n_{l-1}) for an MLP layer or a Dense block, (C_out, C_in, k, k) for a Conv2d block;
+    a composite block's params are one flat tuple of its inner layers' leaves (Block.param_shapes).
     """
     expected = spec.param_shapes
     if not isinstance(params, (tuple, list)) or len(params) != len(expected):
         got = len(params) if isinstance(params, (tuple, list)) else type(params).__name__
         raise ValueError(f"params: expected {len(expected)} (W, b) pairs for {_model_text(spec)}, got {got}")
-    for l, (pair, (w_shape, b_shape)) in enumerate(zip(params, expected), start=1):
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise ValueError(f"params[{l - 1}]: expected a (W_{l}, b_{l}) pair, got {type(pair).__name__}")
-        for name, arr, shape in ((f"W_{l}", pair[0], w_shape), (f"b_{l}", pair[1], b_shape)):
+    for l, (leaves, shapes) in enumerate(zip(params, expected), start=1):
+        names = _leaf_names(spec, l)
+        if not isinstance(leaves, (tuple, list)) or len(leaves) != len(shapes):
+            want = f"a (W_{l}, b_{l}) pair" if len(shapes) == 2 else f"a flat tuple of {len(shapes)} arrays {names}"
+            got = f"{len(leaves)} arrays" if isinstance(leaves, (tuple, list)) else type(leaves).__name__
+            raise ValueError(f"params[{l - 1}]: expected {want}, got {got}")
+        for name, arr, shape in zip(names, leaves, shapes):
             got_shape = _shape(arr, f"params {name}")
             if got_shape != shape:
                 layout = _param_layout(spec, l) if name.startswith("W") else ""
@@ -161,10 +165,17 @@ def check_batch(spec: NetSpec, x: ArrayLike, y: ArrayLike) -> int:
 
 
 def named_leaves(params: ParamsLike, feedback: Optional[FeedbackLike] = None) -> Iterator[Tuple[str, ArrayLike]]:
-    """(name, array) for W_1, b_1, ..., W_L, b_L, then B_1, ..., B_{L-1}: for value checks."""
-    for l, (w, b) in enumerate(params, start=1):
-        yield f"params W_{l}", w
-        yield f"params b_{l}", b
+    """(name, array) for W_1, b_1, ..., W_L, b_L, then B_1, ..., B_{L-1}: for value checks.
+
+    A block of more than two leaves (a composite) names them params[l-1][i].
+    """
+    for l, leaves in enumerate(params, start=1):
+        if len(leaves) == 2:
+            yield f"params W_{l}", leaves[0]
+            yield f"params b_{l}", leaves[1]
+        else:
+            for i, leaf in enumerate(leaves):
+                yield f"params[{l - 1}][{i}]", leaf
     for l, m in enumerate(feedback or (), start=1):
         yield f"feedback B_{l}", m
 

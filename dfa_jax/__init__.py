@@ -5,6 +5,7 @@ Mirrors ``dfa_torch`` name for name; choose it with ``dfa_core.get_backend("jax"
 
 from dfa_core.backend import BACKEND_API
 from dfa_jax.arrays import NAME, asarray, precision_scope, to_numpy
+from dfa_jax.blocks import user_block
 from dfa_jax.dfa import (
     TRACE_COUNTS,
     Grouped,

@@ -16,18 +16,33 @@ entry points of ``dfa_jax.dfa`` before anything here is traced.
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from dfa_core.model import AvgPool2d, Conv2d, Dense, Flatten, Layer, MaxPool2d, ModelSpec
+from dfa_core.model import (
+    AvgPool2d,
+    Block,
+    CompositePlan,
+    Conv2d,
+    Dense,
+    Flatten,
+    Layer,
+    MaxPool2d,
+    ModelSpec,
+    Residual,
+    Sequential,
+    TransformerBlock,
+    UserBlock,
+)
 from dfa_jax import nn
 from dfa_jax.nn import reduce_loss
 
 Array = jax.Array
-Params = Tuple[Tuple[Array, Array], ...]  # ((W_1, b_1), ..., (W_L, b_L)), shapes spec.param_shapes
-Grads = Params
+Params = Tuple[Tuple[Array, ...], ...]  # per block (W_l, b_l), or a composite's flat leaves; spec.param_shapes
+Grads = Tuple[Tuple[Array, ...], ...]
 Feedback = Tuple[Array, ...]  # (B_1, ..., B_{L-1}), B_l (a_size_l, n_L)
 
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
@@ -115,6 +130,158 @@ def _layer_vjp(layer: Layer, w: Array, b: Array, u: Array, delta: Array) -> Tupl
     return pullback(delta)
 
 
+# -- composite blocks: one feedback point at the output, exact backprop inside -----------------------
+
+
+def _composite(plan: CompositePlan, leaves: Tuple[Array, ...], u: Array, f: Callable[[Array], Array]) -> Array:
+    """a = body(u) (+ shortcut(u)): f after each inner Dense/Conv2d but the last; leaves in params order."""
+    h, i = u, 0
+    for j, layer in enumerate(plan.layers):
+        if type(layer) in _PREFIX_LAYERS:
+            h = _PREFIX_LAYERS[type(layer)](layer, h)
+            continue
+        h = _apply_layer(layer, leaves[i], leaves[i + 1], h)
+        i += 2
+        if j < len(plan.layers) - 1:
+            h = f(h)
+    if plan.residual:
+        h = h + (u if plan.shortcut is None else _apply_layer(plan.shortcut, leaves[i], leaves[i + 1], u))
+    return h
+
+
+def _simple_block(block: Block, leaves: Tuple[Array, ...], u: Array, f: Callable[[Array], Array]) -> Array:
+    del f
+    return _apply_layer(block.layer, leaves[0], leaves[1], u)
+
+
+def _simple_block_vjp(
+    block: Block, leaves: Tuple[Array, ...], u: Array, delta: Array, f: Callable[[Array], Array]
+) -> Tuple[Array, ...]:
+    del f
+    return tuple(_layer_vjp(block.layer, leaves[0], leaves[1], u, delta))
+
+
+def _composite_block(block: Block, leaves: Tuple[Array, ...], u: Array, f: Callable[[Array], Array]) -> Array:
+    return _composite(cast(CompositePlan, block.plan), leaves, u, f)
+
+
+def _autodiff_block_vjp(
+    block: Block, leaves: Tuple[Array, ...], u: Array, delta: Array, f: Callable[[Array], Array]
+) -> Tuple[Array, ...]:
+    _, pullback = jax.vjp(lambda *ls: _BLOCK_LAYERS[type(block.layer)][0](block, ls, u, f), *leaves)
+    return tuple(pullback(delta))
+
+
+def _layer_norm(x_BxTxD: Array, gamma_D: Array, beta_D: Array) -> Array:
+    mean = jnp.mean(x_BxTxD, axis=-1, keepdims=True)
+    var = jnp.mean((x_BxTxD - mean) ** 2, axis=-1, keepdims=True)  # biased, as torch.nn.LayerNorm
+    return (x_BxTxD - mean) / jnp.sqrt(var + TransformerBlock.LN_EPS) * gamma_D[None, None, :] + beta_D[None, None, :]
+
+
+def _tokens_linear(x_BxTxI: Array, w_OxI: Array, b_O: Array) -> Array:
+    """x W^T + b on every token (explicit broadcasting: the tests raise on rank promotion)."""
+    return jnp.einsum("bti,oi->bto", x_BxTxI, w_OxI) + b_O[None, None, :]
+
+
+def _transformer_block(block: Block, leaves: Tuple[Array, ...], x_BxTxD: Array, f: Callable[[Array], Array]) -> Array:
+    """x + MHSA(LN_1(x)), then + MLP(LN_2(.)) with f inside the MLP (see dfa_core.TransformerBlock)."""
+    g1, be1, w_qkv, b_qkv, w_o, b_o, g2, be2, w_1, b_1, w_2, b_2 = leaves
+    bsz, t, d = x_BxTxD.shape
+    heads = cast(TransformerBlock, block.layer).heads
+    qkv_BxTx3D = _tokens_linear(_layer_norm(x_BxTxD, g1, be1), w_qkv, b_qkv)
+    q, k, v = (
+        qkv_BxTx3D[..., i * d : (i + 1) * d].reshape(bsz, t, heads, d // heads).transpose(0, 2, 1, 3) for i in range(3)
+    )
+    scores_BxHxTxT = jnp.einsum("bhte,bhse->bhts", q, k) / jnp.sqrt(jnp.asarray(d // heads, x_BxTxD.dtype))
+    mixed_BxHxTxDh = jnp.einsum("bhts,bhse->bhte", jax.nn.softmax(scores_BxHxTxT, axis=-1), v)
+    x1 = x_BxTxD + _tokens_linear(mixed_BxHxTxDh.transpose(0, 2, 1, 3).reshape(bsz, t, d), w_o, b_o)
+    return x1 + _tokens_linear(f(_tokens_linear(_layer_norm(x1, g2, be2), w_1, b_1)), w_2, b_2)
+
+
+def _user_block(block: Block, leaves: Tuple[Array, ...], u: Array, f: Callable[[Array], Array]) -> Array:
+    """The user's pure apply(params, u), its params pytree rebuilt from ``leaves``."""
+    del f
+    layer = cast(UserBlock, block.layer)
+    if layer.backend != "jax":
+        raise TypeError(f"this UserBlock was built for {layer.backend}; dfa_jax runs (init, apply) pairs only")
+    _, apply = cast(Tuple[Callable[..., Any], Callable[..., Array]], layer.fn)
+    return apply(jax.tree_util.tree_unflatten(_user_treedef(layer, block.u_shape), list(leaves)), u)
+
+
+def _user_example(u_shape: Tuple[int, ...]) -> Any:
+    return jax.ShapeDtypeStruct((1, *u_shape), jnp.float32)
+
+
+def _user_treedef(layer: UserBlock, u_shape: Tuple[int, ...]) -> Any:
+    init, _ = cast(Tuple[Callable[..., Any], Callable[..., Array]], layer.fn)
+    return jax.tree_util.tree_structure(jax.eval_shape(init, jax.random.PRNGKey(0), _user_example(u_shape)))
+
+
+def user_block(fn: Any, out_activation: Optional[str] = None) -> UserBlock:
+    """A pure JAX ``(init, apply)`` pair as one block of a ModelSpec (one feedback point at its output).
+
+    ``init(key, x)`` returns a params pytree for an example input x (1, *u_shape) and
+    ``apply(params, u)`` maps (batch, *u_shape) to (batch, *a_shape): a Flax module's
+    ``(module.init, module.apply)`` fits. The pytree's leaves, in ``jax.tree_util`` order, are
+    the block's flat params; ``init_params`` calls init with ``jax.random.PRNGKey`` of a seed
+    drawn from its own.
+
+    Args:
+      fn: the (init, apply) pair.
+      out_activation: h = out_activation(a); None: the spec's f.
+
+    Returns:
+      A dfa_core.model.UserBlock for dfa_jax.
+
+    Raises:
+      TypeError: fn is not a pair of callables.
+    """
+    if not (isinstance(fn, tuple) and len(fn) == 2 and all(callable(g) for g in fn)):
+        raise TypeError(f"user_block on jax needs a pure (init, apply) pair of callables, got {fn!r}")
+    init_fn, apply_fn = fn
+
+    def describe(u_shape: Tuple[int, ...]) -> Tuple[Tuple[int, ...], Tuple[Tuple[int, ...], ...], Tuple[str, ...]]:
+        params = jax.eval_shape(init_fn, jax.random.PRNGKey(0), _user_example(u_shape))
+        a = jax.eval_shape(apply_fn, params, _user_example(u_shape))
+        paths = jax.tree_util.tree_flatten_with_path(params)[0]
+        names = tuple(jax.tree_util.keystr(path) for path, _ in paths)
+        return tuple(a.shape[1:]), tuple(tuple(leaf.shape) for _, leaf in paths), names
+
+    def init(u_shape: Tuple[int, ...], seed: int) -> Tuple[Any, ...]:
+        params = init_fn(jax.random.PRNGKey(seed), jnp.zeros((1, *u_shape), jnp.float32))
+        return tuple(np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(params))
+
+    return UserBlock("jax", fn, describe, init, out_activation)
+
+
+_BLOCK_LAYERS: dict[type, Tuple[Callable[..., Array], Callable[..., Tuple[Array, ...]]]] = {
+    # type: (g(block, leaves, u, f), its VJP w.r.t. the flat leaves (block, leaves, u, delta, f))
+    Dense: (_simple_block, _simple_block_vjp),
+    Conv2d: (_simple_block, _simple_block_vjp),
+    Sequential: (_composite_block, _autodiff_block_vjp),
+    Residual: (_composite_block, _autodiff_block_vjp),
+    TransformerBlock: (_transformer_block, _autodiff_block_vjp),
+    UserBlock: (_user_block, _autodiff_block_vjp),
+}
+
+
+def _apply_block(block: Block, leaves: Tuple[Array, ...], u: Array, f: Callable[[Array], Array]) -> Array:
+    """a_l = g_l(theta_l, u_l) for any block; f is the spec's activation (used inside composites)."""
+    return _BLOCK_LAYERS[type(block.layer)][0](block, leaves, u, f)
+
+
+def _block_vjp(
+    block: Block, leaves: Tuple[Array, ...], u: Array, delta: Array, f: Callable[[Array], Array]
+) -> Tuple[Array, ...]:
+    """The VJP of g_l w.r.t. its flat params at input u (K, *u_shape), applied to delta (K, *a_shape)."""
+    return _BLOCK_LAYERS[type(block.layer)][1](block, leaves, u, delta, f)
+
+
+def _block_activations(spec: ModelSpec) -> Tuple[nn.Activation, ...]:
+    """f_l per block: the spec's f, or a composite's own out_activation."""
+    return tuple(nn.activation(block.out_activation(spec.activation)) for block in spec.blocks)
+
+
 # -- forward and loss ----------------------------------------------------------------------------
 
 
@@ -130,25 +297,32 @@ def _forward_with_activations(spec: ModelSpec, params: Params, x: Array) -> Bloc
       BlockActivations(u, a, y_hat).
     """
     f = nn.activation(spec.activation).fn
+    acts = _block_activations(spec)
     h = x
     u: list[Array] = []
     a: list[Array] = []
-    for block, (w, b) in zip(spec.blocks, params):
+    for l, (block, leaves) in enumerate(zip(spec.blocks, params)):
         if a:
-            h = f(a[-1])
+            h = acts[l - 1].fn(a[-1])
         u.append(_apply_prefix(block.prefix, h))
-        a.append(_apply_layer(block.layer, w, b, u[-1]))
+        a.append(_apply_block(block, leaves, u[-1], f))
     return BlockActivations(tuple(u), tuple(a), nn.output_function(spec.output)(a[-1]))
 
 
-def _logits(spec: ModelSpec, params: Params, x: Array) -> Array:
-    """a_L, (batch, n_L), without keeping the hidden activations."""
+def _logits(spec: ModelSpec, params: Params, x: Array, eps: Optional[Tuple[Array, ...]] = None) -> Array:
+    """a_L, (batch, n_L), without keeping the hidden activations.
+
+    ``eps`` (one (batch, *a_shape_l) array per block) is added to each a_l: the gradient of the
+    loss at eps = 0 is dLoss/da_l, backprop's teaching signal (``alignment`` reads it).
+    """
     f = nn.activation(spec.activation).fn
     blocks = spec.blocks
     h = x
-    for block, (w, b) in zip(blocks[:-1], params[:-1]):
-        h = f(_apply_layer(block.layer, w, b, _apply_prefix(block.prefix, h)))
-    return _apply_layer(blocks[-1].layer, *params[-1], _apply_prefix(blocks[-1].prefix, h))
+    for l, (block, act, leaves) in enumerate(zip(blocks[:-1], _block_activations(spec), params[:-1])):
+        a = _apply_block(block, leaves, _apply_prefix(block.prefix, h), f)
+        h = act.fn(a if eps is None else a + eps[l])
+    z = _apply_block(blocks[-1], params[-1], _apply_prefix(blocks[-1].prefix, h), f)
+    return z if eps is None else z + eps[-1]
 
 
 def _forward(spec: ModelSpec, params: Params, x: Array) -> Array:
@@ -194,6 +368,14 @@ def _grouping(mode: str, y_BxO: Array) -> Tuple[Optional[Callable[[Array], Array
 def dfa_grads_and_loss(
     spec: ModelSpec, params: Params, feedback: Feedback, x: Array, y: Array, mode: str
 ) -> Tuple[Grads, Array]:
+    """DFA gradients of every block and the batch loss: ``dfa_signals`` without the deltas."""
+    grads, batch_loss, _ = dfa_signals(spec, params, feedback, x, y, mode)
+    return grads, batch_loss
+
+
+def dfa_signals(
+    spec: ModelSpec, params: Params, feedback: Feedback, x: Array, y: Array, mode: str, keep_deltas: bool = False
+) -> Tuple[Grads, Array, Tuple[Array, ...]]:
     """DFA gradients of every block and the batch loss (pure; compose under jax.jit).
 
     e' = G y_hat - G y (scaled by 1/K for reduction 'mean'); output block: VJP of g_L at u'_L
@@ -209,40 +391,47 @@ def dfa_grads_and_loss(
       y: targets, (batch, n_L); one-hot for 'class_mean'.
       mode: 'sample', 'batch_mean' or 'class_mean'.
 
+      keep_deltas: also return the teaching signals (``alignment`` compares them with BP's).
+
     Returns:
-      (((gW_1, gb_1), ..., (gW_L, gb_L)) shaped like params, loss ()).
+      (per block the gradients of its flat params, shaped like params; loss (); with
+      keep_deltas (delta_1, ..., delta_{L-1}, e'), delta_l (K, *a_shape_l), else ()).
     """
-    act = nn.activation(spec.activation)
+    f = nn.activation(spec.activation).fn
+    acts = _block_activations(spec)
     blocks = spec.blocks
     avg, count = _grouping(mode, y)
     keep = (lambda t: t) if avg is None else avg
     kept_u, kept_a = [], []
     h = x
-    for block, (w, b) in zip(blocks[:-1], params[:-1]):
+    for block, act, leaves in zip(blocks[:-1], acts, params[:-1]):
         u = _apply_prefix(block.prefix, h)
         kept_u.append(keep(u))
-        a = _apply_layer(block.layer, w, b, u)
+        a = _apply_block(block, leaves, u, f)
         h = act.fn(a)
         # In 'sample' mode keep h = f(a): it determines f'(a) for every activation offered
         # (as dfa_jax.dfa does); the grouped modes need f' at the grouped a'.
         kept_a.append(h if avg is None else avg(a))
     u = _apply_prefix(blocks[-1].prefix, h)
     u_last = keep(u)
-    z = _apply_layer(blocks[-1].layer, *params[-1], u)
+    z = _apply_block(blocks[-1], params[-1], u, f)
     batch_loss = reduce_loss(spec, z, y)
     y_hat = nn.output_function(spec.output)(z)
     e = y_hat - y if avg is None else avg(y_hat) - avg(y)
     if spec.reduction == "mean":
         e = e / count
-    grads = [_layer_vjp(blocks[-1].layer, *params[-1], u_last, e)]
+    deltas = [e]
+    grads = [_block_vjp(blocks[-1], params[-1], u_last, e, f)]
     for l in reversed(range(len(blocks) - 1)):  # top first, as dfa_jax.dfa, to free memory early
         p = (e @ feedback[l].T).reshape(e.shape[0], *blocks[l].a_shape)
         a_l = kept_a[l]
-        fa = a_l if avg is None else act.fn(a_l)
-        delta = act.backward(p, a_l, fa)
-        grads.append(_layer_vjp(blocks[l].layer, *params[l], kept_u[l], delta))
+        fa = a_l if avg is None else acts[l].fn(a_l)
+        delta = acts[l].backward(p, a_l, fa)
+        if keep_deltas:
+            deltas.append(delta)
+        grads.append(_block_vjp(blocks[l], params[l], kept_u[l], delta, f))
     grads.reverse()
-    return tuple(grads), batch_loss
+    return tuple(grads), batch_loss, tuple(reversed(deltas)) if keep_deltas else ()
 
 
 def bp_grads_and_loss(spec: ModelSpec, params: Params, x: Array, y: Array) -> Tuple[Grads, Array]:
@@ -273,6 +462,8 @@ __all__ = [
     "bp_grads_and_loss",
     "bp_grads_unchecked",
     "dfa_grads_and_loss",
+    "dfa_signals",
     "dfa_grads_unchecked",
     "reduce_loss",
+    "user_block",
 ]

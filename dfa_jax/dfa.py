@@ -27,7 +27,7 @@ from dfa_jax.mlp import _loss as loss
 from dfa_jax.nn import reduce_loss
 
 Array = jax.Array
-Grads = Tuple[Tuple[Array, Array], ...]
+Grads = Tuple[Tuple[Array, ...], ...]  # per block: (gW, gb), or a composite's flat leaves
 Feedback = Tuple[Array, ...]  # (B_1, ..., B_{L-1}), B_l (n_l, n_L)
 
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
@@ -268,7 +268,7 @@ def prepare(
     if check_values:
         x_ok, y_ok, one_hot = (bool(f) for f in _value_flags_fn(validation.needs_one_hot(mode))(x, y))
         validation.raise_for_values(x_ok, y_ok, one_hot, mode=mode)
-    params_j = tuple((as_input(w, spec.dtype), as_input(b, spec.dtype)) for w, b in params)
+    params_j = tuple(tuple(as_input(t, spec.dtype) for t in block) for block in params)
     feedback_j = None if feedback is None else tuple(as_input(b, spec.dtype) for b in feedback)
     if check_values:  # the checked entry points reject non-finite params and feedback too
         for name, arr in validation.named_leaves(params_j, feedback_j):

@@ -22,7 +22,7 @@ from dfa_jax.arrays import as_input, precision_scope
 from dfa_jax.nn import reduce_loss
 
 Array = jax.Array
-Params = Tuple[Tuple[Array, Array], ...]
+Params = Tuple[Tuple[Array, ...], ...]  # per block: (W, b), or a composite's flat leaves
 
 
 class Activations(NamedTuple):

@@ -5,6 +5,7 @@ Mirrors ``dfa_jax`` name for name; choose it with ``dfa_core.get_backend("torch"
 
 from dfa_core.backend import BACKEND_API
 from dfa_torch.arrays import NAME, asarray, precision_scope, to_numpy
+from dfa_torch.blocks import user_block
 from dfa_torch.dfa import (
     TRACE_COUNTS,
     Grouped,

@@ -16,20 +16,37 @@ import it to dispatch), so the few lines it shares with them are written out aga
 from __future__ import annotations
 
 import collections
+import copy
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple, cast
 
 import torch
 import torch.func
 import torch.nn.functional as F
 
-from dfa_core.model import AvgPool2d, Block, Conv2d, Dense, Flatten, Layer, MaxPool2d, ModelSpec
+from dfa_core.model import (
+    AvgPool2d,
+    Block,
+    CompositePlan,
+    Conv2d,
+    Dense,
+    Flatten,
+    Layer,
+    MaxPool2d,
+    ModelSpec,
+    Residual,
+    Sequential,
+    TransformerBlock,
+    UserBlock,
+    user_block_shapes,
+)
+from dfa_core.tree import unflatten_pairs
 from dfa_torch import nn
 from dfa_torch.nn import reduce_loss
 
 Tensor = torch.Tensor
-Params = Tuple[Tuple[Tensor, Tensor], ...]  # ((W_1, b_1), ..., (W_L, b_L)), shapes spec.param_shapes
-Grads = Tuple[Tuple[Tensor, Tensor], ...]
+Params = Tuple[Tuple[Tensor, ...], ...]  # per block (W_l, b_l), or a composite's flat leaves; spec.param_shapes
+Grads = Tuple[Tuple[Tensor, ...], ...]
 Feedback = Tuple[Tensor, ...]  # (B_1, ..., B_{L-1}), B_l (a_size_l, n_L)
 
 
@@ -68,6 +85,27 @@ _PREFIX_LAYERS: dict[type, Callable[[Any, Tensor], Tensor]] = {
 }
 
 
+def _max_pool_forward_only(layer: MaxPool2d, h_BxCxHxW: Tensor) -> Tensor:
+    # The same maxima as F.max_pool2d, as an elementwise max over the size^2 strided views: on
+    # CPU about 7x faster than max_pool2d's index-tracking kernel, which DFA's forward never needs
+    # (no gradient crosses a prefix). Not for autograd: torch.maximum splits ties, max_pool2d does not.
+    k = layer.size
+    ho, wo = h_BxCxHxW.shape[2] // k, h_BxCxHxW.shape[3] // k
+    out = h_BxCxHxW[:, :, 0 : ho * k : k, 0 : wo * k : k]
+    for p in range(k):
+        for q in range(k):
+            if p or q:
+                out = torch.maximum(out, h_BxCxHxW[:, :, p : ho * k : k, q : wo * k : k])
+    return out
+
+
+_PREFIX_LAYERS_FORWARD_ONLY: dict[type, Callable[[Any, Tensor], Tensor]] = {
+    **_PREFIX_LAYERS,
+    MaxPool2d: _max_pool_forward_only,
+}
+"""The prefix layers for DFA's forward pass, which takes no gradient through them."""
+
+
 def _dense(layer: Dense, w_OxI: Tensor, b_O: Tensor, u_BxI: Tensor) -> Tensor:
     del layer
     return torch.addmm(b_O, u_BxI, w_OxI.T)  # as dfa_torch.mlp._linear, so Dense models match MLPs
@@ -83,17 +121,30 @@ def _dense_vjp(layer: Dense, w: Tensor, b: Tensor, u_KxI: Tensor, delta_KxO: Ten
     return delta_KxO.T @ u_KxI, torch.sum(delta_KxO, dim=0)
 
 
-def _autodiff_vjp(layer: Any, w: Tensor, b: Tensor, u: Tensor, delta: Tensor) -> Tuple[Tensor, Tensor]:
-    # torch.func.vjp is a function transform: it differentiates even under the caller's
-    # no_grad, and the graph it builds lives only inside this call.
-    pullback = torch.func.vjp(lambda w_, b_: _apply_layer(layer, w_, b_, u), w, b)[1]
-    return pullback(delta)
+def _conv_vjp(layer: Conv2d, w: Tensor, b: Tensor, u_KxIxHxW: Tensor, delta_KxOxHxW: Tensor) -> Tuple[Tensor, Tensor]:
+    # The conv weight gradient by aten's convolution_backward (what autograd itself calls), asking
+    # only for gW and gb: no second forward pass, as torch.func.vjp would run.
+    del b
+    _, gw, gb = torch.ops.aten.convolution_backward(
+        delta_KxOxHxW,
+        u_KxIxHxW,
+        w,
+        [w.shape[0]],
+        [layer.stride, layer.stride],
+        [layer.pad, layer.pad],
+        [1, 1],
+        False,
+        [0, 0],
+        1,
+        [False, True, True],
+    )
+    return gw, gb
 
 
 _PARAM_LAYERS: dict[type, Tuple[Callable[..., Tensor], Callable[..., Tuple[Tensor, Tensor]]]] = {
     # type: (g(layer, W, b, u), its (W, b) VJP (layer, W, b, u, delta))
     Dense: (_dense, _dense_vjp),
-    Conv2d: (_conv, _autodiff_vjp),
+    Conv2d: (_conv, _conv_vjp),
 }
 
 
@@ -101,6 +152,14 @@ def _apply_prefix(prefix: Tuple[Layer, ...], h: Tensor) -> Tensor:
     """u = prefix(h): the block's parameter-free layers in order, (batch, *in_shape) -> (batch, *u_shape)."""
     for layer in prefix:
         h = _PREFIX_LAYERS[type(layer)](layer, h)
+    return h
+
+
+def _apply_prefix_forward_only(prefix: Tuple[Layer, ...], h: Tensor) -> Tensor:
+    """``_apply_prefix`` for DFA's forward pass, which takes no gradient through the prefix (torch only:
+    XLA compiles JAX's pools already)."""
+    for layer in prefix:
+        h = _PREFIX_LAYERS_FORWARD_ONLY[type(layer)](layer, h)
     return h
 
 
@@ -112,10 +171,162 @@ def _apply_layer(layer: Layer, w: Tensor, b: Tensor, u: Tensor) -> Tensor:
 def _layer_vjp(layer: Layer, w: Tensor, b: Tensor, u: Tensor, delta: Tensor) -> Tuple[Tensor, Tensor]:
     """(gW, gb): the VJP of g(., ., u) w.r.t. (W, b) applied to delta (K, *a_shape); u (K, *u_shape).
 
-    For Dense this is (delta^T u, sum_rows delta); for Conv2d the convolution weight gradient
-    (``torch.func.vjp``). Builds no autograd graph that outlives the call.
+    For Dense this is (delta^T u, sum_rows delta); for Conv2d the convolution weight and bias
+    gradients (aten's ``convolution_backward``). Builds no autograd graph.
     """
     return _PARAM_LAYERS[type(layer)][1](layer, w, b, u, delta)
+
+
+# -- composite blocks: one feedback point at the output, exact backprop inside -----------------------
+
+
+def _composite(plan: CompositePlan, leaves: Tuple[Tensor, ...], u: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:
+    """a = body(u) (+ shortcut(u)): f after each inner Dense/Conv2d but the last; leaves in params order."""
+    h, i = u, 0
+    for j, layer in enumerate(plan.layers):
+        if type(layer) in _PREFIX_LAYERS:
+            h = _PREFIX_LAYERS[type(layer)](layer, h)
+            continue
+        h = _apply_layer(layer, leaves[i], leaves[i + 1], h)
+        i += 2
+        if j < len(plan.layers) - 1:
+            h = f(h)
+    if plan.residual:
+        h = h + (u if plan.shortcut is None else _apply_layer(plan.shortcut, leaves[i], leaves[i + 1], u))
+    return h
+
+
+def _simple_block(block: Block, leaves: Tuple[Tensor, ...], u: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:
+    del f
+    return _apply_layer(block.layer, leaves[0], leaves[1], u)
+
+
+def _simple_block_vjp(
+    block: Block, leaves: Tuple[Tensor, ...], u: Tensor, delta: Tensor, f: Callable[[Tensor], Tensor]
+) -> Tuple[Tensor, ...]:
+    del f
+    return tuple(_layer_vjp(block.layer, leaves[0], leaves[1], u, delta))
+
+
+def _composite_block(block: Block, leaves: Tuple[Tensor, ...], u: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:
+    return _composite(cast(CompositePlan, block.plan), leaves, u, f)
+
+
+def _autodiff_block_vjp(
+    block: Block, leaves: Tuple[Tensor, ...], u: Tensor, delta: Tensor, f: Callable[[Tensor], Tensor]
+) -> Tuple[Tensor, ...]:
+    # torch.func.vjp is a function transform: it differentiates even under the caller's
+    # no_grad, and the graph it builds lives only inside this call.
+    pullback = torch.func.vjp(lambda *ls: _BLOCK_LAYERS[type(block.layer)][0](block, ls, u, f), *leaves)[1]
+    return tuple(pullback(delta))
+
+
+def _layer_norm(x_BxTxD: Tensor, gamma_D: Tensor, beta_D: Tensor) -> Tensor:
+    mean = torch.mean(x_BxTxD, dim=-1, keepdim=True)
+    var = torch.mean((x_BxTxD - mean) ** 2, dim=-1, keepdim=True)  # biased, as torch.nn.LayerNorm
+    return (x_BxTxD - mean) / torch.sqrt(var + TransformerBlock.LN_EPS) * gamma_D + beta_D
+
+
+def _transformer_block(
+    block: Block, leaves: Tuple[Tensor, ...], x_BxTxD: Tensor, f: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """x + MHSA(LN_1(x)), then + MLP(LN_2(.)) with f inside the MLP (see dfa_core.TransformerBlock)."""
+    g1, be1, w_qkv, b_qkv, w_o, b_o, g2, be2, w_1, b_1, w_2, b_2 = leaves
+    bsz, t, d = x_BxTxD.shape
+    heads = cast(TransformerBlock, block.layer).heads
+    qkv_BxTx3D = _layer_norm(x_BxTxD, g1, be1) @ w_qkv.T + b_qkv
+    q, k, v = (
+        qkv_BxTx3D[..., i * d : (i + 1) * d].reshape(bsz, t, heads, d // heads).permute(0, 2, 1, 3) for i in range(3)
+    )
+    scores_BxHxTxT = q @ k.transpose(2, 3) / torch.sqrt(torch.tensor(d // heads, dtype=x_BxTxD.dtype))
+    mixed_BxHxTxDh = torch.softmax(scores_BxHxTxT, dim=-1) @ v
+    x1 = x_BxTxD + mixed_BxHxTxDh.permute(0, 2, 1, 3).reshape(bsz, t, d) @ w_o.T + b_o
+    return x1 + f(_layer_norm(x1, g2, be2) @ w_1.T + b_1) @ w_2.T + b_2
+
+
+def _user_block(block: Block, leaves: Tuple[Tensor, ...], u: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:
+    """The user's nn.Module on u, its parameters replaced by ``leaves`` (torch.func.functional_call)."""
+    del f
+    layer = cast(UserBlock, block.layer)
+    if layer.backend != "torch":
+        raise TypeError(f"this UserBlock was built for {layer.backend}; dfa_torch runs torch nn.Modules only")
+    names = user_block_shapes(layer, block.u_shape)[2]
+    return torch.func.functional_call(cast(torch.nn.Module, layer.fn), dict(zip(names, leaves)), (u,))
+
+
+def user_block(fn: Any, out_activation: Optional[str] = None) -> UserBlock:
+    """A torch ``nn.Module`` as one block of a ModelSpec (one feedback point at its output).
+
+    The module maps (batch, *u_shape) to (batch, *a_shape); its parameters (``named_parameters``
+    order) are the block's flat params, run through ``torch.func.functional_call``. Buffers are
+    read from the module as they are (keep it free of training-time state such as BatchNorm's).
+    ``init_params`` draws the params as the module's own ``reset_parameters`` do (torch.nn's
+    default init), on a copy and under a torch RNG seeded from init_params' seed.
+
+    Args:
+      fn: the torch.nn.Module.
+      out_activation: h = out_activation(a); None: the spec's f.
+
+    Returns:
+      A dfa_core.model.UserBlock for dfa_torch.
+
+    Raises:
+      TypeError: fn is not an nn.Module or has no parameters.
+    """
+    if not isinstance(fn, torch.nn.Module):
+        raise TypeError(f"user_block on torch needs a torch.nn.Module, got {type(fn).__name__}")
+    names = tuple(name for name, _ in fn.named_parameters())
+    if not names:
+        raise TypeError(f"user_block: the module {type(fn).__name__} has no parameters to train")
+
+    def describe(u_shape: Tuple[int, ...]) -> Tuple[Tuple[int, ...], Tuple[Tuple[int, ...], ...], Tuple[str, ...]]:
+        params: dict[str, Tensor] = dict(fn.named_parameters())
+        dtype = next(iter(params.values())).dtype
+        with torch.no_grad():
+            a = torch.func.functional_call(fn, params, (torch.zeros((1, *u_shape), dtype=dtype),))
+        return tuple(a.shape[1:]), tuple(tuple(p.shape) for p in params.values()), names
+
+    def init(u_shape: Tuple[int, ...], seed: int) -> Tuple[Any, ...]:
+        del u_shape
+        fresh = copy.deepcopy(fn)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in fresh.modules():
+                reset = getattr(module, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+        return tuple(p.detach().cpu().numpy().copy() for p in fresh.parameters())
+
+    return UserBlock("torch", fn, describe, init, out_activation)
+
+
+_BLOCK_LAYERS: dict[type, Tuple[Callable[..., Tensor], Callable[..., Tuple[Tensor, ...]]]] = {
+    # type: (g(block, leaves, u, f), its VJP w.r.t. the flat leaves (block, leaves, u, delta, f))
+    Dense: (_simple_block, _simple_block_vjp),
+    Conv2d: (_simple_block, _simple_block_vjp),
+    Sequential: (_composite_block, _autodiff_block_vjp),
+    Residual: (_composite_block, _autodiff_block_vjp),
+    TransformerBlock: (_transformer_block, _autodiff_block_vjp),
+    UserBlock: (_user_block, _autodiff_block_vjp),
+}
+
+
+def _apply_block(block: Block, leaves: Tuple[Tensor, ...], u: Tensor, f: Callable[[Tensor], Tensor]) -> Tensor:
+    """a_l = g_l(theta_l, u_l) for any block; f is the spec's activation (used inside composites)."""
+    return _BLOCK_LAYERS[type(block.layer)][0](block, leaves, u, f)
+
+
+def _block_vjp(
+    block: Block, leaves: Tuple[Tensor, ...], u: Tensor, delta: Tensor, f: Callable[[Tensor], Tensor]
+) -> Tuple[Tensor, ...]:
+    """The VJP of g_l w.r.t. its flat params at input u (K, *u_shape), applied to delta (K, *a_shape)."""
+    return _BLOCK_LAYERS[type(block.layer)][1](block, leaves, u, delta, f)
+
+
+@functools.lru_cache(maxsize=None)
+def _block_activations(spec: ModelSpec) -> Tuple[nn.Activation, ...]:
+    """f_l per block: the spec's f, or a composite's own out_activation (cached per spec)."""
+    return tuple(nn.activation(block.out_activation(spec.activation)) for block in spec.blocks)
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,24 +350,31 @@ def _forward_with_activations(spec: ModelSpec, params: Params, x: Tensor) -> Blo
       BlockActivations(u, a, y_hat).
     """
     f = nn.activation(spec.activation).fn
+    acts = _block_activations(spec)
     blocks = _blocks(spec)
     h, u, a = x, [], []
-    for l, (block, (w, b)) in enumerate(zip(blocks, params)):
+    for l, (block, leaves) in enumerate(zip(blocks, params)):
         u.append(_apply_prefix(block.prefix, h))
-        a.append(_apply_layer(block.layer, w, b, u[-1]))
+        a.append(_apply_block(block, leaves, u[-1], f))
         if l < len(blocks) - 1:
-            h = f(a[-1])
+            h = acts[l].fn(a[-1])
     return BlockActivations(tuple(u), tuple(a), nn.output_function(spec.output)(a[-1]))
 
 
-def _logits(spec: ModelSpec, params: Params, x: Tensor) -> Tensor:
-    """a_L, (batch, n_L), without keeping the hidden activations."""
+def _logits(spec: ModelSpec, params: Params, x: Tensor, eps: Optional[Tuple[Tensor, ...]] = None) -> Tensor:
+    """a_L, (batch, n_L), without keeping the hidden activations.
+
+    ``eps`` (one (batch, *a_shape_l) array per block) is added to each a_l: the gradient of the
+    loss at eps = 0 is dLoss/da_l, backprop's teaching signal (``alignment`` reads it).
+    """
     f = nn.activation(spec.activation).fn
     blocks = _blocks(spec)
     h = x
-    for block, (w, b) in zip(blocks[:-1], params[:-1]):
-        h = f(_apply_layer(block.layer, w, b, _apply_prefix(block.prefix, h)))
-    return _apply_layer(blocks[-1].layer, *params[-1], _apply_prefix(blocks[-1].prefix, h))
+    for l, (block, act, leaves) in enumerate(zip(blocks[:-1], _block_activations(spec), params[:-1])):
+        a = _apply_block(block, leaves, _apply_prefix(block.prefix, h), f)
+        h = act.fn(a if eps is None else a + eps[l])
+    z = _apply_block(blocks[-1], params[-1], _apply_prefix(blocks[-1].prefix, h), f)
+    return z if eps is None else z + eps[-1]
 
 
 def _forward(spec: ModelSpec, params: Params, x: Tensor) -> Tensor:
@@ -203,6 +421,14 @@ def _grouping(mode: str, y: Tensor) -> Tuple[Optional[Callable[[Tensor], Tensor]
 def dfa_grads_and_loss(
     spec: ModelSpec, params: Params, feedback: Feedback, x: Tensor, y: Tensor, mode: str
 ) -> Tuple[Grads, Tensor]:
+    """DFA gradients of every block and the batch loss: ``dfa_signals`` without the deltas."""
+    grads, batch_loss, _ = dfa_signals(spec, params, feedback, x, y, mode)
+    return grads, batch_loss
+
+
+def dfa_signals(
+    spec: ModelSpec, params: Params, feedback: Feedback, x: Tensor, y: Tensor, mode: str, keep_deltas: bool = False
+) -> Tuple[Grads, Tensor, Tuple[Tensor, ...]]:
     """DFA gradients and the batch loss of a ModelSpec in one pass (no graph between blocks).
 
     Keeps, per block, only the grouped u'_l and what f' needs: h_l = f(a_l) in 'sample'
@@ -217,42 +443,49 @@ def dfa_grads_and_loss(
       y: targets, (batch, n_L); one-hot rows for 'class_mean'.
       mode: 'sample', 'batch_mean' or 'class_mean'.
 
+      keep_deltas: also return the teaching signals (``alignment`` compares them with BP's).
+
     Returns:
-      (((gW_1, gb_1), ..., (gW_L, gb_L)) shaped like params, loss ()).
+      (per block the gradients of its flat params, shaped like params; loss (); with
+      keep_deltas (delta_1, ..., delta_{L-1}, e'), delta_l (K, *a_shape_l), else ()).
     """
-    act = nn.activation(spec.activation)
+    f = nn.activation(spec.activation).fn
+    acts = _block_activations(spec)
     blocks = _blocks(spec)
     avg, count = _grouping(mode, y)
     keep = (lambda t: t) if avg is None else avg
     kept_u: list[Any] = []  # u'_l per block; a slot is set to None once its update is formed
     kept_a: list[Any] = []  # h_l ('sample') or a'_l per hidden block
     h = x
-    for block, (w, b) in zip(blocks[:-1], params[:-1]):
-        u = _apply_prefix(block.prefix, h)
+    for block, act, leaves in zip(blocks[:-1], acts, params[:-1]):
+        u = _apply_prefix_forward_only(block.prefix, h)
         kept_u.append(keep(u))
-        a = _apply_layer(block.layer, w, b, u)
+        a = _apply_block(block, leaves, u, f)
         h = act.fn(a)
         kept_a.append(h if avg is None else avg(a))
         del u, a  # free the full-batch tensors before the next block allocates its own
-    u = _apply_prefix(blocks[-1].prefix, h)
+    u = _apply_prefix_forward_only(blocks[-1].prefix, h)
     kept_u.append(keep(u))
-    z = _apply_layer(blocks[-1].layer, *params[-1], u)
+    z = _apply_block(blocks[-1], params[-1], u, f)
     del u, h
     batch_loss = reduce_loss(spec, z, y)
     y_hat = nn.output_function(spec.output)(z)
     e = y_hat - y if avg is None else avg(y_hat) - avg(y)
     if spec.reduction == "mean":
         e = e / count
-    grads = [_layer_vjp(blocks[-1].layer, *params[-1], kept_u.pop(), e)]  # delta_L = e'
+    deltas = [e]
+    grads = [_block_vjp(blocks[-1], params[-1], kept_u.pop(), e, f)]  # delta_L = e'
     for l in reversed(range(len(blocks) - 1)):  # top first, as dfa_torch.dfa, to free memory early
         p = (e @ feedback[l].T).reshape(e.shape[0], *blocks[l].a_shape)
         a_l, u_l = kept_a[l], kept_u[l]
         kept_a[l] = kept_u[l] = None
-        fa = a_l if avg is None else act.fn(a_l)  # in 'sample' mode a_l holds h, which stands in for a in f'
-        delta = act.backward(p, a_l, fa)
-        grads.append(_layer_vjp(blocks[l].layer, *params[l], u_l, delta))
+        fa = a_l if avg is None else acts[l].fn(a_l)  # in 'sample' mode a_l holds h, which stands in for a in f'
+        delta = acts[l].backward(p, a_l, fa)
+        if keep_deltas:
+            deltas.append(delta)
+        grads.append(_block_vjp(blocks[l], params[l], u_l, delta, f))
     grads.reverse()
-    return tuple(grads), batch_loss
+    return tuple(grads), batch_loss, tuple(reversed(deltas)) if keep_deltas else ()
 
 
 def dfa_grads_unchecked(spec: ModelSpec, params: Params, feedback: Feedback, x: Tensor, y: Tensor, mode: str) -> Grads:
@@ -270,13 +503,13 @@ def bp_grads_and_loss(spec: ModelSpec, params: Params, x: Tensor, y: Tensor) -> 
     the caller's tensors get no ``requires_grad`` and no ``.grad``.
 
     Returns:
-      (((gW_1, gb_1), ..., (gW_L, gb_L)) shaped like params, loss ()).
+      (per block the gradients of its flat params, shaped like params; loss ()).
     """
     with torch.enable_grad():
-        leaves = tuple((w.detach().requires_grad_(), b.detach().requires_grad_()) for w, b in params)
+        leaves = tuple(tuple(t.detach().requires_grad_() for t in block) for block in params)
         batch_loss = _loss(spec, leaves, x, y)
-        flat = torch.autograd.grad(batch_loss, [t for pair in leaves for t in pair])
-    grads = tuple((flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
+        flat = torch.autograd.grad(batch_loss, [t for block in leaves for t in block])
+    grads = unflatten_pairs(flat, params)
     return grads, batch_loss.detach()
 
 
@@ -291,6 +524,8 @@ __all__ = [
     "bp_grads_and_loss",
     "bp_grads_unchecked",
     "dfa_grads_and_loss",
+    "dfa_signals",
     "dfa_grads_unchecked",
     "reduce_loss",
+    "user_block",
 ]

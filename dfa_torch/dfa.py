@@ -24,7 +24,7 @@ from dfa_torch.mlp import _loss as loss
 from dfa_torch.nn import reduce_loss
 
 Tensor = torch.Tensor
-Grads = Tuple[Tuple[Tensor, Tensor], ...]
+Grads = Tuple[Tuple[Tensor, ...], ...]  # per block: (gW, gb), or a composite's flat leaves
 Feedback = Tuple[Tensor, ...]  # (B_1, ..., B_{L-1}), B_l (n_l, n_L)
 
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
@@ -264,7 +264,7 @@ def prepare(
     x, y = as_input(x, spec.dtype, device), as_input(y, spec.dtype, device)
     if check_values:
         validation.raise_for_values(*_value_flags(x, y, validation.needs_one_hot(mode)), mode=mode)
-    params_t = tuple((as_input(w, spec.dtype, device), as_input(b, spec.dtype, device)) for w, b in params)
+    params_t = tuple(tuple(as_input(t, spec.dtype, device) for t in block) for block in params)
     feedback_t = None if feedback is None else tuple(as_input(b, spec.dtype, device) for b in feedback)
     if check_values:  # the checked entry points reject non-finite params and feedback too
         for name, arr in validation.named_leaves(params_t, feedback_t):

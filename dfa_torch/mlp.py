@@ -22,7 +22,7 @@ from dfa_torch.arrays import as_input, torch_dtype
 from dfa_torch.nn import reduce_loss
 
 Tensor = torch.Tensor
-Params = Tuple[Tuple[Tensor, Tensor], ...]
+Params = Tuple[Tuple[Tensor, ...], ...]  # per block: (W, b), or a composite's flat leaves
 
 
 class Activations(NamedTuple):

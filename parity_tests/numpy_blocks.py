@@ -1,11 +1,14 @@
-"""An independent NumPy closed form of block models (conv, pool, flatten, dense) and their DFA/BP grads.
+"""An independent NumPy closed form of block models (conv, pool, flatten, dense, composites) and their grads.
 
 Float64 throughout, written from the math of ``dfa_core.model`` and sharing no code with the
 backends: a convolution is a loop over its k x k kernel taps with explicit strided index
 arithmetic, pools are reshapes into (size x size) windows, the grouping is an explicit matrix
 G (``numpy_reference.grouping_matrix``), and BP is a hand-written backward pass (conv input
 gradient, max-pool routing to each window's first maximum, avg-pool spreading 1/size^2).
-Activations, output functions and per-sample losses are those of ``numpy_reference``.
+Composite blocks (Sequential, Residual) run their layers one by one with f between the inner
+parametrised layers and go back through them by the same hand-written steps (f' by hand, the
+residual sum's gradient to both branches). Activations, output functions and per-sample losses
+are those of ``numpy_reference``.
 
 Shapes: B the batch, K the number of groups, (C, H, W) one image; a model's lists hold one
 entry per block l = 1..L.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dfa_core.model import AvgPool2d, Dense, Flatten, MaxPool2d
+from dfa_core.model import AvgPool2d, Dense, Flatten, MaxPool2d, TransformerBlock, composite_plan
 from parity_tests.numpy_reference import df, f, g, grouping_matrix, output_delta, per_sample_loss
 
 
@@ -81,6 +84,72 @@ def apply_block(layer, w, b, u):
     return conv2d(layer, w, b, u)
 
 
+def _is_param(layer):
+    return not isinstance(layer, (Flatten, MaxPool2d, AvgPool2d))
+
+
+def _composite_trace(block, leaves, u, activation):
+    """Runs a composite on u: (zs, hs) with hs[i] the input of inner layer i, zs[i] its raw output
+    (before f); returns (zs, hs, a)."""
+    plan = composite_plan(block.layer, block.u_shape)
+    hs, zs, i = [], [], 0
+    h = u
+    for j, layer in enumerate(plan.layers):
+        hs.append(h)
+        if _is_param(layer):
+            z = apply_block(layer, leaves[i], leaves[i + 1], h)
+            i += 2
+        else:
+            z = apply_layer(layer, h)
+        zs.append(z)
+        h = f(activation, z) if _is_param(layer) and j < len(plan.layers) - 1 else z
+    if plan.residual:
+        h = h + (u if plan.shortcut is None else apply_block(plan.shortcut, leaves[i], leaves[i + 1], u))
+    return zs, hs, h
+
+
+def _layer_norm(x, gamma, beta, eps):
+    mu = x.mean(axis=-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * gamma + beta
+
+
+def transformer_forward(layer, leaves, x_BxTxD, activation):
+    """The pre-norm block written head by head with einsum: attention weights by an explicit
+    max-shifted exp; no gradients here (the backends' transformer grads are compared with each other)."""
+    g1, be1, w_qkv, b_qkv, w_o, b_o, g2, be2, w_1, b_1, w_2, b_2 = leaves
+    d = x_BxTxD.shape[2]
+    dh = d // layer.heads
+    n1 = _layer_norm(x_BxTxD, g1, be1, layer.LN_EPS)
+    q = np.einsum("btd,ed->bte", n1, w_qkv[:d]) + b_qkv[:d]
+    k = np.einsum("btd,ed->bte", n1, w_qkv[d : 2 * d]) + b_qkv[d : 2 * d]
+    v = np.einsum("btd,ed->bte", n1, w_qkv[2 * d :]) + b_qkv[2 * d :]
+    heads = []
+    for h in range(layer.heads):
+        cols = slice(h * dh, (h + 1) * dh)
+        s = np.einsum("bte,bse->bts", q[..., cols], k[..., cols]) / np.sqrt(dh)
+        p = np.exp(s - s.max(axis=-1, keepdims=True))
+        p = p / p.sum(axis=-1, keepdims=True)
+        heads.append(np.einsum("bts,bse->bte", p, v[..., cols]))
+    x1 = x_BxTxD + np.einsum("bte,de->btd", np.concatenate(heads, axis=-1), w_o) + b_o
+    hidden = f(activation, np.einsum("btd,md->btm", _layer_norm(x1, g2, be2, layer.LN_EPS), w_1) + b_1)
+    return x1 + np.einsum("btm,dm->btd", hidden, w_2) + b_2
+
+
+def block_forward(block, leaves, u, activation):
+    """a_l = g_l(theta_l, u_l) for any block; ``activation`` is the spec's f (inside composites)."""
+    if isinstance(block.layer, TransformerBlock):
+        return transformer_forward(block.layer, leaves, u, activation)
+    if block.plan is None:
+        return apply_block(block.layer, leaves[0], leaves[1], u)
+    return _composite_trace(block, leaves, u, activation)[2]
+
+
+def block_activation(spec, block):
+    """f_l: a composite's out_activation, else the spec's f."""
+    return block.out_activation(spec.activation)
+
+
 def _prefix_trace(block, h):
     """[h, after prefix layer 1, ..., u_l]: every intermediate the backward pass needs."""
     trace = [h]
@@ -94,11 +163,11 @@ def forward(spec, params, x):
     params = _f64(params)
     hs = [np.asarray(x, np.float64)]
     us, as_ = [], []
-    for l, (block, (w, b)) in enumerate(zip(spec.blocks, params)):
+    for l, (block, leaves) in enumerate(zip(spec.blocks, params)):
         us.append(_prefix_trace(block, hs[-1])[-1])
-        as_.append(apply_block(block.layer, w, b, us[-1]))
+        as_.append(block_forward(block, leaves, us[-1], spec.activation))
         if l < spec.num_layers - 1:
-            hs.append(f(spec.activation, as_[-1]))
+            hs.append(f(block_activation(spec, block), as_[-1]))
     return us, as_, hs, g(spec.output, as_[-1])
 
 
@@ -173,11 +242,50 @@ def prefix_input_grad(block, trace, grad_u):
     return grad
 
 
-def block_input_grad(block, w, delta):
-    """dL/du_l from dL/da_l."""
-    if isinstance(block.layer, Dense):
+def layer_input_grad(layer, w, delta, in_shape):
+    """dL/du of one Dense/Conv2d layer from dL/da; in_shape is u's per-sample shape."""
+    if isinstance(layer, Dense):
         return delta @ w
-    return conv2d_input_grad(block.layer, w, delta, block.u_shape[1:])
+    return conv2d_input_grad(layer, w, delta, in_shape[1:])
+
+
+def block_input_grad(block, w, delta):
+    """dL/du_l from dL/da_l (a Dense/Conv2d block)."""
+    return layer_input_grad(block.layer, w, delta, block.u_shape)
+
+
+def block_backward(block, leaves, u, delta, activation):
+    """(grads of the block's flat params, dL/du) from dL/da = delta, at input u (any leading batch)."""
+    if block.plan is None:
+        return tuple(block_grads(block.layer, leaves[0], delta, u)), layer_input_grad(
+            block.layer, leaves[0], delta, block.u_shape
+        )
+    plan = block.plan
+    zs, hs, _ = _composite_trace(block, leaves, u, activation)
+    param_at = [j for j, layer in enumerate(plan.layers) if _is_param(layer)]
+    grads = [None] * len(leaves)
+    grad_u = np.zeros_like(u)
+    if plan.residual:
+        if plan.shortcut is None:
+            grad_u = grad_u + delta
+        else:
+            n = len(leaves)
+            grads[n - 2], grads[n - 1] = block_grads(plan.shortcut, leaves[n - 2], delta, u)
+            grad_u = grad_u + layer_input_grad(plan.shortcut, leaves[n - 2], delta, plan.shapes[0])
+    grad = delta  # dL/d(output of inner layer j), walking back
+    for j in reversed(range(len(plan.layers))):
+        layer = plan.layers[j]
+        if _is_param(layer):
+            if j < len(plan.layers) - 1:
+                grad = grad * df(activation, zs[j])
+            i = 2 * param_at.index(j)
+            grads[i], grads[i + 1] = block_grads(layer, leaves[i], grad, hs[j])
+            grad = layer_input_grad(layer, leaves[i], grad, plan.shapes[j])
+        elif isinstance(layer, Flatten):
+            grad = grad.reshape(hs[j].shape)
+        else:
+            grad = _pool_input_grad(layer, hs[j], grad)
+    return tuple(grads), grad_u + grad
 
 
 # -- the learning rules ---------------------------------------------------------------------------
@@ -193,12 +301,13 @@ def bp_grads(spec, params, x, y):
         delta = delta / y.shape[0]
     grads = []
     for l in range(spec.num_layers - 1, -1, -1):
-        block, (w, _) = spec.blocks[l], params[l]
+        block, leaves = spec.blocks[l], params[l]
         trace = _prefix_trace(block, hs[l])
-        grads.insert(0, block_grads(block.layer, w, delta, trace[-1]))
+        block_g, grad_u = block_backward(block, leaves, trace[-1], delta, spec.activation)
+        grads.insert(0, block_g)
         if l > 0:
-            grad_h = prefix_input_grad(block, trace, block_input_grad(block, w, delta))
-            delta = grad_h * df(spec.activation, as_[l - 1])
+            grad_h = prefix_input_grad(block, trace, grad_u)
+            delta = grad_h * df(block_activation(spec, spec.blocks[l - 1]), as_[l - 1])
     return grads
 
 
@@ -217,29 +326,31 @@ def dfa_grads(spec, params, feedback, x, y, mode):
     e = G @ y_hat - G @ y
     scale = 1.0 / K if spec.reduction == "mean" else 1.0
     grads = []
-    for l, (block, (w, _)) in enumerate(zip(spec.blocks, params)):
+    for l, (block, leaves) in enumerate(zip(spec.blocks, params)):
         if l < spec.num_layers - 1:
             proj = (e @ feedback[l].T).reshape(K, *block.a_shape)
-            delta = proj * df(spec.activation, _grouped(G, as_[l]))
+            delta = proj * df(block_activation(spec, block), _grouped(G, as_[l]))
         else:
             delta = e
-        gw, gb = block_grads(block.layer, w, delta, _grouped(G, us[l]))
-        grads.append((scale * gw, scale * gb))
+        block_g, _ = block_backward(block, leaves, _grouped(G, us[l]), delta, spec.activation)
+        grads.append(tuple(scale * t for t in block_g))
     return grads
 
 
 def draw_params(spec, seed=0):
-    """Params of spec.param_shapes, uniform(+-1/sqrt(fan_in)) like torch's default, in spec.dtype."""
+    """Params of spec.param_shapes, uniform(+-1/sqrt(fan_in)) per inner layer like torch's default
+    (LayerNorm-style 'ones'/'zeros' leaves perturbed around their value so they matter), in spec.dtype."""
     rng = np.random.default_rng(seed)
     out = []  # W_1, b_1, W_2, ... drawn in order
-    for block, (w_shape, b_shape) in zip(spec.blocks, spec.param_shapes):
-        bound = 1.0 / np.sqrt(block.fan_in)
-        out.append(
-            (
-                rng.uniform(-bound, bound, size=w_shape).astype(spec.dtype),
-                rng.uniform(-bound, bound, size=b_shape).astype(spec.dtype),
-            )
-        )
+    for block in spec.blocks:
+        leaves = []
+        for shape, how in zip(block.param_shapes, block.param_inits):
+            if isinstance(how, str):
+                leaf = (1.0 if how == "ones" else 0.0) + rng.uniform(-0.2, 0.2, size=shape)
+            else:
+                leaf = rng.uniform(-how, how, size=shape)
+            leaves.append(leaf.astype(spec.dtype))
+        out.append(tuple(leaves))
     return tuple(out)
 
 

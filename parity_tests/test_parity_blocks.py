@@ -7,13 +7,25 @@ architecture, activation, output, reduction and dtype appears (not the full prod
 float64 (rtol 1e-10, atol 1e-12) and float32 (rtol 1e-5, atol 1e-6).
 """
 
+import importlib
 import itertools
 
 import numpy as np
 import pytest
 
 from dfa_core import ACTIVATIONS, MODES, OUTPUTS, REDUCTIONS, MLPSpec, init_feedback, init_params
-from dfa_core.model import AvgPool2d, Conv2d, Dense, Flatten, MaxPool2d, ModelSpec
+from dfa_core.model import (
+    AvgPool2d,
+    Conv2d,
+    Dense,
+    Flatten,
+    MaxPool2d,
+    ModelSpec,
+    Residual,
+    Sequential,
+    TransformerBlock,
+    resnet_basic_block,
+)
 from parity_tests import numpy_blocks as nb
 from parity_tests import numpy_reference as ref
 from parity_tests.helpers import BACKENDS, TOLERANCES, assert_tree_close, backend
@@ -264,3 +276,195 @@ def test_dense_only_modelspec_equals_mlpspec_path(activation, output, reduction)
             got = be.to_numpy(be.dfa_grads(model, P, F, x, y, mode=mode))
             want = be.to_numpy(be.dfa_grads(mlp, P, F, x, y, mode=mode))
             assert_tree_close(got, want, 1e-12, 1e-15, f"{name} dfa {mode} {reduction}")
+
+
+# -- composite blocks (Sequential, Residual): one feedback point, exact backprop inside --------------
+
+COMPOSITE_ARCHS = {
+    # f between the inner convs, a pool inside the block, conv -> pool -> conv
+    "sequential_conv_pool": (
+        Sequential(Conv2d(3, 3, padding=1), MaxPool2d(2), Conv2d(2, 2)),
+        Flatten(),
+        Dense(N_OUT),
+    ),
+    # ResNet basic blocks: identity shortcut, then the automatic strided 1x1 projection
+    "resnet_blocks": (
+        Conv2d(3, 3, padding=1),
+        resnet_basic_block(3),
+        resnet_basic_block(4, stride=2),
+        Flatten(),
+        Dense(N_OUT),
+    ),
+    # flat composites: Sequential of Dense, Residual with an automatic Dense projection and its own
+    # out_activation, Residual with an explicit shortcut, a composite as the output block
+    "dense_composites": (
+        Flatten(),
+        Sequential(Dense(6), Dense(5)),
+        Residual(Dense(5), Dense(4), out_activation="identity"),
+        Residual(Dense(3), shortcut=Dense(3)),
+        Sequential(Dense(5), Dense(N_OUT)),
+    ),
+}
+
+
+def make_composite_case(arch, activation="tanh", output="sigmoid", reduction="sum", dtype="float64"):
+    spec = ModelSpec(INPUT_SHAPE, COMPOSITE_ARCHS[arch], activation, output, reduction, dtype)
+    rng = np.random.default_rng(300)
+    x = rng.normal(size=(len(LABELS), *INPUT_SHAPE)).astype(dtype)
+    y = np.eye(N_OUT, dtype=dtype)[LABELS]
+    return spec, nb.draw_params(spec, 0), nb.draw_feedback(spec, 1), x, y
+
+
+# Every architecture, activation, output, reduction and both dtypes, in 5 cases.
+COMPOSITE_GRID = [
+    ("sequential_conv_pool", "tanh", "softmax", "sum", "float64"),
+    ("resnet_blocks", "relu", "sigmoid", "mean", "float64"),
+    ("dense_composites", "sigmoid", "identity", "sum", "float64"),
+    ("dense_composites", "leaky_relu", "softmax", "mean", "float32"),
+    ("resnet_blocks", "identity", "identity", "sum", "float32"),
+]
+
+
+def test_composite_grid_covers_every_value():
+    for axis, values in enumerate((COMPOSITE_ARCHS, ACTIVATIONS, OUTPUTS, REDUCTIONS, ("float64", "float32"))):
+        assert {case[axis] for case in COMPOSITE_GRID} == set(values)
+
+
+def _finite_differences_flat(spec, params, x, y, eps=1e-6):
+    params = [[np.array(t, np.float64) for t in block] for block in params]
+    out = []
+    for block in params:
+        grads = []
+        for t in block:
+            fd = np.zeros_like(t)
+            for idx in np.ndindex(t.shape):
+                old = t[idx]
+                t[idx] = old + eps
+                up = nb.loss(spec, params, x, y)
+                t[idx] = old - eps
+                down = nb.loss(spec, params, x, y)
+                t[idx] = old
+                fd[idx] = (up - down) / (2 * eps)
+            grads.append(fd)
+        out.append(grads)
+    return out
+
+
+@pytest.mark.parametrize("arch", list(COMPOSITE_ARCHS))
+def test_reference_composite_bp_equals_finite_differences(arch):
+    """The hand-written backward pass through composites equals central differences (float64)."""
+    spec, params, _, x, y = make_composite_case(arch, "tanh", "softmax", "mean")
+    assert [len(p) for p in params] == [len(s) for s in spec.param_shapes]
+    assert_tree_close(nb.bp_grads(spec, params, x, y), _finite_differences_flat(spec, params, x, y), 1e-6, 1e-8, arch)
+
+
+@pytest.mark.parametrize("arch,activation,output,reduction,dtype", COMPOSITE_GRID, ids=[_id(c) for c in COMPOSITE_GRID])
+def test_composite_models_match_reference(arch, activation, output, reduction, dtype):
+    """forward, loss, dfa_grads in every mode and bp_grads of both backends equal the closed form.
+
+    Runs the backends' unchecked block functions: the checked entry points' ``prepare`` reads
+    params as (W, b) pairs (dfa_jax.dfa / dfa_torch.dfa, not owned here).
+    """
+    spec, params, feedback, x, y = make_composite_case(arch, activation, output, reduction, dtype)
+    rtol, atol = TOLERANCES[dtype]
+    y_hat, want_loss = nb.forward(spec, params, x)[3], nb.loss(spec, params, x, y)
+    want_bp = nb.bp_grads(spec, params, x, y)
+    want_dfa = {mode: nb.dfa_grads(spec, params, feedback, x, y, mode) for mode in MODES}
+    for name in BACKENDS:
+        be = backend(name)
+        blocks = importlib.import_module(f"dfa_{name}.blocks")
+        with be.precision_scope(dtype):
+            P, F, X, Y = be.asarray((params, feedback, x, y))
+            assert_tree_close(be.to_numpy(blocks._forward(spec, P, X)), y_hat, rtol, atol, f"{name} forward")
+            assert_tree_close(be.to_numpy(blocks._loss(spec, P, X, Y)), want_loss, rtol, atol, f"{name} loss")
+            got_bp = be.to_numpy(blocks.bp_grads_unchecked(spec, P, X, Y))
+            assert_tree_close(got_bp, want_bp, rtol, atol, f"{name} bp_grads")
+            for mode in MODES:
+                got = be.to_numpy(blocks.dfa_grads_unchecked(spec, P, F, X, Y, mode))
+                assert_tree_close(got, want_dfa[mode], rtol, atol, f"{name} dfa_grads mode={mode}")
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_one_composite_block_model_dfa_equals_bp(reduction):
+    """A model that is one Sequential block has no feedback matrix: per-sample DFA is exactly BP
+    (backprop inside the block), on both backends and the reference."""
+    layers = (Sequential(Conv2d(2, 3, padding=1), AvgPool2d(2), Flatten(), Dense(5), Dense(N_OUT)),)
+    spec = ModelSpec(INPUT_SHAPE, layers, "tanh", "softmax", reduction, "float64")
+    assert spec.num_layers == 1 and spec.feedback_shapes == ()
+    params = nb.draw_params(spec, seed=5)
+    x = np.random.default_rng(6).normal(size=(len(LABELS), *INPUT_SHAPE))
+    y = np.eye(N_OUT)[LABELS]
+    rtol, atol = TOLERANCES["float64"]
+    want = nb.bp_grads(spec, params, x, y)
+    assert_tree_close(nb.dfa_grads(spec, params, (), x, y, "sample"), want, rtol, atol, "reference")
+    for name in BACKENDS:
+        be = backend(name)
+        blocks = importlib.import_module(f"dfa_{name}.blocks")
+        with be.precision_scope("float64"):
+            P, X, Y = be.asarray((params, x, y))
+            assert_tree_close(
+                be.to_numpy(blocks.dfa_grads_unchecked(spec, P, (), X, Y, "sample")), want, rtol, atol, name
+            )
+
+
+# -- the pre-norm transformer block: NumPy forward, grads across backends ----------------------------
+
+SEQ_SHAPE = (5, 8)  # T tokens of width D
+
+
+def make_transformer_case(activation="relu", output="softmax", reduction="mean", dtype="float64", two=True):
+    layers = (TransformerBlock(2, 6),) + ((TransformerBlock(4, 3),) if two else ()) + (Flatten(), Dense(N_OUT))
+    spec = ModelSpec(SEQ_SHAPE, layers, activation, output, reduction, dtype)
+    x = np.random.default_rng(400).normal(size=(len(LABELS), *SEQ_SHAPE)).astype(dtype)
+    y = np.eye(N_OUT, dtype=dtype)[LABELS]
+    return spec, nb.draw_params(spec, 0), nb.draw_feedback(spec, 1), x, y
+
+
+def _blocks_module(name):
+    return importlib.import_module(f"dfa_{name}.blocks")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_transformer_forward_matches_numpy(dtype):
+    """Both backends' logits of two stacked transformer blocks equal the head-by-head NumPy forward."""
+    spec, params, _, x, y = make_transformer_case("tanh", dtype=dtype)
+    rtol, atol = TOLERANCES[dtype]
+    want = nb.forward(spec, params, x)[3]
+    for name in BACKENDS:
+        be = backend(name)
+        with be.precision_scope(dtype):
+            P, X = be.asarray((params, x))
+            assert_tree_close(be.to_numpy(_blocks_module(name)._forward(spec, P, X)), want, rtol, atol, name)
+
+
+@pytest.mark.parametrize("output,reduction", [("sigmoid", "sum")])  # softmax, mean: the test below
+def test_transformer_grads_agree_across_backends(output, reduction):
+    """BP grads and DFA grads in every mode (VJP of the whole block) agree between torch and JAX (float64)."""
+    spec, params, feedback, x, y = make_transformer_case("relu", output, reduction)
+    rtol, atol = TOLERANCES["float64"]
+    got = {}
+    for name in BACKENDS:
+        be, blocks = backend(name), _blocks_module(name)
+        with be.precision_scope("float64"):
+            P, F, X, Y = be.asarray((params, feedback, x, y))
+            got[name] = [be.to_numpy(blocks.bp_grads_unchecked(spec, P, X, Y))] + [
+                be.to_numpy(blocks.dfa_grads_unchecked(spec, P, F, X, Y, mode)) for mode in MODES
+            ]
+    for what, t, j in zip(("bp",) + MODES, got["torch"], got["jax"]):
+        assert [len(b) for b in t] == [12, 12, 2]
+        assert_tree_close(t, j, rtol, atol, what)
+
+
+def test_transformer_dfa_with_transposed_output_weights_equals_bp():
+    """Block -> Flatten -> Dense with an identity out_activation: with B_1 = W_2^T, BP's delta at the
+    block's output is DFA's, so the block's DFA grads (the VJP of the whole block) equal BP's."""
+    spec, params, _, x, y = make_transformer_case("tanh", two=False)
+    feedback = (np.ascontiguousarray(params[-1][0].T),)
+    rtol, atol = TOLERANCES["float64"]
+    for name in BACKENDS:
+        be, blocks = backend(name), _blocks_module(name)
+        with be.precision_scope("float64"):
+            P, F, X, Y = be.asarray((params, feedback, x, y))
+            dfa = be.to_numpy(blocks.dfa_grads_unchecked(spec, P, F, X, Y, "sample"))
+            bp = be.to_numpy(blocks.bp_grads_unchecked(spec, P, X, Y))
+        assert_tree_close(dfa, bp, rtol, atol, name)

@@ -227,10 +227,8 @@ def test_train_step_runs_on_a_model_spec(method):
 
 
 def test_bad_mode_and_shapes_are_refused_before_compute():
-    """Validation runs on ModelSpec too: bad mode, flat images, wrong feedback rows; no alignment yet."""
+    """Validation runs on ModelSpec too: bad mode, flat images, wrong feedback rows."""
     spec, params, feedback, x, y = _conv_case()
-    with pytest.raises(TypeError, match="MLPSpec only"):
-        train_step(spec, OptimizerSpec("sgd", learning_rate=0.1), "dfa", "sample", with_alignment=True)
     with pytest.raises(ValueError, match="mode"):
         tdfa.dfa_grads(spec, params, feedback, x, y, "bogus")
     with pytest.raises(ValueError, match="x must have shape"):
@@ -247,6 +245,10 @@ def test_blocks_mirror_dfa_jax_blocks():
         "_apply_prefix",
         "_apply_layer",
         "_layer_vjp",
+        "_composite",
+        "_transformer_block",
+        "_apply_block",
+        "_block_vjp",
         "_forward_with_activations",
         "_logits",
         "_forward",
@@ -264,3 +266,13 @@ def test_numpy_round_trip_of_grads():
     spec, params, feedback, x, y = _conv_case(dtype="float32")
     grads = to_numpy(tdfa.dfa_grads(spec, params, feedback, x, y, "batch_mean"))
     assert [tuple(g.shape) for pair in grads for g in pair] == [s for pair in spec.param_shapes for s in pair]
+
+
+@pytest.mark.parametrize("size,hw", [(2, (7, 6)), (3, (9, 10)), (1, (4, 4))])
+def test_forward_only_max_pool_equals_max_pool2d(size, hw):
+    """DFA's forward-only max pool (strided maxima) gives F.max_pool2d's values, floor crop included."""
+    from dfa_torch import blocks
+
+    h = torch.from_numpy(np.random.default_rng(size).normal(size=(3, 2, *hw)))
+    want = torch.nn.functional.max_pool2d(h, size)
+    assert torch.equal(blocks._max_pool_forward_only(MaxPool2d(size), h), want)

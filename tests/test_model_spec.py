@@ -156,10 +156,14 @@ def test_spec_is_frozen_hashable_and_normalised():
         (lambda: MaxPool2d(0), ValueError, "MaxPool2d.size must be an int >= 1"),
         (lambda: AvgPool2d(-2), ValueError, "AvgPool2d.size must be an int >= 1"),
         # input_shape
-        (lambda: ModelSpec((28, 28), (Flatten(), Dense(2))), ValueError, "(features,) or (C, H, W), got (28, 28)"),
-        (lambda: ModelSpec((), (Dense(2),)), ValueError, "(features,) or (C, H, W)"),
-        (lambda: ModelSpec(784, (Dense(2),)), ValueError, "(features,) or (C, H, W), got 784"),
-        (lambda: ModelSpec("784", (Dense(2),)), ValueError, "(features,) or (C, H, W)"),
+        (
+            lambda: ModelSpec((1, 1, 28, 28), (Flatten(), Dense(2))),
+            ValueError,
+            "(T, D) or (C, H, W), got (1, 1, 28, 28)",
+        ),
+        (lambda: ModelSpec((), (Dense(2),)), ValueError, "(features,), (T, D) or (C, H, W)"),
+        (lambda: ModelSpec(784, (Dense(2),)), ValueError, "(T, D) or (C, H, W), got 784"),
+        (lambda: ModelSpec("784", (Dense(2),)), ValueError, "(features,), (T, D) or (C, H, W)"),
         (lambda: ModelSpec((1, 0, 28), (Flatten(), Dense(2))), ValueError, "must hold ints >= 1, got (1, 0, 28)"),
         (lambda: ModelSpec((4.0,), (Dense(2),)), ValueError, "must hold ints >= 1"),
         # unknown layers
@@ -354,11 +358,6 @@ def _swap_first(params, w):
             ValueError,
             "x must have shape (batch, 6) with batch >= 1, got (2, 1, 6)",
         ),
-        (
-            lambda p, f, x, y: validation.check_mlp_spec(SMALL, "train_epoch"),
-            TypeError,
-            "train_epoch takes a dfa_core.MLPSpec only for now, got a ModelSpec",
-        ),
     ],
 )
 def test_checks_refuse_bad_model_inputs_naming_expected_and_got(check, error, fragment):
@@ -382,6 +381,5 @@ def test_mlp_messages_are_unchanged():
         )
     with pytest.raises(ValueError, match=r"B_1 must have shape \(5, 3\) \(n_1, n_L\), got \(3, 5\)$"):
         validation.check_feedback(spec, (np.zeros((3, 5), np.float32),))
-    validation.check_mlp_spec(spec, "train_epoch")
-    with pytest.raises(TypeError, match="spec must be a dfa_core.MLPSpec, got str"):
-        validation.check_mlp_spec("mlp", "train_epoch")
+    with pytest.raises(TypeError, match="spec must be a dfa_core.MLPSpec or dfa_core.ModelSpec, got str"):
+        validation.check_spec("mlp")
