@@ -20,8 +20,9 @@ import jax.numpy as jnp
 
 from dfa_core import validation
 from dfa_core.backend import ArrayLike, FeedbackLike, ParamsLike
+from dfa_core.model import Block, Conv2d, Dense, ModelSpec
 from dfa_core.spec import MLPSpec
-from dfa_jax import nn
+from dfa_jax import blocks, nn
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, Feedback, _class_grouping, dfa_layer_grads, feedback_projection, group, prepare
 from dfa_jax.mlp import Params
@@ -62,8 +63,31 @@ def _bp_grads_and_deltas(spec: MLPSpec, params: Params, x: Array, y: Array):
     return jax.grad(perturbed_loss, argnums=(0, 1))(params, zeros)
 
 
+def _weight_leaves(block: Block, leaves):
+    """What a block's weight angle compares: W for Dense and Conv2d (biases left out, as for MLPs),
+    every leaf of a composite, transformer or user block."""
+    return leaves[0] if isinstance(block.layer, (Dense, Conv2d)) else jnp.concatenate([jnp.ravel(t) for t in leaves])
+
+
+def _block_angles(spec: ModelSpec, params, feedback: Feedback, x: Array, y: Array, mode: str) -> Angles:
+    """Angles for a ModelSpec: per block, DFA's update vs BP's gradient and delta_l vs dLoss/da_l."""
+    dfa_grads, _, dfa_deltas = blocks.dfa_signals(spec, params, feedback, x, y, mode, keep_deltas=True)
+    zeros = tuple(jnp.zeros((x.shape[0], *block.a_shape), dtype=x.dtype) for block in spec.blocks)
+    loss = lambda p, eps: reduce_loss(spec, blocks._logits(spec, p, x, eps), y)
+    bp_grads, bp_deltas = jax.grad(loss, argnums=(0, 1))(params, zeros)
+    avg = blocks._grouping(mode, y)[0]
+    regroup = (lambda t: t) if avg is None else avg
+    weights = [
+        angle_degrees(_weight_leaves(b, d), _weight_leaves(b, g)) for b, d, g in zip(spec.blocks, dfa_grads, bp_grads)
+    ]
+    deltas = [angle_degrees(d, regroup(g)) for d, g in zip(dfa_deltas, bp_deltas)]
+    return Angles(jnp.stack(weights), jnp.stack(deltas))
+
+
 def _alignment_angles(spec: MLPSpec, params: Params, feedback: Feedback, x: Array, y: Array, mode: str) -> Angles:
     TRACE_COUNTS["alignment_angles"] += 1
+    if isinstance(spec, ModelSpec):  # decided while tracing
+        return _block_angles(spec, params, feedback, x, y, mode)
     bp_grads, bp_deltas = _bp_grads_and_deltas(spec, params, x, y)
     grouped = group(spec, forward_with_activations(spec, params, x), y, mode)
     projections = feedback_projection(spec, feedback, grouped.e)
@@ -115,7 +139,7 @@ def alignment_angles(
       ValueError, TypeError: bad spec, mode, shapes, dtypes or values, before any tracing.
     """
     with precision_scope(getattr(spec, "dtype", "float32")):
-        validation.check_mlp_spec(spec, "alignment_angles")
+        validation.check_spec(spec)
         validation.check_feedback(spec, feedback)  # None is not "no feedback" for DFA
         params_j, feedback_j, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
         # check_feedback refused None above, so prepare returned the feedback as JAX arrays.

@@ -133,8 +133,6 @@ def train_epoch_many(
     for name, value, minimum in (("batch_size", batch_size, 1), ("align_every", align_every, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if align_every:  # the alignment angles are written for MLPs
-        validation.check_mlp_spec(spec, "train_epoch_many(align_every > 0)")
     return _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every)
 
 

@@ -42,8 +42,6 @@ def train_step(
         compiled program.
     """
     validation.check_train_step(spec, opt, method, mode)
-    if with_alignment:  # the alignment angles are written for MLPs
-        validation.check_mlp_spec(spec, "train_step(with_alignment=True)")
     return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment))
 
 

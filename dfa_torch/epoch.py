@@ -71,8 +71,6 @@ def train_epoch(
     validation.check_train_step(spec, opt, method, mode)
     batch_size = validation.check_int("batch_size", batch_size, 1)
     align_every = validation.check_int("align_every", align_every, 0)
-    if align_every:  # the alignment angles are written for MLPs
-        validation.check_mlp_spec(spec, "train_epoch(align_every > 0)")
     return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
 
 

@@ -10,6 +10,8 @@ Tokens, comma-separated, in order:
     maxpool<N>, avgpool<N>          MaxPool2d(N), AvgPool2d(N)
     flatten                         Flatten()
     dense<N>                        Dense(N)
+    res<C>[s<S>]                    resnet_basic_block(C, stride=S): one block, one feedback point
+    transformer<H>h<M>              TransformerBlock(heads=H, mlp_hidden=M) on (T, D) tokens
 
 The input shape is not part of the string: it comes from the dataset (``INPUT_SHAPES``).
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Dict, Tuple
 
-from dfa_core.model import AvgPool2d, Conv2d, Dense, Flatten, Layer, MaxPool2d
+from dfa_core.model import AvgPool2d, Conv2d, Dense, Flatten, Layer, MaxPool2d, TransformerBlock, resnet_basic_block
 
 ARCHS: Dict[str, str] = {
     "lenet5": "conv6k5p2,maxpool2,conv16k5,maxpool2,flatten,dense120,dense84,dense10",
@@ -27,9 +29,12 @@ ARCHS: Dict[str, str] = {
         "conv32k3psame,conv32k3psame,maxpool2,conv64k3psame,conv64k3psame,maxpool2,"
         "conv64k3psame,conv64k3psame,maxpool2,flatten,dense256,dense10"
     ),
+    "resnet8": "conv16k3psame,res16,res32s2,res64s2,avgpool8,flatten,dense10",
 }
 """Named architectures: LeNet-5 (LeCun et al. 1998, as biotorch's and torch's tutorials build it: 28x28
-inputs padded by 2, ReLU by the spec) and a deeper six-conv net for 32x32 inputs (CIFAR-10)."""
+inputs padded by 2, ReLU by the spec), a deeper six-conv net for 32x32 inputs (CIFAR-10), and a
+ResNet-8 for 32x32 inputs (He et al. 2016's CIFAR layout with one basic block per stage, no BatchNorm):
+each residual block is one DFA block with one feedback point at its output."""
 
 INPUT_SHAPES: Dict[str, Tuple[int, ...]] = {
     "mnist": (1, 28, 28),
@@ -41,6 +46,8 @@ INPUT_SHAPES: Dict[str, Tuple[int, ...]] = {
 """Per-sample input shape of each dataset with a fixed one ('idx' takes its images' own size)."""
 
 _CONV = re.compile(r"conv(\d+)k(\d+)(?:s(\d+))?(?:p(\d+|same))?")
+_RES = re.compile(r"res(\d+)(?:s(\d+))?")
+_TRANSFORMER = re.compile(r"transformer(\d+)h(\d+)")
 _SIMPLE: Dict[str, Tuple["re.Pattern[str]", Callable[[int], Layer]]] = {
     "maxpool": (re.compile(r"maxpool(\d+)"), MaxPool2d),
     "avgpool": (re.compile(r"avgpool(\d+)"), AvgPool2d),
@@ -56,13 +63,19 @@ def _token(token: str, where: str) -> Layer:
         out, k, stride, pad = m.groups()
         padding = "same" if pad == "same" else int(pad or 0)
         return Conv2d(int(out), int(k), stride=int(stride or 1), padding=padding)
+    m = _RES.fullmatch(token)
+    if m:
+        return resnet_basic_block(int(m.group(1)), stride=int(m.group(2) or 1))
+    m = _TRANSFORMER.fullmatch(token)
+    if m:
+        return TransformerBlock(int(m.group(1)), int(m.group(2)))
     for pattern, cls in _SIMPLE.values():
         m = pattern.fullmatch(token)
         if m:
             return cls(int(m.group(1)))
     raise ValueError(
         f"{where}: unknown layer {token!r}; expected conv<C>k<K>[s<S>][p<P>|psame], maxpool<N>, avgpool<N>, "
-        f"flatten or dense<N> (or a named architecture: {sorted(ARCHS)})"
+        f"flatten, dense<N>, res<C>[s<S>] or transformer<H>h<M> (or a named architecture: {sorted(ARCHS)})"
     )
 
 
@@ -88,8 +101,32 @@ def parse_arch(text: str) -> Tuple[Layer, ...]:
     return tuple(layers)
 
 
+def _composite_token(layer: Layer) -> str:
+    for channels_stride in _res_params(layer):
+        c, stride = channels_stride
+        return f"res{c}" + (f"s{stride}" if stride != 1 else "")
+    if isinstance(layer, TransformerBlock) and layer == TransformerBlock(layer.heads, layer.mlp_hidden):
+        return f"transformer{layer.heads}h{layer.mlp_hidden}"
+    raise TypeError(f"format_arch has no token for {layer!r}")
+
+
+def _res_params(layer: Layer) -> Tuple[Tuple[int, int], ...]:
+    """((channels, stride),) when ``layer`` is exactly a resnet_basic_block, else ()."""
+    first = getattr(layer, "layers", (None,))[0]
+    if isinstance(first, Conv2d):
+        c, stride = first.out_channels, first.stride
+        if layer == resnet_basic_block(c, stride):
+            return ((c, stride),)
+    return ()
+
+
 def format_arch(layers: Tuple[Layer, ...]) -> str:
-    """The canonical string of ``layers`` (``parse_arch(format_arch(layers)) == layers``)."""
+    """The canonical string of ``layers`` (``parse_arch(format_arch(layers)) == layers``).
+
+    Raises:
+      TypeError: a layer with no token (a composite built by hand, a user block); ``describe_layers``
+        writes those out in full instead.
+    """
     parts = []
     for layer in layers:
         if isinstance(layer, Conv2d):
@@ -110,8 +147,16 @@ def format_arch(layers: Tuple[Layer, ...]) -> str:
         elif isinstance(layer, Flatten):
             parts.append("flatten")
         else:
-            raise TypeError(f"format_arch has no token for {layer!r}")
+            parts.append(_composite_token(layer))
     return ",".join(parts)
 
 
-__all__ = ["ARCHS", "INPUT_SHAPES", "format_arch", "parse_arch"]
+def describe_layers(layers: Tuple[Layer, ...]) -> str:
+    """``format_arch(layers)``, or where a layer has no token, the layers' reprs (for records)."""
+    try:
+        return format_arch(layers)
+    except TypeError:
+        return ", ".join(repr(layer) for layer in layers)
+
+
+__all__ = ["ARCHS", "INPUT_SHAPES", "describe_layers", "format_arch", "parse_arch"]

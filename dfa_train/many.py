@@ -294,7 +294,7 @@ def _run_group(be, spec: NetSpec, opts, members: Sequence[Member], feedback_np, 
             break
     params_np = be.to_numpy(params)
     for m, rec in enumerate(recs):
-        rec.params = tuple((np.array(w[m]), np.array(b[m])) for w, b in params_np)
+        rec.params = tuple(tuple(np.array(t[m]) for t in block) for block in params_np)
     return recs
 
 

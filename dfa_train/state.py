@@ -46,7 +46,7 @@ class History(NamedTuple):
     alignment: Tuple[AlignmentRecord, ...]  # every ``align_every`` steps; () when align_every = 0
     stopped_early: bool  # True when ``tol`` ended training before ``epochs``
     config: Dict[str, Any]  # the run's settings (backend, spec, method, mode, optimizer, seeds, ...)
-    params: Tuple[Tuple[np.ndarray, np.ndarray], ...]  # final ((W_l, b_l), ...) as NumPy arrays
+    params: Tuple[Tuple[np.ndarray, ...], ...]  # final params per block ((W_l, b_l) or a composite's leaves), NumPy
     feedback: Tuple[np.ndarray, ...]  # the feedback matrices (B_1, ..., B_{L-1}) used, NumPy
 
     @property
@@ -112,7 +112,7 @@ class EpochEnd(NamedTuple):
     time_s: float  # this epoch's wall seconds (steps and alignment)
     samples_per_s: float  # training samples per second of ``time_s``
     alignment: Tuple[AlignmentRecord, ...]  # the records measured during this epoch
-    params: Tuple[Tuple[np.ndarray, np.ndarray], ...]  # ((W_l, b_l), ...) after the epoch, NumPy
+    params: Tuple[Tuple[np.ndarray, ...], ...]  # params per block after the epoch, NumPy
     feedback: Tuple[np.ndarray, ...]  # (B_1, ..., B_{L-1}), NumPy
     opt_state: Dict[str, np.ndarray]  # the optimizer state as ``checkpoint.opt_state_to_numpy`` gives it
     resume: ResumeState  # pass to ``fit(resume=...)`` with ``params`` to continue from here

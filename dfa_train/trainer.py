@@ -35,7 +35,7 @@ from dfa_core.model import ModelSpec, NetSpec
 from dfa_core.registry import resolve_backend
 from dfa_core.spec import METHODS, OptimizerSpec
 from dfa_train import memory
-from dfa_train.arch import format_arch
+from dfa_train.arch import describe_layers
 from dfa_train.state import (
     AlignmentRecord,
     EpochEnd,
@@ -174,8 +174,6 @@ def _settings(
     """Checks fit's options (not the data) and returns them as one frozen record."""
     be = resolve_backend(backend)
     validation.check_spec(spec)
-    if align_every and isinstance(spec, ModelSpec):
-        raise ValueError("fit: alignment angles are measured for MLPs only so far; use align_every=0 with a ModelSpec")
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     validation.check_mode(mode)
@@ -387,7 +385,7 @@ def _epoch_end(run: _Settings, data: _Data, loop: _Loop, epoch: int, feedback_np
         time_s=seconds,
         samples_per_s=n / seconds if seconds > 0 else float("inf"),
         alignment=tuple(r for r in loop.records if r.epoch == epoch),
-        params=tuple((np.asarray(w), np.asarray(b)) for w, b in be.to_numpy(loop.params)),
+        params=tuple(tuple(np.asarray(t) for t in block) for block in be.to_numpy(loop.params)),
         feedback=tuple(np.asarray(b) for b in feedback_np),
         opt_state=opt_np,
         resume=resume_here,
@@ -417,7 +415,7 @@ def history_config(
 ) -> Dict[str, Any]:
     """History.config: the backend and spec, the run's ``settings`` (fit's keyword names), the data sizes."""
     model: Dict[str, Any] = (
-        {"input_shape": list(spec.input_shape), "arch": format_arch(spec.layers)}
+        {"input_shape": list(spec.input_shape), "arch": describe_layers(spec.layers)}
         if isinstance(spec, ModelSpec)
         else {"layer_sizes": list(spec.layer_sizes)}
     )
@@ -458,7 +456,7 @@ def _history(run: _Settings, data: _Data, loop: _Loop, params_out, feedback_np, 
         alignment=tuple(loop.records),
         stopped_early=loop.stopped_early,
         config=config,
-        params=tuple((np.asarray(w), np.asarray(b)) for w, b in params_out),
+        params=tuple(tuple(np.asarray(t) for t in block) for block in params_out),
         feedback=tuple(np.asarray(b) for b in feedback_np),
     )
 

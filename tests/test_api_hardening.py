@@ -119,13 +119,3 @@ def test_train_step_takes_numpy_on_both_backends(backend):
     for (w, b), (w_ref, b_ref) in zip(out[backend], out["jax" if backend == "torch" else "torch"]):
         np.testing.assert_allclose(w, w_ref, rtol=1e-10)
         np.testing.assert_allclose(b, b_ref, rtol=1e-10)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_alignment_angles_say_they_take_mlps_only(backend):
-    from dfa_core import Dense, ModelSpec
-
-    spec = ModelSpec((4,), (Dense(5), Dense(3)), dtype="float64")
-    x, y = _batch()
-    with pytest.raises(TypeError, match="alignment_angles takes a dfa_core.MLPSpec only for now"):
-        get_backend(backend).alignment.alignment_angles(spec, init_params(spec), init_feedback(spec), x, y)

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from dfa_core import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec
-from dfa_train.arch import ARCHS, format_arch, parse_arch
+from dfa_core import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec, Residual, TransformerBlock, resnet_basic_block
+from dfa_train.arch import ARCHS, describe_layers, format_arch, parse_arch
 from dfa_train.checkpoint import load_checkpoint
 from dfa_train.cli import main
 from dfa_train.config import ConfigError, RunConfig
@@ -30,6 +30,20 @@ def test_tokens_parse_to_layers():
         Flatten(),
         Dense(10),
     )
+
+
+def test_composite_tokens_round_trip():
+    layers = parse_arch("conv8k3psame,res8,res16s2,transformer2h8")
+    assert layers[1] == resnet_basic_block(8) and layers[2] == resnet_basic_block(16, stride=2)
+    assert layers[3] == TransformerBlock(2, 8)
+    assert format_arch(layers) == "conv8k3psame,res8,res16s2,transformer2h8"
+
+
+def test_layers_without_a_token_are_described_in_full():
+    odd = (Residual(Dense(4), Dense(4)), Dense(2))
+    with pytest.raises(TypeError, match="no token"):
+        format_arch(odd)
+    assert describe_layers(odd).startswith("Residual(layers=(Dense(units=4)")
 
 
 @pytest.mark.parametrize(
@@ -74,13 +88,19 @@ def test_summary_prints_shapes_feedback_and_flops(capsys):
     assert "forward FLOPs per sample: 845,862" in out and "total parameters: 61706" in out
 
 
+def test_summary_of_a_resnet(capsys):
+    assert main(["summary", "--arch", "resnet8", "--dataset", "cifar10"]) == 0
+    out = capsys.readouterr().out
+    assert "res32s2" in out and "(32, 16, 16)" in out and "(64, 8, 8)" in out
+
+
 def test_train_and_resume_a_conv_net(tmp_path, capsys):
     out = str(tmp_path / "run")
     common = [
         "--backend",
         "torch",
         "--arch",
-        "conv4k5s2,maxpool2,flatten,dense10",
+        "conv4k5s2,res4,maxpool2,flatten,dense10",
         "--dataset",
         "mnist-slice",
         "--limit-train",
@@ -96,16 +116,19 @@ def test_train_and_resume_a_conv_net(tmp_path, capsys):
         "--feedback-scale",
         "0.05",
         "--align-every",
-        "0",
+        "1",
         "--no-plots",
         "--progress",
         "off",
     ]
     assert main(["train", *common, "--epochs", "1", "--out", out]) == 0
     config = json.load(open(os.path.join(out, "config.json")))
-    assert config["arch"] == "conv4k5s2,maxpool2,flatten,dense10" and config["layers"] is None
+    assert config["arch"] == "conv4k5s2,res4,maxpool2,flatten,dense10" and config["layers"] is None
     assert main(["train", "--resume", out, "--epochs", "2"]) == 0
     ckpt = load_checkpoint(os.path.join(out, "checkpoint.npz"))
     assert ckpt.resume.epoch == 2
     assert ckpt.params[0][0].shape == (4, 1, 5, 5) and ckpt.feedback[0].shape == (4 * 12 * 12, 10)
+    assert len(ckpt.params[1]) == 4  # the residual block's two convolutions
+    history = [json.loads(line) for line in open(os.path.join(out, "history.jsonl"))]
+    assert len(history[1]["alignment"]) == 1 and len(history[1]["alignment"][0]["weights"]) == 3
     assert "DFA: 2 epochs" in capsys.readouterr().out

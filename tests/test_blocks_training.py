@@ -18,6 +18,7 @@ from dfa_core import (
     Dense,
     Flatten,
     MaxPool2d,
+    MLPSpec,
     ModelSpec,
     OptimizerSpec,
     get_backend,
@@ -132,9 +133,40 @@ def test_fit_many_members_equal_single_fits(backend):
         assert _max_diff(history.params, alone.params) < 1e-10
 
 
-def test_fit_refuses_alignment_for_a_model_spec_by_name():
-    with pytest.raises(ValueError, match="align_every=0 with a ModelSpec"):
-        _fit("jax", "sample", align_every=5)
+@pytest.mark.parametrize("mode", ["sample", "batch_mean", "class_mean"])
+def test_block_alignment_of_a_dense_model_equals_the_mlp_one(mode):
+    dense = ModelSpec((6,), (Dense(5), Dense(4), Dense(3)), activation="tanh", reduction="mean", dtype="float64")
+    mlp = MLPSpec((6, 5, 4, 3), activation="tanh", reduction="mean", dtype="float64")
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(9, 6)), np.eye(3)[rng.integers(0, 3, 9)]
+    params, feedback = init_params(mlp, 0), init_feedback(mlp, 1)
+    for backend in BACKENDS:
+        be = get_backend(backend)
+        got = be.alignment.alignment_angles(dense, params, feedback, x, y, mode)
+        expected = be.alignment.alignment_angles(mlp, params, feedback, x, y, mode)
+        np.testing.assert_allclose(be.to_numpy(got.weights), be.to_numpy(expected.weights), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(be.to_numpy(got.deltas), be.to_numpy(expected.deltas), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["sample", "class_mean"])
+def test_conv_alignment_agrees_across_backends(mode):
+    x, y = _data(12)
+    params, feedback = init_params(SPEC, 0), init_feedback(SPEC, 1)
+    angles = [get_backend(b).alignment.alignment_angles(SPEC, params, feedback, x, y, mode) for b in BACKENDS]
+    (wj, dj), (wt, dt) = [tuple(np.asarray(get_backend(b).to_numpy(t)) for t in a) for b, a in zip(BACKENDS, angles)]
+    np.testing.assert_allclose(wj, wt, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(dj, dt, rtol=1e-9, atol=1e-9)
+    assert wj.shape == (SPEC.num_layers,) and dj[-1] < 1e-6  # the output block's delta is BP's
+    assert np.all((wj[:-1] > 1) & (wj[:-1] < 179))  # random feedback: the hidden blocks are not aligned yet
+
+
+def test_fit_measures_block_alignment_inside_the_compiled_epoch():
+    h_jax, h_torch = _fit("jax", "sample", align_every=2), _fit("torch", "sample", align_every=2)
+    assert [r.step for r in h_jax.alignment] == list(range(0, 10, 2))  # 5 steps per epoch, 2 epochs
+    assert len(h_jax.alignment[0].weights) == SPEC.num_layers
+    for a, b in zip(h_jax.alignment, h_torch.alignment):
+        assert a.step == b.step
+        np.testing.assert_allclose(a.weights, b.weights, rtol=1e-8, atol=1e-8)
 
 
 def _resume():
