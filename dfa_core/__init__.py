@@ -15,6 +15,7 @@ Models beyond MLPs are a ``ModelSpec`` of layers (see ``dfa_core.model``), e.g. 
                                     MaxPool2d(2), Flatten(), Dense(120), Dense(84), Dense(10)))
 """
 
+from dfa_core.feedback import FEEDBACK_RULES
 from dfa_core.init import (
     DEFAULT_FEEDBACK_SCALE,
     FEEDBACK_DISTS,
@@ -59,6 +60,7 @@ __all__ = [
     "DTYPES",
     "Dense",
     "FEEDBACK_DISTS",
+    "FEEDBACK_RULES",
     "Flatten",
     "LEAKY_RELU_SLOPE",
     "METHODS",

@@ -189,8 +189,38 @@ def _add_training_args(p: argparse.ArgumentParser, with_method: bool, lr_list: b
     p.add_argument("--momentum", type=float, default=_DEFAULTS["momentum"])
     p.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS["batch_size"])
     p.add_argument("--epochs", type=_positive_int, default=_DEFAULTS["epochs"])
-    p.add_argument("--feedback-dist", choices=dfa_init.FEEDBACK_DISTS, default=_DEFAULTS["feedback_dist"])
-    p.add_argument("--feedback-scale", type=_positive_float, default=_DEFAULTS["feedback_scale"])
+    p.add_argument(
+        "--feedback-dist",
+        choices=dfa_init.FEEDBACK_DISTS,
+        default=_DEFAULTS["feedback_dist"],
+        help="feedback preset (dfa_core.feedback): normal N(0, 1.9^2) by default, uniform U(+-1/sqrt(n_l)), "
+        "shared (TinyDFA), sparse (needs --feedback-k), ternary (needs --feedback-density), lowrank "
+        "(needs --feedback-rank), orthogonal",
+    )
+    p.add_argument(
+        "--feedback-scale",
+        type=_positive_float,
+        default=_DEFAULTS["feedback_scale"],
+        help="multiplies the preset (std of normal, half-width of uniform, ...); default: the preset's own",
+    )
+    p.add_argument(
+        "--feedback-density",
+        type=_positive_float,
+        default=_DEFAULTS["feedback_density"],
+        help="ternary: fraction of non-zero feedback entries, in (0, 1]",
+    )
+    p.add_argument(
+        "--feedback-k",
+        type=_positive_int,
+        default=_DEFAULTS["feedback_k"],
+        help="sparse: non-zeros per row of each B_l (per hidden unit), at most n_L",
+    )
+    p.add_argument(
+        "--feedback-rank",
+        type=_positive_int,
+        default=_DEFAULTS["feedback_rank"],
+        help="lowrank: rank of each B_l, at most min(n_l, n_L)",
+    )
     p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1) or JAX platform (cpu, gpu)")
     p.add_argument("--tol", type=float, default=None, help="stop when the training error moves by <= tol")
     p.add_argument(

@@ -19,16 +19,26 @@ import math
 import numbers
 from typing import Any, Dict, Mapping, Optional, Tuple, Union, cast
 
-from dfa_core.init import DEFAULT_FEEDBACK_SCALE, FEEDBACK_DISTS
+from dfa_core.feedback import FEEDBACK_DISTS, FEEDBACK_PRESETS, OPTION_CHECKS
 from dfa_core.model import ModelSpec, NetSpec
 from dfa_core.registry import BACKEND_NAMES
 from dfa_core.spec import ACTIVATIONS, DTYPES, METHODS, MODES, OPTIMIZERS, OUTPUTS, REDUCTIONS, MLPSpec, OptimizerSpec
 from dfa_train.arch import INPUT_SHAPES, parse_arch
 from dfa_train.cadence import CheckpointEvery, format_checkpoint_every, parse_checkpoint_every
 
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 """Bumped whenever RunConfig's fields change meaning; ``from_json`` refuses other versions.
-Version 1 (before ``arch``) still reads, as a config with ``arch=None``."""
+Versions 1 (before ``arch``) and 2 (before the feedback presets' options) still read, the
+fields added since set to None (``ADDED_IN``): the run they describe is unchanged."""
+
+ADDED_IN: Dict[int, Dict[str, Any]] = {
+    2: {"arch": None},
+    3: {"feedback_density": None, "feedback_k": None, "feedback_rank": None},
+}
+"""The fields each config version added, with the value that means "as before"."""
+
+FEEDBACK_OPTION_FIELDS: Dict[str, str] = {"density": "feedback_density", "k": "feedback_k", "rank": "feedback_rank"}
+"""init_feedback's preset option -> the RunConfig field that holds it."""
 
 DATASETS: Tuple[str, ...] = ("mnist", "mnist-slice", "fashion-mnist", "cifar10", "idx", "xor")
 """mnist: full MNIST, verified (downloaded if missing); mnist-slice: the bundled first 2,000/500 images
@@ -121,8 +131,11 @@ class RunConfig:
     seed: int = 0  # seed of the batch order, >= 0
     param_seed: int = 0  # seed of the initial weights, >= 0
     feedback_seed: int = 1  # seed of the feedback matrices, >= 0
-    feedback_dist: str = "normal"  # feedback distribution, one of dfa_core.FEEDBACK_DISTS
-    feedback_scale: float = DEFAULT_FEEDBACK_SCALE  # feedback standard deviation (normal) or half-width, > 0
+    feedback_dist: Optional[str] = None  # feedback preset, one of dfa_core.FEEDBACK_DISTS; None: 'normal' for DFA
+    feedback_scale: Optional[float] = None  # > 0, multiplies the preset; None: its default (1.9 for 'normal')
+    feedback_density: Optional[float] = None  # 'ternary' only (required): fraction of non-zeros, in (0, 1]
+    feedback_k: Optional[int] = None  # 'sparse' only (required): non-zeros per row of B_l, in [1, n_L]
+    feedback_rank: Optional[int] = None  # 'lowrank' only (required): rank of B_l, in [1, min(n_l, n_L)]
     device: Optional[str] = None  # torch device ('cpu', 'cuda:1') or JAX platform ('cpu', 'gpu'); None: default
     tol: Optional[float] = None  # stop when the training error moves by <= tol, patience times; None: never
     patience: int = 1  # consecutive epochs within tol needed to stop, >= 1
@@ -147,9 +160,10 @@ class RunConfig:
             ("method", METHODS),
             ("mode", MODES),
             ("optimizer", OPTIMIZERS),
-            ("feedback_dist", FEEDBACK_DISTS),
         ):
             _check_choice(field, getattr(self, field), choices)
+        if self.feedback_dist is not None:
+            _check_choice("feedback_dist", self.feedback_dist, FEEDBACK_DISTS)
         if self.method == "bp" and self.mode != "sample":
             raise ConfigError(
                 "mode", f"expected 'sample' with method 'bp' (grouping modes apply to DFA only), got {self.mode!r}"
@@ -173,7 +187,7 @@ class RunConfig:
         reals = {
             "lr": _check_real("lr", self.lr, 0.0, low_open=True),
             "momentum": _check_real("momentum", self.momentum, 0.0, 1.0, low_open=False),
-            "feedback_scale": _check_real("feedback_scale", self.feedback_scale, 0.0, low_open=True),
+            "feedback_scale": _check_real("feedback_scale", self.feedback_scale, 0.0, low_open=True, optional=True),
             "tol": _check_real("tol", self.tol, 0.0, low_open=False, optional=True),
             "download_timeout": _check_real("download_timeout", self.download_timeout, 0.0, low_open=True),
             "diverge_factor": _check_real("diverge_factor", self.diverge_factor, 0.0, low_open=False),
@@ -185,6 +199,7 @@ class RunConfig:
         for field in ("standardize", "no_download", "no_plots"):
             if not isinstance(getattr(self, field), bool):
                 raise ConfigError(field, f"expected a bool, {_got(getattr(self, field))}")
+        self._check_feedback_options()
         _check_optional_str("data_dir", self.data_dir)
         _check_optional_str("device", self.device)
         try:
@@ -215,7 +230,45 @@ class RunConfig:
         except (ValueError, TypeError) as err:
             raise ConfigError("arch", f"{err} (dataset {self.dataset!r}, input shape {self.input_shape()})") from None
 
+    def _check_feedback_options(self) -> None:
+        """Each preset option is set exactly when ``feedback_dist`` takes it, in range for the spec."""
+        takes = FEEDBACK_PRESETS[self.feedback_dist].options if self.feedback_dist is not None else ()
+        for option, field in FEEDBACK_OPTION_FIELDS.items():
+            value, (what, ok) = getattr(self, field), OPTION_CHECKS[option]
+            users = [name for name, preset in FEEDBACK_PRESETS.items() if option in preset.options]
+            if option not in takes:
+                if value is not None:
+                    raise ConfigError(
+                        field,
+                        f"expected None with feedback_dist {self.feedback_dist!r} (only {users} take it), "
+                        + _got(value),
+                    )
+                continue
+            if value is None:
+                raise ConfigError(field, f"expected {what} with feedback_dist {self.feedback_dist!r}, got None")
+            if not ok(value) or (isinstance(value, float) and not math.isfinite(value)):
+                raise ConfigError(field, f"expected {what}, {_got(value)}")
+            object.__setattr__(self, field, float(value) if option == "density" else int(value))
+        if self.feedback_dist in ("sparse", "lowrank"):  # bounds that depend on the network's shapes
+            shapes = self.spec().feedback_shapes
+            if self.feedback_k is not None and shapes and self.feedback_k > shapes[0][1]:
+                raise ConfigError("feedback_k", f"expected an int <= n_L = {shapes[0][1]}, got {self.feedback_k}")
+            limit = min((min(shape) for shape in shapes), default=None)
+            if self.feedback_rank is not None and limit is not None and self.feedback_rank > limit:
+                raise ConfigError(
+                    "feedback_rank",
+                    f"expected an int <= min(n_l, n_L) = {limit} over the hidden blocks, got {self.feedback_rank}",
+                )
+
     # -- derived objects ------------------------------------------------------------------------
+
+    def feedback_options(self) -> Dict[str, Any]:
+        """The preset options to pass to ``init_feedback`` (``**config.feedback_options()``): the set ones."""
+        return {
+            option: getattr(self, field)
+            for option, field in FEEDBACK_OPTION_FIELDS.items()
+            if getattr(self, field) is not None
+        }
 
     def input_shape(self) -> Tuple[int, ...]:
         """One sample's shape: the dataset's image shape (C, H, W) with an arch ('idx': MNIST's), else (n_0,)."""
@@ -294,8 +347,10 @@ class RunConfig:
         if not isinstance(data, Mapping):
             raise ValueError(f"RunConfig.from_json: expected a JSON object, {_got(data)}")
         version = data.get("version")
-        if version == 1 and "arch" not in data:  # written before models of layers: an MLP
-            data, version = {**data, "arch": None, "version": CONFIG_VERSION}, CONFIG_VERSION
+        if version in (1, 2) and not isinstance(version, bool):
+            # An older layout: the fields added since (where missing) take the value meaning "as before".
+            added = {k: v for since, fields in ADDED_IN.items() if since > version for k, v in fields.items()}
+            data, version = {**added, **data, "version": CONFIG_VERSION}, CONFIG_VERSION
         if version != CONFIG_VERSION:
             raise ValueError(
                 f"RunConfig.from_json: key 'version': expected {CONFIG_VERSION}, got {version!r} "
@@ -317,10 +372,12 @@ def field_names() -> Tuple[str, ...]:
 
 
 __all__ = [
+    "ADDED_IN",
     "CONFIG_VERSION",
     "ConfigError",
     "DATASETS",
     "DEFAULT_LAYERS",
+    "FEEDBACK_OPTION_FIELDS",
     "FEEDBACK_SEED_OFFSET",
     "RunConfig",
     "field_names",

@@ -32,7 +32,7 @@ from dfa_core.spec import METHODS, OptimizerSpec
 from dfa_core.tree import tree_map
 from dfa_train import memory
 from dfa_train.state import AlignmentRecord, History
-from dfa_train.trainer import _check_data, final_confusion, fit, history_config, labels_of
+from dfa_train.trainer import _check_data, _feedback_options, final_confusion, fit, history_config, labels_of
 
 MEMBER_KEYS = ("seed", "param_seed", "feedback_seed", "feedback_scale", "optimizer")
 """What a member may set for itself; everything else is shared by all members."""
@@ -50,6 +50,7 @@ SHARED_OPTIONS = (
     "feedback_seed",
     "feedback_dist",
     "feedback_scale",
+    "feedback_options",
     "tol",
     "patience",
     "align_every",
@@ -77,7 +78,7 @@ class Member(NamedTuple):
     seed: int  # seeds the NumPy generator of its batch order
     param_seed: int  # init_params(spec, param_seed)
     feedback_seed: int  # init_feedback(spec, feedback_seed, dist, feedback_scale)
-    feedback_scale: float
+    feedback_scale: Optional[float]  # None: the preset's default
     optimizer: OptimizerSpec
 
 
@@ -113,6 +114,7 @@ def _check_options(spec: NetSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, An
         raise ValueError(f"tol must be None or a number >= 0, got {tol!r}")
     if (opts["x_test"] is None) != (opts["y_test"] is None):
         raise ValueError("x_test and y_test must be given together (or neither)")
+    opts["feedback_options"] = _feedback_options(opts["feedback_options"])
     opts["optimizer"] = OptimizerSpec() if opts["optimizer"] is None else opts["optimizer"]
     if not isinstance(opts["optimizer"], OptimizerSpec):
         raise TypeError(f"optimizer must be a dfa_core.OptimizerSpec, got {type(opts['optimizer']).__name__}")
@@ -312,6 +314,7 @@ def _history(be, spec: NetSpec, opts, member: Member, rec: _Record, feedback_np,
         "feedback_seed": member.feedback_seed,
         "feedback_dist": opts["feedback_dist"],
         "feedback_scale": member.feedback_scale,
+        "feedback_options": opts["feedback_options"],
         "tol": opts["tol"],
         "patience": opts["patience"],
         "align_every": opts["align_every"],
@@ -364,7 +367,8 @@ def fit_many(
         itself, over the shared values. ``{}`` is a member with the shared settings.
       **fit_kwargs: fit's options shared by all members: x_test, y_test, method, mode,
         optimizer, epochs, batch_size, seed, param_seed, feedback_seed, feedback_dist,
-        feedback_scale, tol, patience, align_every, eval_batch_size (fit's defaults).
+        feedback_scale, feedback_options, tol, patience, align_every, eval_batch_size (fit's
+        defaults).
 
     Returns:
       One History per member, in the members' order, each equal to
@@ -391,7 +395,11 @@ def fit_many(
     feedback_np = []
     for i, m in enumerate(member_list):
         try:
-            feedback_np.append(init_feedback(spec, m.feedback_seed, opts["feedback_dist"], m.feedback_scale))
+            feedback_np.append(
+                init_feedback(
+                    spec, m.feedback_seed, opts["feedback_dist"], m.feedback_scale, **opts["feedback_options"]
+                )
+            )
         except (TypeError, ValueError) as err:
             raise type(err)(f"members[{i}]: {err}") from None
     groups = _groups(member_list)

@@ -380,7 +380,9 @@ def _start(config: RunConfig, run_dir: str, params, checkpointer: Checkpointer):
         raise ValueError(f"{run_dir!r} already holds a run (checkpoint.npz); resume it or choose another folder")
     spec = config.spec()
     params = dfa_init.init_params(spec, config.param_seed) if params is None else params
-    feedback = dfa_init.init_feedback(spec, config.feedback_seed, config.feedback_dist, config.feedback_scale)
+    feedback = dfa_init.init_feedback(
+        spec, config.feedback_seed, config.feedback_dist, config.feedback_scale, **config.feedback_options()
+    )
     os.makedirs(run_dir, exist_ok=True)
     run_files.write_config(run_dir, config)
     run_files.write_history(run_dir, [])

@@ -141,6 +141,7 @@ def _fit_members(config: RunConfig, members: Sequence[Member], data: Data) -> Tu
             batch_size=config.batch_size,
             feedback_dist=config.feedback_dist,
             feedback_scale=config.feedback_scale,
+            feedback_options=config.feedback_options(),
             tol=config.tol,
             patience=config.patience,
             align_every=config.align_every,

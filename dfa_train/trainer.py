@@ -23,14 +23,14 @@ import math
 import numbers
 import time
 from types import ModuleType
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from dfa_core import validation
 from dfa_core.backend import ParamsLike
-from dfa_core.init import DEFAULT_FEEDBACK_SCALE, init_feedback, init_params
+from dfa_core.init import init_feedback, init_params
 from dfa_core.model import ModelSpec, NetSpec
 from dfa_core.registry import resolve_backend
 from dfa_core.spec import METHODS, OptimizerSpec
@@ -493,9 +493,10 @@ def fit(
     param_seed: int = 0,
     feedback: Optional[Sequence[Any]] = None,
     feedback_seed: int = 1,
-    feedback_dist: str = "normal",
-    feedback_scale: float = DEFAULT_FEEDBACK_SCALE,
+    feedback_dist: Optional[str] = None,
+    feedback_scale: Optional[float] = None,
     feedback_transform: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+    feedback_options: Optional[Mapping[str, Any]] = None,
     tol: Optional[float] = None,
     patience: int = 1,
     align_every: int = 0,
@@ -536,8 +537,10 @@ def fit(
         ``init_params(spec, param_seed)``.
       param_seed: seed of the default initial parameters.
       feedback: feedback matrices (B_1, ..., B_{L-1}), B_l (n_l, n_L), instead of a draw.
-      feedback_seed, feedback_dist, feedback_scale, feedback_transform: the draw
-        ``init_feedback(spec, feedback_seed, feedback_dist, feedback_scale, feedback_transform)``
+      feedback_seed, feedback_dist, feedback_scale, feedback_transform, feedback_options: the draw
+        ``init_feedback(spec, feedback_seed, feedback_dist, feedback_scale, feedback_transform,
+        **feedback_options)``; None dist and scale take the preset's defaults
+        (``dfa_core.feedback``; options such as ``{"k": 3}`` for ``feedback_dist='sparse'``)
         (the report's N(0, 1.9^2) by default); the transform also applies to ``feedback``.
       tol: stop when the training error changes by at most ``tol`` between consecutive
         epochs, ``patience`` times in a row (compared from the second epoch on); None
@@ -625,13 +628,20 @@ def fit(
         host = leaf.detach().cpu() if hasattr(leaf, "detach") else leaf  # NumPy, torch or JAX
         validation.raise_for_nonfinite(name, bool(np.all(np.isfinite(np.asarray(host)))))
     feedback_np = init_feedback(
-        spec, feedback_seed, feedback_dist, feedback_scale, feedback_transform, matrices=feedback
+        spec,
+        feedback_seed,
+        feedback_dist,
+        feedback_scale,
+        feedback_transform,
+        matrices=feedback,
+        **_feedback_options(feedback_options),
     )
     drawn = {
         "param_seed": param_seed if params is None else None,
         "feedback_seed": feedback_seed if feedback is None else None,
         "feedback_dist": feedback_dist if feedback is None else "given",
         "feedback_scale": feedback_scale if feedback is None else None,
+        "feedback_options": _feedback_options(feedback_options) if feedback is None else None,
     }
     be = run.be
     with be.precision_scope(spec.dtype):
@@ -647,6 +657,13 @@ def fit(
         loop = _start(run, params_np, resume)
         params_out = _train(run, data, loop, feedback_np)
     return _history(run, data, loop, params_out, feedback_np, drawn)
+
+
+def _feedback_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """fit's ``feedback_options`` as a plain dict (None: no options)."""
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"feedback_options must be a dict of init_feedback's options or None, got {options!r}")
+    return dict(options or {})
 
 
 __all__ = [

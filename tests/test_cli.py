@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from dfa_test_data import mnist_dir
 
+from dfa_core import MLPSpec, init_feedback
 from dfa_train import cli
 from dfa_train import run as run_module
 from dfa_train.checkpoint import load_checkpoint
@@ -195,6 +196,24 @@ BAD_ARGS = {
     "tol_nan": (["train", "--dataset", "xor", "--tol", "nan"], "argument --tol"),
     "diverge_factor": (["train", "--dataset", "xor", "--diverge-factor", "0.5"], "argument --diverge-factor"),
     "timeout": (["train", "--dataset", "xor", "--timeout", "0"], "argument --timeout"),
+    "feedback_dist": (["train", "--feedback-dist", "cauchy"], "argument --feedback-dist: invalid choice"),
+    "feedback_k_missing": (
+        ["train", "--dataset", "xor", "--feedback-dist", "sparse"],
+        "argument --feedback-k: expected an int >= 1 with feedback_dist 'sparse', got None",
+    ),
+    "feedback_k_too_big": (
+        ["train", "--dataset", "xor", "--feedback-dist", "sparse", "--feedback-k", "2"],
+        "argument --feedback-k: expected an int <= n_L = 1, got 2",
+    ),
+    "feedback_density_unused": (
+        ["train", "--dataset", "xor", "--feedback-density", "0.5"],
+        "argument --feedback-density: expected None with feedback_dist None (only ['ternary'] take it)",
+    ),
+    "feedback_density_range": (
+        ["train", "--dataset", "xor", "--feedback-dist", "ternary", "--feedback-density", "2"],
+        "argument --feedback-density: expected a number in (0, 1], got float 2.0",
+    ),
+    "feedback_rank": (["train", "--feedback-rank", "0"], "argument --feedback-rank: must be >= 1"),
 }
 
 
@@ -215,6 +234,24 @@ def test_bad_combinations_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         cli.main(["train", *XOR, "--method", "bp", "--mode", "class_mean", "--out", str(tmp_path / "b")])
     assert err.value.code == 2 and "DFA only" in capsys.readouterr().err
+
+
+def test_train_with_a_feedback_preset_records_it_and_resumes(tmp_path):
+    """--feedback-dist ternary with its density: config.json holds the preset and its options,
+    the checkpoint holds init_feedback's matrices for them, and a resume keeps them."""
+    out = tmp_path / "ternary"
+    preset = ["--feedback-dist", "ternary", "--feedback-density", "0.5", "--feedback-scale", "0.3"]
+    assert cli.main(["train", *XOR, "--layers", "2,6,4,1", *preset, "--epochs", "1", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["version"] == 3
+    assert (config["feedback_dist"], config["feedback_density"], config["feedback_scale"]) == ("ternary", 0.5, 0.3)
+    assert config["feedback_k"] is None and config["feedback_rank"] is None
+    feedback = load_checkpoint(str(out / "checkpoint.npz")).feedback
+    want = init_feedback(MLPSpec((2, 6, 4, 1), dtype="float64"), 1, "ternary", 0.3, density=0.5)
+    assert len(feedback) == 2 and all(np.array_equal(f, w) for f, w in zip(feedback, want))
+    assert set(np.unique(feedback[0])) == {-0.3, 0.0, 0.3} and (feedback[0] != 0).sum() == 3
+    assert cli.main(["train", "--resume", str(out), "--epochs", "2"]) == 0
+    assert all(np.array_equal(f, w) for f, w in zip(load_checkpoint(str(out / "checkpoint.npz")).feedback, want))
 
 
 def test_missing_data_fails_with_a_clear_message(tmp_path, capsys):

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from dfa_core import MLPSpec, OptimizerSpec
+from dfa_core import FEEDBACK_DISTS, MLPSpec, OptimizerSpec, init_feedback
 from dfa_train.cadence import AUTO_RATIO, CheckpointEvery, checkpoint_due, parse_checkpoint_every
-from dfa_train.config import CONFIG_VERSION, ConfigError, RunConfig, field_names
+from dfa_train.config import ADDED_IN, CONFIG_VERSION, ConfigError, RunConfig, field_names
 from dfa_train.run import Checkpointer
 from dfa_train.state import EpochEnd, ResumeState
 
@@ -61,14 +61,11 @@ def test_defaults_resolve_layers_per_dataset_and_match_the_report():
     assert RunConfig(dataset="xor").layers == (2, 4, 1)
     assert RunConfig(layers=[784, 16, 10]).layers == (784, 16, 10)  # lists become tuples
     c = RunConfig()
-    assert (c.activation, c.output, c.reduction, c.lr, c.batch_size, c.feedback_scale) == (
-        "tanh",
-        "sigmoid",
-        "sum",
-        1e-4,
-        200,
-        1.9,
-    )
+    assert (c.activation, c.output, c.reduction, c.lr, c.batch_size) == ("tanh", "sigmoid", "sum", 1e-4, 200)
+    # No dist and no scale: the normal preset's default, the report's B ~ N(0, 1.9^2).
+    assert (c.feedback_dist, c.feedback_scale, c.feedback_options()) == (None, None, {})
+    (b,) = init_feedback(c.spec(), c.feedback_seed, c.feedback_dist, c.feedback_scale, **c.feedback_options())
+    np.testing.assert_array_equal(b, np.random.default_rng(1).normal(0.0, 1.9, size=(200, 10)).astype(np.float32))
 
 
 def test_spec_and_optimizer_spec():
@@ -129,6 +126,8 @@ BAD_FIELDS = {
     "checkpoint_every_zero": ("checkpoint_every", "0", "'auto'"),
     "checkpoint_every_unit": ("checkpoint_every", "5x", "'5x'"),
     "checkpoint_every_neg": ("checkpoint_every", "-1s", "'-1s'"),
+    "feedback_dist": ("feedback_dist", "cauchy", "'shared'"),
+    "feedback_scale": ("feedback_scale", 0.0, "> 0.0 or None"),
 }
 
 
@@ -161,6 +160,63 @@ def test_from_json_refuses_other_versions_missing_unknown_and_mistyped_keys():
     with pytest.raises(ValueError, match="JSON object"):
         RunConfig.from_json("[1, 2]")
     assert RunConfig.from_json(dict(good, lr=1)).lr == 1.0  # JSON ints are fine where a float is expected
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(feedback_dist="sparse", feedback_k=3, feedback_scale=0.2),
+        dict(feedback_dist="ternary", feedback_density=0.25),
+        dict(feedback_dist="lowrank", feedback_rank=2),
+        dict(feedback_dist="shared"),
+    ],
+    ids=["sparse", "ternary", "lowrank", "shared"],
+)
+def test_feedback_presets_round_trip_and_draw_what_they_say(changes):
+    """A non-default preset survives to_json/from_json and its options reach init_feedback."""
+    config = RunConfig(dataset="xor", layers=(2, 8, 4, 5), **changes)
+    again = RunConfig.from_json(config.to_json())
+    assert again == config and again.feedback_options() == config.feedback_options()
+    opts = {k.removeprefix("feedback_"): v for k, v in changes.items() if k not in ("feedback_dist", "feedback_scale")}
+    assert config.feedback_options() == opts
+    got = init_feedback(again.spec(), again.feedback_seed, again.feedback_dist, again.feedback_scale, **opts)
+    want = init_feedback(config.spec(), 1, changes["feedback_dist"], changes.get("feedback_scale"), **opts)
+    assert all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize(
+    "changes,field,expected",
+    [
+        (dict(feedback_dist="sparse"), "feedback_k", "expected an int >= 1 with feedback_dist 'sparse', got None"),
+        (dict(feedback_dist="ternary"), "feedback_density", "a number in (0, 1] with feedback_dist 'ternary'"),
+        (dict(feedback_k=2), "feedback_k", "expected None with feedback_dist None (only ['sparse'] take it)"),
+        (dict(feedback_dist="normal", feedback_rank=2), "feedback_rank", "only ['lowrank'] take it"),
+        (dict(feedback_dist="ternary", feedback_density=1.5), "feedback_density", "got float 1.5"),
+        (dict(feedback_dist="sparse", feedback_k=2.0), "feedback_k", "got float 2.0"),
+        (dict(feedback_dist="sparse", feedback_k=11), "feedback_k", "expected an int <= n_L = 10, got 11"),
+        (dict(feedback_dist="lowrank", feedback_rank=4, layers=(784, 3, 10)), "feedback_rank", "min(n_l, n_L) = 3"),
+    ],
+)
+def test_feedback_options_are_set_exactly_when_the_preset_takes_them(changes, field, expected):
+    with pytest.raises(ConfigError) as err:
+        RunConfig(**changes)
+    assert err.value.field == field and expected in str(err.value), str(err.value)
+
+
+def test_version_1_and_2_configs_still_read_as_the_same_run():
+    """Fields added since (arch in 2, the preset options in 3) read as None: the same run as before."""
+    assert set(ADDED_IN) == {2, 3} and CONFIG_VERSION == 3
+    v2 = {k: v for k, v in CUSTOM.to_dict().items() if k not in ADDED_IN[3]}
+    v2["version"] = 2
+    assert RunConfig.from_json(json.dumps(v2)) == CUSTOM
+    old = dict(v2, version=2, feedback_dist="normal", feedback_scale=1.9)  # what a version-2 default run wrote
+    config = RunConfig.from_json(old)
+    assert (config.feedback_dist, config.feedback_scale, config.feedback_options()) == ("normal", 1.9, {})
+    v1 = {k: v for k, v in v2.items() if k != "arch"}
+    v1["version"] = 1
+    assert RunConfig.from_json(v1) == CUSTOM
+    assert RunConfig.from_json(dict(v2, feedback_k=None)) == CUSTOM  # only the missing fields are filled in
+    assert set(FEEDBACK_DISTS) >= {"normal", "uniform", "shared", "sparse", "ternary", "lowrank", "orthogonal"}
 
 
 # ---------------------------------------------------------------------------------------------
