@@ -12,7 +12,7 @@ Shapes: B batch, K groups (rows after grouping), n_l layer widths, L layers, N s
 
 from __future__ import annotations
 
-from typing import Any, Callable, ContextManager, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Any, Callable, ContextManager, NamedTuple, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 from dfa_core.spec import MLPSpec, OptimizerSpec
 
@@ -49,10 +49,13 @@ BACKEND_API = (
     "bp_grads",
     "bp_grads_unchecked",
     "bp_grads_and_loss",
+    # every learning rule, one per block if asked
+    "grads",
     # optimizers and compiled training
     "make_optimizer",
     "apply_updates",
     "train_step",
+    "init_rule_state",
     "train_epoch",
     "predict_labels",
     # many members in one program (fit_many)
@@ -66,6 +69,19 @@ BACKEND_API = (
     "user_block",
 )
 """Every public name a backend module exports, in the order of ``Backend`` below."""
+
+
+class RuleState(NamedTuple):
+    """The optimizer state of a ``train_step`` whose rules carry state ('kp', 'brsf'); one type for both backends.
+
+    ``init_rule_state`` builds it; ``dfa_train.state.opt_state_to_numpy`` stores its fields as
+    ``kp_feedback/i``, ``rule_seed`` and ``rule_step`` next to the inner state's keys.
+    """
+
+    inner: Any  # the optimizer's own state, make_optimizer(opt, dtype).init(params)
+    kp_feedback: Tuple[Array, ...]  # per hidden block: KP's B (like W_{l+1}), zero-size elsewhere; () without kp
+    rule_seed: Array  # shape=(), int32: the seed of brsf's magnitudes
+    rule_step: Array  # shape=(), int32: steps taken; brsf's draw at step t uses (seed, t)
 
 
 @runtime_checkable
@@ -142,6 +158,69 @@ class Backend(Protocol):
     def bp_grads_and_loss(self, spec: MLPSpec, params: Params, x: Array, y: Array) -> Tuple[Params, Array]:
         """BP gradients and the batch's loss in one pass."""
 
+    def grads(
+        self,
+        spec: MLPSpec,
+        params: Params,
+        feedback: Any,
+        x: Array,
+        y: Array,
+        method: Any = "dfa",
+        mode: str = "sample",
+        key: Any = None,
+        check_values: bool = True,
+    ) -> Params:
+        """The gradients of one batch under any learning rule, or one rule per block; checked.
+
+        A top-down loop over the blocks. Block l computes u_l = prefix_l(h_{l-1}),
+        a_l = g_l(theta_l, u_l), h_l = f_l(a_l); e' = G y_hat - G y (G the grouping of ``mode``,
+        the identity for 'sample'; e' / K for reduction 'mean'). The output block L always takes
+        delta_L = e' (its gradient is backprop's under every rule). For l = L-1, ..., 1 the rule of
+        hidden block l gives its teaching signal, with J_{l+1}(M) the vector-Jacobian product of
+        h -> g_{l+1}(M, b_{l+1}, prefix_{l+1}(h)) at h_l (for a Dense block delta M, for a Conv2d
+        the transposed convolution with kernel M, through the prefix's pools and flatten):
+
+        * bp:   delta_l = J_{l+1}(W_{l+1})[delta_{l+1}] * f'(a_l) (exact backprop; composites too).
+        * fa:   delta_l = J_{l+1}(B_l)[delta_{l+1}] * f'(a_l), B_l a fixed random matrix shaped
+          like W_{l+1} (Lillicrap et al. 2016; a kernel for a conv block, Nokland 2016).
+        * kp:   as fa with a trained B_l: ``train_step`` gives W_{l+1} and B_l the same update plus
+          weight decay, W <- W + u - lambda W, B <- B + u - lambda B, so W - B shrinks by
+          (1 - lambda) per step (Kolen-Pollack, Akrout et al. 2019).
+        * usf:  as fa with B_l = s sign(W_{l+1}), s = sqrt(2 / (fan_in + fan_out)) of W_{l+1}
+          (uniform sign-concordant feedback, Liao et al. 2016, scaled as in Sanfiz & Akrout 2021).
+        * frsf: as fa with B_l = |R_l| * sign(W_{l+1}), R_l fixed (feedback entry l).
+        * brsf: as frsf with |R_l| redrawn every batch, U(0, sqrt(6 / (fan_in + fan_out))) (the
+          magnitude of Xavier-uniform, as biotorch draws it; Sanfiz & Akrout 2021), from ``key``.
+        * dfa:  delta_l = reshape(e' B_l^T, a_l's shape) * f'(a'_l), B_l (a_size_l, n_L) (Nokland 2016).
+        * drtp: delta_l = reshape(y' B_l^T, a_l's shape) * f'(a'_l), y' = G y (/ K for 'mean'): the
+          target in place of the error (Frenkel et al. 2021; their sign convention, targets as given).
+        * shallow: the block's gradients are zero (only the output block trains).
+
+        Block l's parameter gradients are then the VJP of g_l w.r.t. theta_l at u'_l applied to
+        delta_l (exact backprop inside a block). Grouping modes belong to dfa and drtp; every other
+        rule needs mode 'sample'. ``method`` may be a sequence of L names (one per block; the output
+        block's entry is only a label: it always trains from e'); a chain rule (bp, fa, kp, usf, brsf,
+        frsf) below a 'shallow' block, or fa/kp/usf/brsf/frsf below a composite, raises.
+
+        Args:
+          spec: the network (MLPSpec or ModelSpec).
+          params: per block (W, b) or a composite's leaves, spec.dtype.
+          feedback: one entry per hidden block l = 1..L-1: B_l (a_size_l, n_L) for dfa/drtp; a
+            matrix (or kernel) shaped like W_{l+1} for fa/kp, the magnitudes |R_l| for frsf (and,
+            optionally, this batch's |R_l| for brsf, which then ignores ``key``); a zero-size array
+            where the rule needs nothing. () when no block's rule needs feedback.
+          x: inputs, (batch, n_0) or (batch, *input_shape).
+          y: targets, (batch, n_L); one-hot for 'class_mean' and for drtp.
+          method: a name in dfa_core.METHODS, or a sequence of L names.
+          mode: 'sample', 'batch_mean' or 'class_mean' (the last two for dfa/drtp only).
+          key: brsf's randomness: an int seed, or a native key (a jax.random key; a
+            torch.Generator on the params' device); needed when brsf draws its magnitudes.
+          check_values: reject non-finite x, y, params or feedback (and non-one-hot y for 'class_mean').
+
+        Returns:
+          Per block the gradients of its params, shaped like params.
+        """
+
     def make_optimizer(self, opt: OptimizerSpec, dtype: str = "float32") -> Any:
         """(init, update) with optax's semantics: update returns updates already scaled by -lr."""
 
@@ -156,8 +235,24 @@ class Backend(Protocol):
         mode: str = "sample",
         donate: bool = False,
         with_alignment: bool = False,
+        kp_decay: float = 1e-3,
     ) -> Callable:
-        """step(params, feedback, opt_state, x, y) -> (params, opt_state, loss[, angles]), compiled once."""
+        """step(params, feedback, opt_state, x, y) -> (params, opt_state, loss[, angles]), compiled once.
+
+        ``method``: any name in dfa_core.METHODS or a tuple of L names (see ``grads``). For 'kp'
+        and 'brsf' the opt_state is ``RuleState`` (``init_rule_state``): KP's B is trained state
+        there (the ``feedback`` argument's kp entries are ignored) and checkpointed with it.
+        ``kp_decay`` is KP's weight decay lambda per step (>= 0, on W_{l+1} and B_l of kp blocks
+        only; Akrout et al. 2019). ``with_alignment`` is for 'dfa' and 'bp'.
+        """
+
+    def init_rule_state(self, spec: MLPSpec, method: Any, opt_state: Any, feedback: Any, seed: int = 0) -> Any:
+        """The ``opt_state`` a ``train_step`` of ``method`` takes: ``RuleState`` when a rule carries state.
+
+        For 'kp' (anywhere in ``method``) the state holds KP's B_l, copied from ``feedback``'s
+        entries of the kp blocks; for 'brsf' the seed of the per-batch magnitudes (step t draws
+        from (seed, t)). Other methods get ``opt_state`` back unchanged.
+        """
 
     def train_epoch(
         self,

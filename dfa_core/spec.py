@@ -36,8 +36,12 @@ REDUCTIONS: Tuple[str, ...] = ("sum", "mean")
 
 DTYPES: Tuple[str, ...] = ("float32", "float64")
 
-METHODS: Tuple[str, ...] = ("dfa", "bp")
-"""Learning rules: direct feedback alignment, or backpropagation for comparison."""
+METHODS: Tuple[str, ...] = ("dfa", "bp", "fa", "usf", "brsf", "frsf", "kp", "drtp", "shallow")
+"""Learning rules (equations in ``dfa_core.backend.Backend.grads``): direct feedback alignment,
+backpropagation, feedback alignment, the sign-symmetric family (uniform, batchwise-random and
+fixed-random magnitudes), Kolen-Pollack, direct random target projection, and a shallow
+baseline (only the output block trains). ``method`` may also be a sequence of these names,
+one per block (``dfa_core.validation.method_rules``)."""
 
 OPTIMIZERS: Tuple[str, ...] = ("sgd", "momentum", "adam")
 

@@ -7,8 +7,9 @@ reduced natively by each backend and reported through :func:`raise_for_values`.
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Iterator, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 from dfa_core.backend import ArrayLike, FeedbackLike, ParamsLike
 from dfa_core.model import SPEC_TYPES, Conv2d, Dense, ModelSpec, NetSpec
@@ -76,16 +77,165 @@ def check_mode(mode: object) -> None:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
 
 
+GROUPING_RULES: Tuple[str, ...] = ("dfa", "drtp")
+"""Rules whose hidden signal is a direct projection of the grouped error (or target), so they
+accept every grouping mode; every other rule needs mode 'sample'."""
+
+DIRECT_RULES: Tuple[str, ...] = ("dfa", "drtp")
+"""Hidden block l's signal comes from B_l (a_size_l, n_L) applied to e' (dfa) or y' (drtp)."""
+
+CHAIN_RULES: Tuple[str, ...] = ("bp", "fa", "kp", "usf", "brsf", "frsf")
+"""Hidden block l's signal is delta_{l+1} carried back through block l+1 (its own W for 'bp',
+a stand-in for the others), so block l+1 must have a teaching signal (not be 'shallow')."""
+
+MIRROR_RULES: Tuple[str, ...] = ("fa", "kp", "usf", "brsf", "frsf")
+"""Chain rules that replace W_{l+1} by another matrix: block l+1 must be a Dense or Conv2d."""
+
+WEIGHT_SHAPED_FEEDBACK: Tuple[str, ...] = ("fa", "kp", "frsf")
+"""Rules whose feedback entry l is shaped like W_{l+1} (B for fa/kp, the fixed |R| for frsf)."""
+
+STATEFUL_RULES: Tuple[str, ...] = ("kp", "brsf")
+"""Rules that make ``train_step`` carry state next to the optimizer's (``RuleState``)."""
+
+
+def method_rules(spec: NetSpec, method: object) -> Tuple[str, ...]:
+    """The rule of every block, L names, from ``method``: one name, or one name per block.
+
+    One name ``m`` gives every block ``m``. A sequence gives block l (1..L) its entry l; the
+    output block (the last entry) always trains from e' whatever its entry says (every rule,
+    'drtp' and 'shallow' included, trains the output block by its true gradient), so that entry
+    is only checked to be a rule name. Undefined combinations raise:
+
+    * a chain rule (``CHAIN_RULES``) on hidden block l below a 'shallow' hidden block l+1:
+      a frozen block has no teaching signal to carry back;
+    * a rule that replaces W_{l+1} (``MIRROR_RULES``: fa, kp, usf, brsf, frsf) on hidden block
+      l when block l+1 is a composite, transformer or user block (no single W_{l+1}).
+
+    Args:
+      spec: the network (an MLPSpec or a ModelSpec).
+      method: a name in METHODS, or a tuple/list of L such names.
+
+    Returns:
+      (rule_1, ..., rule_L).
+
+    Raises:
+      ValueError, TypeError: an unknown name, a sequence of the wrong length or type, or an
+        undefined combination, naming the block.
+    """
+    if isinstance(method, str):
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+        rules: Tuple[str, ...] = (method,) * spec.num_layers
+    elif isinstance(method, (tuple, list)):
+        if len(method) != spec.num_layers:
+            raise ValueError(
+                f"method: a sequence needs one rule per block ({spec.num_layers} for {_model_text(spec)}), "
+                f"got {len(method)}: {tuple(method)!r}"
+            )
+        for i, name in enumerate(method):
+            if not isinstance(name, str) or name not in METHODS:
+                raise ValueError(f"method[{i}] must be one of {list(METHODS)}, got {name!r}")
+        rules = tuple(method)
+    else:
+        raise ValueError(f"method must be one of {list(METHODS)} or a sequence of them (one per block), got {method!r}")
+    for l in range(1, spec.num_layers):  # hidden block l (1-based) under block l + 1
+        rule = rules[l - 1]
+        if rule in CHAIN_RULES and l + 1 < spec.num_layers and rules[l] == "shallow":
+            raise ValueError(
+                f"method: block {l}'s rule {rule!r} carries delta_{l + 1} back through block {l + 1}, but block "
+                f"{l + 1} is 'shallow' (frozen, no teaching signal); use 'dfa', 'drtp' or 'shallow' for block {l}"
+            )
+        if rule in MIRROR_RULES and isinstance(spec, ModelSpec):
+            above = spec.blocks[l].layer
+            if not isinstance(above, (Dense, Conv2d)):
+                raise ValueError(
+                    f"method: block {l}'s rule {rule!r} replaces W_{l + 1} by another matrix, but block {l + 1} is a "
+                    f"{type(above).__name__} (no single W); use 'bp', 'dfa', 'drtp' or 'shallow' for block {l}"
+                )
+    return rules
+
+
+def method_key(method: Any) -> Any:
+    """``method`` as a hashable value (a list becomes a tuple), for caches and static arguments."""
+    return tuple(method) if isinstance(method, list) else method
+
+
+def check_rules_mode(rules: Tuple[str, ...], mode: object) -> None:
+    """Grouping modes belong to the direct rules (dfa, drtp); every other rule needs 'sample'."""
+    check_mode(mode)
+    if mode == "sample":
+        return
+    others = sorted({r for r in rules if r not in GROUPING_RULES})
+    if others:
+        which = f"method {others[0]!r}" if len(others) == 1 else f"methods {others}"
+        raise ValueError(
+            f"{which} has no grouping mode (only {list(GROUPING_RULES)} group a batch); use mode='sample', got {mode!r}"
+        )
+
+
 def check_train_step(spec: object, opt: object, method: object, mode: object) -> None:
-    """Arguments of ``train_step``: a spec, an OptimizerSpec, a method, and a mode BP can use."""
+    """Arguments of ``train_step``: a spec, an OptimizerSpec, a method (or one per block) and a mode it can use."""
     check_spec(spec)
     if not isinstance(opt, OptimizerSpec):
         raise TypeError(f"opt must be a dfa_core.OptimizerSpec, got {type(opt).__name__}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    check_mode(mode)
-    if method == "bp" and mode != "sample":
-        raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {mode!r}")
+    rules = method_rules(spec, method)  # type: ignore[arg-type]
+    check_rules_mode(rules, mode)
+
+
+def rule_feedback_shapes(spec: NetSpec, rules: Tuple[str, ...]) -> Tuple[Optional[Tuple[int, ...]], ...]:
+    """Per hidden block l, the feedback shape its rule needs, or None where it needs nothing.
+
+    dfa/drtp: (a_size_l, n_L); fa/kp/frsf: the shape of W_{l+1} (a kernel for a Conv2d block
+    l + 1); bp/usf/brsf/shallow: None (brsf also takes explicit |R| shaped like W_{l+1}).
+    """
+    shapes: list = []
+    for l in range(1, spec.num_layers):
+        rule = rules[l - 1]
+        if rule in DIRECT_RULES:
+            shapes.append(spec.feedback_shapes[l - 1])
+        elif rule in WEIGHT_SHAPED_FEEDBACK:
+            shapes.append(tuple(spec.param_shapes[l][0]))
+        else:
+            shapes.append(None)
+    return tuple(shapes)
+
+
+def check_rule_feedback(spec: NetSpec, rules: Tuple[str, ...], feedback: object) -> None:
+    """feedback for ``rules``: one entry per hidden block, or () when no rule needs any.
+
+    Entry l is what hidden block l's rule needs (``rule_feedback_shapes``), in spec.dtype; a
+    rule that needs nothing takes a zero-size array (or any array: it is ignored), and
+    'brsf' takes either a zero-size array (magnitudes drawn from the key) or this batch's
+    magnitudes |R| shaped like W_{l+1}.
+    """
+    shapes = rule_feedback_shapes(spec, rules)
+    needs = any(s is not None for s in shapes)
+    if not isinstance(feedback, (tuple, list)):
+        raise ValueError(f"feedback must be a tuple of arrays (one per hidden block), got {type(feedback).__name__}")
+    if not feedback and not needs:
+        return
+    if len(feedback) != len(shapes):
+        want = [s if s is not None else "zero-size" for s in shapes]
+        raise ValueError(
+            f"feedback for rules {rules}: expected {len(shapes)} entries (one per hidden block: {want}), "
+            f"got {len(feedback)}"
+        )
+    for l, (entry, shape, rule) in enumerate(zip(feedback, shapes, rules), start=1):
+        got = _shape(entry, f"feedback entry {l}")
+        if rule == "brsf":
+            w_shape = tuple(spec.param_shapes[l][0])
+            if math.prod(got) and got != w_shape:
+                raise ValueError(
+                    f"feedback entry {l} (rule 'brsf'): expected a zero-size array (draw |R| from the key) or this "
+                    f"batch's magnitudes shaped like W_{l + 1} {w_shape}, got {got}"
+                )
+        if shape is None:
+            continue
+        if got != shape:
+            what = "B_l (size of a_l, n_L)" if rule in DIRECT_RULES else f"like W_{l + 1}"
+            raise ValueError(f"feedback entry {l} (rule {rule!r}) must have shape {shape} ({what}), got {got}")
+        if dtype_name(entry) != spec.dtype:
+            raise TypeError(f"feedback entry {l} must have dtype {spec.dtype} (spec.dtype), got {dtype_name(entry)}")
 
 
 def _leaf_names(spec: NetSpec, l: int) -> Tuple[str, ...]:

@@ -30,7 +30,8 @@ from dfa_jax.many import (
 )
 from dfa_jax.mlp import Activations, forward, forward_with_activations, logits, loss
 from dfa_jax.optim import apply_updates, make_optimizer
-from dfa_jax.train import METHODS, train_step
+from dfa_jax.rules import grads, init_rule_state
+from dfa_jax.train import KP_DECAY, METHODS, train_step
 
 # The backend contract's names (dfa_core.backend.BACKEND_API), then this module's extras.
-__all__ = [*BACKEND_API, "METHODS", "TRACE_COUNTS"]
+__all__ = [*BACKEND_API, "KP_DECAY", "METHODS", "TRACE_COUNTS"]

@@ -1,4 +1,4 @@
-"""One jitted training step (DFA or BP) per (spec, optimizer, method, mode) (JAX)."""
+"""One jitted training step (any learning rule) per (spec, optimizer, method, mode) (JAX)."""
 
 from __future__ import annotations
 
@@ -6,22 +6,28 @@ import functools
 from typing import Any, Callable, Tuple
 
 import jax
+import jax.numpy as jnp
 
 from dfa_core import validation
+from dfa_core.backend import RuleState
 from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec  # noqa: F401  (METHODS re-exported)
-from dfa_jax import alignment
+from dfa_jax import alignment, rules
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, bp_grads_and_loss, dfa_grads_and_loss
 from dfa_jax.optim import apply_updates, make_optimizer
+
+KP_DECAY = 1e-3
+"""Kolen-Pollack's default weight decay lambda per step, on W_{l+1} and B_l of kp blocks."""
 
 
 def train_step(
     spec: MLPSpec,
     opt: OptimizerSpec,
-    method: str = "dfa",
+    method: Any = "dfa",
     mode: str = "sample",
     donate: bool = False,
     with_alignment: bool = False,
+    kp_decay: float = KP_DECAY,
 ) -> Callable[..., Tuple[Any, ...]]:
     """Builds step(params, feedback, opt_state, x, y) -> (params, opt_state, loss[, angles]).
 
@@ -32,34 +38,85 @@ def train_step(
 
     Args:
       spec: the network.
-      opt: the optimizer; its state comes from ``make_optimizer(opt, spec.dtype).init(params)``.
-      method: 'dfa' or 'bp'.
-      mode: DFA grouping, one of dfa_core.MODES.
+      opt: the optimizer; its state comes from ``make_optimizer(opt, spec.dtype).init(params)``,
+        wrapped by ``init_rule_state`` (a ``RuleState``) when a rule is 'kp' or 'brsf'.
+      method: a name in dfa_core.METHODS or a tuple of one per block (``Backend.grads``);
+        ``feedback`` is what ``grads`` takes for it (kp entries are read from the state).
+      mode: DFA grouping, one of dfa_core.MODES ('sample' unless every rule is dfa/drtp).
       donate: let XLA reuse the params and opt_state buffers passed in (they become
         invalid after the call); for training loops that own their arrays.
       with_alignment: the step also returns ``alignment.Angles`` (DFA update vs BP
         gradient per layer) measured on the batch before the update, in the same
-        compiled program.
+        compiled program; 'dfa' and 'bp' only.
+      kp_decay: KP's lambda >= 0: W_{l+1} <- W_{l+1} + u - lambda W_{l+1} and
+        B_l <- B_l + u - lambda B_l, u the optimizer's update of W_{l+1} (Akrout et al. 2019).
     """
     validation.check_train_step(spec, opt, method, mode)
-    return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment))
+    method = validation.method_key(method)
+    kp_decay = _check_decay(kp_decay)
+    if with_alignment and method not in ("dfa", "bp"):
+        raise ValueError(f"with_alignment measures DFA against BP: method 'dfa' or 'bp' only, got {method!r}")
+    return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment), kp_decay)
+
+
+def _check_decay(kp_decay: object) -> float:
+    if isinstance(kp_decay, bool) or not isinstance(kp_decay, (int, float)) or not 0.0 <= float(kp_decay) < 1.0:
+        raise ValueError(f"kp_decay must be a number in [0, 1), got {kp_decay!r}")
+    return float(kp_decay)
+
+
+def _rule_feedback(rules_: Tuple[str, ...], feedback: Any, opt_state: Any, dtype: str) -> Tuple[Any, ...]:
+    """``grads``'s feedback with each kp entry taken from the state: one entry per hidden block."""
+    kp = opt_state.kp_feedback
+    return tuple(
+        kp[l] if rule == "kp" else (feedback[l] if feedback else jnp.zeros((0,), dtype))
+        for l, rule in enumerate(rules_[:-1])
+    )
+
+
+def _kp_update(params, updates, new_params, kp_feedback, kp_blocks, decay):
+    """W_{l+1} and B_l of each kp block l: the same update u, plus weight decay: x + u - decay x."""
+    new_params, kp_feedback = list(new_params), list(kp_feedback)
+    for l in kp_blocks:
+        w, u = params[l + 1][0], updates[l + 1][0]
+        new_params[l + 1] = (w + u - decay * w, *new_params[l + 1][1:])
+        kp_feedback[l] = kp_feedback[l] + u - decay * kp_feedback[l]
+    return tuple(new_params), tuple(kp_feedback)
 
 
 @functools.lru_cache(maxsize=None)
-def _build_step(spec, opt, method, mode, donate, with_alignment):
+def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DECAY):
     tx = make_optimizer(opt, spec.dtype)
+    rules_ = validation.method_rules(spec, method)
+    stateful = any(r in validation.STATEFUL_RULES for r in rules_[:-1])
+    kp_blocks = tuple(l for l, r in enumerate(rules_[:-1]) if r == "kp")
+
+    def grads_and_loss(params, feedback, opt_state, x, y):
+        if method == "dfa":
+            return dfa_grads_and_loss(spec, params, feedback, x, y, mode)
+        if method == "bp":
+            return bp_grads_and_loss(spec, params, x, y)
+        key = None
+        if stateful:
+            feedback = _rule_feedback(rules_, feedback, opt_state, spec.dtype)
+            if "brsf" in rules_[:-1]:
+                key = jax.random.fold_in(jax.random.PRNGKey(opt_state.rule_seed), opt_state.rule_step)
+        return rules.grads_and_loss(spec, params, feedback, x, y, rules_, mode, key)
 
     def step(params, feedback, opt_state, x, y):
         TRACE_COUNTS[f"train_step_{method}"] += 1
-        if method == "dfa":
-            grads, batch_loss = dfa_grads_and_loss(spec, params, feedback, x, y, mode)
+        grads, batch_loss = grads_and_loss(params, feedback, opt_state, x, y)
+        updates, inner = tx.update(grads, opt_state.inner if stateful else opt_state, params)
+        new_params = apply_updates(params, updates)
+        if stateful:
+            new_params, kp = _kp_update(params, updates, new_params, opt_state.kp_feedback, kp_blocks, kp_decay)
+            new_state = RuleState(inner, kp, opt_state.rule_seed, opt_state.rule_step + 1)
         else:
-            grads, batch_loss = bp_grads_and_loss(spec, params, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
+            new_state = inner
         if with_alignment:
             angles = alignment._alignment_angles(spec, params, feedback, x, y, mode)
-            return apply_updates(params, updates), opt_state, batch_loss, angles
-        return apply_updates(params, updates), opt_state, batch_loss
+            return new_params, new_state, batch_loss, angles
+        return new_params, new_state, batch_loss
 
     jitted = jax.jit(step, donate_argnums=(0, 2) if donate else ())
 

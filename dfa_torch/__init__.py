@@ -30,7 +30,8 @@ from dfa_torch.many import (
 )
 from dfa_torch.mlp import Activations, forward, forward_with_activations, logits, loss
 from dfa_torch.optim import apply_updates, make_optimizer
-from dfa_torch.train import METHODS, train_step
+from dfa_torch.rules import grads, init_rule_state
+from dfa_torch.train import KP_DECAY, METHODS, train_step
 
 # The backend contract's names (dfa_core.backend.BACKEND_API), then this module's extras.
-__all__ = [*BACKEND_API, "METHODS", "TRACE_COUNTS"]
+__all__ = [*BACKEND_API, "KP_DECAY", "METHODS", "TRACE_COUNTS"]

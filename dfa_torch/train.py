@@ -1,4 +1,4 @@
-"""One training step (DFA or BP) per (spec, optimizer, method, mode) (torch)."""
+"""One training step (any learning rule) per (spec, optimizer, method, mode) (torch)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,26 @@ from typing import Any, Callable, Tuple
 import torch
 
 from dfa_core import validation
+from dfa_core.backend import RuleState
 from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec  # noqa: F401  (METHODS re-exported)
 from dfa_core.tree import tree_map
-from dfa_torch import alignment
+from dfa_torch import alignment, rules
 from dfa_torch.arrays import as_input
 from dfa_torch.dfa import bp_grads_and_loss, dfa_grads_and_loss
 from dfa_torch.optim import _flatten, _unflatten, apply_updates, apply_updates_, make_optimizer
+
+KP_DECAY = 1e-3
+"""Kolen-Pollack's default weight decay lambda per step, on W_{l+1} and B_l of kp blocks."""
 
 
 def train_step(
     spec: MLPSpec,
     opt: OptimizerSpec,
-    method: str = "dfa",
+    method: Any = "dfa",
     mode: str = "sample",
     donate: bool = False,
     with_alignment: bool = False,
+    kp_decay: float = KP_DECAY,
 ) -> Callable[..., Tuple[Any, ...]]:
     """Builds step(params, feedback, opt_state, x, y) -> (params, opt_state, loss[, angles]).
 
@@ -33,21 +38,58 @@ def train_step(
 
     Args:
       spec: the network.
-      opt: the optimizer; its state comes from ``make_optimizer(opt, spec.dtype).init(params)``.
-      method: 'dfa' or 'bp'.
-      mode: DFA grouping, one of dfa_core.MODES.
+      opt: the optimizer; its state comes from ``make_optimizer(opt, spec.dtype).init(params)``,
+        wrapped by ``init_rule_state`` (a ``RuleState``) when a rule is 'kp' or 'brsf'.
+      method: a name in dfa_core.METHODS or a tuple of one per block (``Backend.grads``);
+        ``feedback`` is what ``grads`` takes for it (kp entries are read from the state).
+      mode: DFA grouping, one of dfa_core.MODES ('sample' unless every rule is dfa/drtp).
       donate: let the step write the new params into the tensors passed in (in place),
         as XLA's buffer donation does on JAX; for training loops that own their arrays.
       with_alignment: the step also returns ``alignment.Angles`` (DFA update vs BP
-        gradient per layer) measured on the batch before the update, in the same step.
+        gradient per layer) measured on the batch before the update, in the same step;
+        'dfa' and 'bp' only.
+      kp_decay: KP's lambda >= 0: W_{l+1} <- W_{l+1} + u - lambda W_{l+1} and
+        B_l <- B_l + u - lambda B_l, u the optimizer's update of W_{l+1} (Akrout et al. 2019).
     """
     validation.check_train_step(spec, opt, method, mode)
-    return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment))
+    method = validation.method_key(method)
+    kp_decay = _check_decay(kp_decay)
+    if with_alignment and method not in ("dfa", "bp"):
+        raise ValueError(f"with_alignment measures DFA against BP: method 'dfa' or 'bp' only, got {method!r}")
+    return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment), kp_decay)
+
+
+def _check_decay(kp_decay: object) -> float:
+    if isinstance(kp_decay, bool) or not isinstance(kp_decay, (int, float)) or not 0.0 <= float(kp_decay) < 1.0:
+        raise ValueError(f"kp_decay must be a number in [0, 1), got {kp_decay!r}")
+    return float(kp_decay)
+
+
+def _rule_feedback(rules_: Tuple[str, ...], feedback: Any, opt_state: Any, like: torch.Tensor) -> Tuple[Any, ...]:
+    """``grads``'s feedback with each kp entry taken from the state: one entry per hidden block."""
+    kp = opt_state.kp_feedback
+    return tuple(
+        kp[l] if rule == "kp" else (feedback[l] if feedback else like.new_zeros((0,)))
+        for l, rule in enumerate(rules_[:-1])
+    )
+
+
+def _kp_update(params, updates, new_params, kp_feedback, kp_blocks, decay):
+    """W_{l+1} and B_l of each kp block l: the same update u, plus weight decay: x + u - decay x."""
+    new_params, kp_feedback = list(new_params), list(kp_feedback)
+    for l in kp_blocks:
+        w, u = params[l + 1][0], updates[l + 1][0]
+        new_params[l + 1] = (w + u - decay * w, *new_params[l + 1][1:])
+        kp_feedback[l] = kp_feedback[l] + u - decay * kp_feedback[l]
+    return tuple(new_params), tuple(kp_feedback)
 
 
 @functools.lru_cache(maxsize=None)
-def _build_step(spec, opt, method, mode, donate, with_alignment):
+def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DECAY):
     tx = make_optimizer(opt, spec.dtype)
+    rules_ = validation.method_rules(spec, method)
+    stateful = any(r in validation.STATEFUL_RULES for r in rules_[:-1])
+    kp_blocks = tuple(l for l, r in enumerate(rules_[:-1]) if r == "kp")
 
     _apply = apply_updates_ if donate else apply_updates
 
@@ -61,16 +103,37 @@ def _build_step(spec, opt, method, mode, donate, with_alignment):
         updates, opt_state = tx.update(grads, opt_state, params)
         return _apply(params, updates), opt_state
 
+    def rule_update(params, grads, opt_state):
+        """The optimizer's update, then KP's shared update and decay; the state's step advances."""
+        updates, inner = tx.update(grads, opt_state.inner, params)
+        new_params, kp = _kp_update(
+            params, updates, apply_updates(params, updates), opt_state.kp_feedback, kp_blocks, kp_decay
+        )
+        if donate:  # write into the caller's tensors, as the other paths do
+            for old, new in zip(_flatten(params), _flatten(new_params)):
+                old.copy_(new)
+            new_params = params
+        return new_params, RuleState(inner, kp, opt_state.rule_seed, opt_state.rule_step + 1)
+
+    def grads_and_loss(params, feedback, opt_state, x, y):
+        if method == "dfa":
+            return dfa_grads_and_loss(spec, params, feedback, x, y, mode)
+        if method == "bp":
+            return bp_grads_and_loss(spec, params, x, y)
+        key = None
+        if stateful:
+            feedback = _rule_feedback(rules_, feedback, opt_state, x)
+            if "brsf" in rules_[:-1]:
+                key = rules.step_generator(opt_state, x.device)
+        return rules.grads_and_loss(spec, params, feedback, x, y, rules_, mode, key)
+
     def step(params, feedback, opt_state, x, y):
         params, feedback, x, y = _as_tensors(spec, params, feedback, x, y)
         # Measured before the update, which may write into params (donate=True).
         angles = alignment.alignment_angles_unchecked(spec, params, feedback, x, y, mode) if with_alignment else None
-        if method == "dfa":
-            grads, batch_loss = dfa_grads_and_loss(spec, params, feedback, x, y, mode)
-        else:
-            grads, batch_loss = bp_grads_and_loss(spec, params, x, y)
+        grads, batch_loss = grads_and_loss(params, feedback, opt_state, x, y)
         with torch.no_grad():
-            params, opt_state = update(params, grads, opt_state)
+            params, opt_state = (rule_update if stateful else update)(params, grads, opt_state)
         if with_alignment:
             return params, opt_state, batch_loss, angles
         return params, opt_state, batch_loss

@@ -23,6 +23,12 @@ from dfa_core.tree import flatten_pairs, unflatten_pairs
 
 _TREE_FIELDS = ("trace", "mu", "nu")  # optimizer-state fields shaped like params
 _SCALAR_FIELDS = ("count",)
+# dfa_core.backend.RuleState ('kp', 'brsf'): its inner optimizer state is walked as any other;
+# KP's B (a flat tuple, zero-size where a block is not kp) and brsf's seed and step are stored as
+# 'kp_feedback/i', 'rule_seed' and 'rule_step'.
+_RULE_TREE_FIELDS = ("kp_feedback",)
+_RULE_SCALAR_FIELDS = ("rule_seed", "rule_step")
+_KNOWN_FIELDS = _TREE_FIELDS + _SCALAR_FIELDS + _RULE_TREE_FIELDS + _RULE_SCALAR_FIELDS
 
 
 class AlignmentRecord(NamedTuple):
@@ -157,9 +163,11 @@ def _finite_or_none(value) -> Optional[float]:
 
 
 def _walk_states(state):
-    """Yields every NamedTuple in a (possibly nested) optimizer state."""
+    """Yields every NamedTuple in a (possibly nested) optimizer state; a RuleState's inner state too."""
     if hasattr(state, "_fields"):
         yield state
+        if "inner" in state._fields:
+            yield from _walk_states(state.inner)
     elif isinstance(state, (tuple, list)):
         for s in state:
             yield from _walk_states(s)
@@ -183,15 +191,20 @@ def opt_state_to_numpy(backend: ModuleType, state: Any) -> Dict[str, np.ndarray]
     for s in _walk_states(state):
         for field in s._fields:
             value = getattr(s, field)
+            if field == "inner":
+                continue  # walked by _walk_states
             if field in _TREE_FIELDS:
                 for i, leaf in enumerate(flatten_pairs(value)):
                     out[f"{field}/{i}"] = np.asarray(backend.to_numpy(leaf))
-            elif field in _SCALAR_FIELDS:
+            elif field in _RULE_TREE_FIELDS:
+                for i, leaf in enumerate(value):
+                    out[f"{field}/{i}"] = np.asarray(backend.to_numpy(leaf))
+            elif field in _SCALAR_FIELDS or field in _RULE_SCALAR_FIELDS:
                 out[field] = np.asarray(backend.to_numpy(value))
             else:
                 raise ValueError(
                     f"optimizer state {type(s).__name__} has a field {field!r} that checkpoints cannot "
-                    f"store; known fields: {list(_TREE_FIELDS + _SCALAR_FIELDS)}"
+                    f"store; known fields: {list(_KNOWN_FIELDS)}"
                 )
     return out
 
@@ -225,7 +238,18 @@ def opt_state_from_numpy(backend: ModuleType, template: Any, arrays: Mapping[str
             updates = {}
             for field in state._fields:
                 value = getattr(state, field)
-                if field in _TREE_FIELDS:
+                if field == "inner":
+                    updates[field] = fill(value)
+                elif field in _RULE_TREE_FIELDS:
+                    refs = backend.to_numpy(tuple(value))
+                    updates[field] = tuple(
+                        _like(backend, np.asarray(arrays[f"{field}/{i}"], dtype=ref.dtype), leaf)
+                        for i, (ref, leaf) in enumerate(zip(refs, value))
+                    )
+                elif field in _RULE_SCALAR_FIELDS:
+                    ref = np.asarray(backend.to_numpy(value))
+                    updates[field] = _like(backend, np.asarray(arrays[field], dtype=ref.dtype), value)
+                elif field in _TREE_FIELDS:
                     leaves = [
                         np.asarray(arrays[f"{field}/{i}"], dtype=ref.dtype)
                         for i, ref in enumerate(backend.to_numpy(tuple(flatten_pairs(value))))
@@ -240,6 +264,14 @@ def opt_state_from_numpy(backend: ModuleType, template: Any, arrays: Mapping[str
         return state
 
     return fill(template)
+
+
+def _like(backend: ModuleType, array: np.ndarray, template: Any) -> Any:
+    """``array`` as a native array on the template's device (a torch tensor's device; JAX's default)."""
+    device = getattr(template, "device", None)
+    if backend.NAME == "torch" and device is not None:
+        return backend.asarray(array, device=str(device))
+    return backend.asarray(array)
 
 
 __all__ = [
