@@ -69,8 +69,13 @@ def train_epoch(
         align_every, before anything runs.
     """
     validation.check_train_step(spec, opt, method, mode)
+    method = validation.method_key(method)
     batch_size = validation.check_int("batch_size", batch_size, 1)
     align_every = validation.check_int("align_every", align_every, 0)
+    if align_every and method not in ("dfa", "bp"):
+        raise ValueError(
+            f"train_epoch: align_every > 0 measures DFA-vs-BP angles for 'dfa' and 'bp' only, got {method!r}"
+        )
     return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
 
 

@@ -157,6 +157,8 @@ def train_epoch_many(
       ValueError, TypeError: bad arguments, before anything runs.
     """
     optimizer, nesterov = _check_structure(optimizer, nesterov)
+    if method not in ("dfa", "bp"):
+        raise ValueError(f"train_epoch_many trains members by 'dfa' or 'bp' so far, got {method!r}")
     validation.check_train_step(spec, OptimizerSpec(optimizer, nesterov=nesterov), method, mode)
     for name, value, minimum in (("batch_size", batch_size, 1), ("align_every", align_every, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

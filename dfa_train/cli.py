@@ -28,7 +28,7 @@ import numpy as np
 
 from dfa_core import init as dfa_init
 from dfa_core.registry import BACKEND_NAMES
-from dfa_core.spec import ACTIVATIONS, DTYPES, MODES, OPTIMIZERS, OUTPUTS, REDUCTIONS
+from dfa_core.spec import ACTIVATIONS, DTYPES, METHODS, MODES, OPTIMIZERS, OUTPUTS, REDUCTIONS
 from dfa_train.cadence import parse_checkpoint_every
 from dfa_train.checkpoint import CHECKPOINT_NAME
 from dfa_train.config import DATASETS, ConfigError, RunConfig, field_names
@@ -174,7 +174,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_training_args(p: argparse.ArgumentParser, with_method: bool, lr_list: bool) -> None:
     if with_method:
-        p.add_argument("--method", choices=("dfa", "bp"), default=_DEFAULTS["method"])
+        rules = ("dfa", "bp") if lr_list else METHODS  # a sweep trains through fit_many: dfa and bp
+        p.add_argument(
+            "--method",
+            choices=rules,
+            default=_DEFAULTS["method"],
+            help="learning rule: dfa, bp, fa, usf, brsf, frsf, kp, drtp or shallow (sweep: dfa or bp)",
+        )
     p.add_argument("--mode", choices=MODES, default=_DEFAULTS["mode"], help="DFA grouping (BP always uses sample)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=_DEFAULTS["optimizer"])
     if lr_list:

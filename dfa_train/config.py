@@ -23,6 +23,7 @@ from dfa_core.feedback import FEEDBACK_DISTS, FEEDBACK_PRESETS, OPTION_CHECKS
 from dfa_core.model import ModelSpec, NetSpec
 from dfa_core.registry import BACKEND_NAMES
 from dfa_core.spec import ACTIVATIONS, DTYPES, METHODS, MODES, OPTIMIZERS, OUTPUTS, REDUCTIONS, MLPSpec, OptimizerSpec
+from dfa_core.validation import GROUPING_RULES
 from dfa_train.arch import INPUT_SHAPES, parse_arch
 from dfa_train.cadence import CheckpointEvery, format_checkpoint_every, parse_checkpoint_every
 
@@ -164,9 +165,11 @@ class RunConfig:
             _check_choice(field, getattr(self, field), choices)
         if self.feedback_dist is not None:
             _check_choice("feedback_dist", self.feedback_dist, FEEDBACK_DISTS)
-        if self.method == "bp" and self.mode != "sample":
+        if self.method not in GROUPING_RULES and self.mode != "sample":
             raise ConfigError(
-                "mode", f"expected 'sample' with method 'bp' (grouping modes apply to DFA only), got {self.mode!r}"
+                "mode",
+                f"expected 'sample' with method {self.method!r} (grouping modes apply to {list(GROUPING_RULES)} "
+                f"only), got {self.mode!r}",
             )
         if self.arch is None:
             object.__setattr__(self, "layers", self._checked_layers())

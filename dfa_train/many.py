@@ -82,6 +82,10 @@ class Member(NamedTuple):
     optimizer: OptimizerSpec
 
 
+MANY_METHODS = ("dfa", "bp")
+"""The rules ``fit_many`` trains (its vmapped step is written for these two)."""
+
+
 def _check_options(spec: NetSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     """fit's shared options with fit's defaults, checked as fit checks them."""
     refused = sorted(k for k in fit_kwargs if k in REFUSED_OPTIONS)
@@ -96,8 +100,11 @@ def _check_options(spec: NetSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, An
     defaults = inspect.signature(fit).parameters
     opts = {k: fit_kwargs.get(k, defaults[k].default) for k in SHARED_OPTIONS}
     validation.check_spec(spec)
-    if opts["method"] not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {opts['method']!r}")
+    if opts["method"] not in MANY_METHODS:
+        raise ValueError(
+            f"fit_many trains members by {list(MANY_METHODS)} so far, got method {opts['method']!r}; "
+            f"fit trains every rule in {list(METHODS)}"
+        )
     validation.check_mode(opts["mode"])
     if opts["method"] == "bp" and opts["mode"] != "sample":
         raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {opts['mode']!r}")

@@ -380,8 +380,15 @@ def _start(config: RunConfig, run_dir: str, params, checkpointer: Checkpointer):
         raise ValueError(f"{run_dir!r} already holds a run (checkpoint.npz); resume it or choose another folder")
     spec = config.spec()
     params = dfa_init.init_params(spec, config.param_seed) if params is None else params
+    from dfa_train.trainer import feedback_rule
+
     feedback = dfa_init.init_feedback(
-        spec, config.feedback_seed, config.feedback_dist, config.feedback_scale, **config.feedback_options()
+        spec,
+        config.feedback_seed,
+        config.feedback_dist,
+        config.feedback_scale,
+        method=feedback_rule(config.method),
+        **config.feedback_options(),
     )
     os.makedirs(run_dir, exist_ok=True)
     run_files.write_config(run_dir, config)
@@ -404,7 +411,7 @@ def _restart(config: RunConfig, run_dir: str, checkpointer: Checkpointer, n_trai
 
 
 def _train(config: RunConfig, data: Data, params, feedback, state, on_epoch, bar: Progress) -> History:
-    from dfa_train.trainer import fit
+    from dfa_train.trainer import ALIGNED_RULES, fit
 
     x_train, y_train, x_test, y_test = data
     with device_scope(config.backend, config.device):
@@ -425,7 +432,7 @@ def _train(config: RunConfig, data: Data, params, feedback, state, on_epoch, bar
             feedback=feedback,
             tol=config.tol,
             patience=config.patience,
-            align_every=config.align_every,
+            align_every=config.align_every if config.method in ALIGNED_RULES else 0,
             resume=state,
             on_epoch=on_epoch,
             on_batch=bar.batch,

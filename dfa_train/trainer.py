@@ -48,6 +48,17 @@ from dfa_train.state import (
 )
 
 ENGINES = ("epoch", "step")
+
+ALIGNED_RULES = ("dfa", "bp")
+"""Methods whose runs can measure DFA-vs-BP alignment angles (align_every > 0)."""
+
+
+def feedback_rule(method: Any) -> Any:
+    """The ``method`` whose feedback layout a run draws: DFA's B_l for 'dfa' and 'bp' (a BP run keeps
+    DFA's matrices, against which its alignment angles are measured), the rule's own otherwise."""
+    return "dfa" if method in ALIGNED_RULES else method
+
+
 """fit's engines: 'epoch' runs each epoch as one compiled call, 'step' one call per batch."""
 
 
@@ -174,11 +185,14 @@ def _settings(
     """Checks fit's options (not the data) and returns them as one frozen record."""
     be = resolve_backend(backend)
     validation.check_spec(spec)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    validation.check_mode(mode)
-    if method == "bp" and mode != "sample":
-        raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {mode!r}")
+    rules = validation.method_rules(spec, method)  # one rule name, or one per block
+    validation.check_rules_mode(rules, mode)
+    method = validation.method_key(method)
+    if align_every and not set(rules) <= set(ALIGNED_RULES):
+        raise ValueError(
+            f"fit: alignment angles are measured for {list(ALIGNED_RULES)} runs so far, not for method "
+            f"{method!r}; use align_every=0"
+        )
     optimizer = OptimizerSpec() if optimizer is None else optimizer
     if not isinstance(optimizer, OptimizerSpec):
         raise TypeError(f"optimizer must be a dfa_core.OptimizerSpec, got {type(optimizer).__name__}")
@@ -219,11 +233,13 @@ def _settings(
     )
 
 
-def _start(run: _Settings, params_np, resume: Optional[ResumeState]) -> _Loop:
+def _start(run: _Settings, params_np, feedback, resume: Optional[ResumeState]) -> _Loop:
     """The loop state before the first epoch to run: fresh, or restored from ``resume``."""
     be = run.be
     params = be.asarray(params_np)
     opt_state = be.make_optimizer(run.optimizer, run.spec.dtype).init(params)
+    # KP carries its trained B and brsf its draw counter in the optimizer state (a RuleState).
+    opt_state = be.init_rule_state(run.spec, run.method, opt_state, feedback, run.seed)
     loop = _Loop(params, opt_state, np.random.default_rng(run.seed))
     if resume is not None:
         if resume.opt_state is not None:
@@ -234,6 +250,15 @@ def _start(run: _Settings, params_np, resume: Optional[ResumeState]) -> _Loop:
         loop.within_tol, loop.global_step, loop.first_epoch = resume.within_tol, resume.global_step, resume.epoch
         loop.reference_loss = resume.reference_loss
     return loop
+
+
+def _feedback_now(be: ModuleType, loop: _Loop, feedback_np) -> Tuple[np.ndarray, ...]:
+    """The feedback as it stands: KP's trained B (kept in its RuleState) where the rule trains it,
+    else the fixed matrices drawn at the start."""
+    trained = [np.asarray(be.to_numpy(b)) for b in getattr(loop.opt_state, "kp_feedback", ())]
+    if trained:
+        return tuple(b if b.size else np.asarray(f) for b, f in zip(trained, feedback_np))
+    return tuple(np.asarray(b) for b in feedback_np)
 
 
 def _record_angles(loop: _Loop, epoch: int, step: int, weights, deltas) -> None:
@@ -386,7 +411,7 @@ def _epoch_end(run: _Settings, data: _Data, loop: _Loop, epoch: int, feedback_np
         samples_per_s=n / seconds if seconds > 0 else float("inf"),
         alignment=tuple(r for r in loop.records if r.epoch == epoch),
         params=tuple(tuple(np.asarray(t) for t in block) for block in be.to_numpy(loop.params)),
-        feedback=tuple(np.asarray(b) for b in feedback_np),
+        feedback=_feedback_now(be, loop, feedback_np),
         opt_state=opt_np,
         resume=resume_here,
     )
@@ -457,7 +482,7 @@ def _history(run: _Settings, data: _Data, loop: _Loop, params_out, feedback_np, 
         stopped_early=loop.stopped_early,
         config=config,
         params=tuple(tuple(np.asarray(t) for t in block) for block in params_out),
-        feedback=tuple(np.asarray(b) for b in feedback_np),
+        feedback=_feedback_now(run.be, loop, feedback_np),
     )
 
 
@@ -634,6 +659,7 @@ def fit(
         feedback_scale,
         feedback_transform,
         matrices=feedback,
+        method=feedback_rule(method),
         **_feedback_options(feedback_options),
     )
     drawn = {
@@ -654,7 +680,7 @@ def fit(
             labels_of(test[1]) if test is not None else None,
             be.asarray(feedback_np),
         )
-        loop = _start(run, params_np, resume)
+        loop = _start(run, params_np, data.feedback, resume)
         params_out = _train(run, data, loop, feedback_np)
     return _history(run, data, loop, params_out, feedback_np, drawn)
 

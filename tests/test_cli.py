@@ -233,7 +233,7 @@ def test_bad_combinations_exit_2(tmp_path, capsys):
     assert err.value.code == 2 and "first width must be 2" in capsys.readouterr().err
     with pytest.raises(SystemExit) as err:
         cli.main(["train", *XOR, "--method", "bp", "--mode", "class_mean", "--out", str(tmp_path / "b")])
-    assert err.value.code == 2 and "DFA only" in capsys.readouterr().err
+    assert err.value.code == 2 and "grouping modes apply to ['dfa', 'drtp'] only" in capsys.readouterr().err
 
 
 def test_train_with_a_feedback_preset_records_it_and_resumes(tmp_path):

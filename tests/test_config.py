@@ -88,7 +88,7 @@ def test_bp_uses_mode_sample_once():
     """method 'bp' with a grouping mode is refused; with_method('bp') sets 'sample', 'dfa' keeps the mode."""
     with pytest.raises(ConfigError) as err:
         RunConfig(method="bp", mode="class_mean")
-    assert err.value.field == "mode" and "DFA only" in str(err.value) and "'class_mean'" in str(err.value)
+    assert err.value.field == "mode" and "grouping modes apply to" in str(err.value) and "'class_mean'" in str(err.value)
     grouped = RunConfig(mode="class_mean")
     assert grouped.with_method("bp").mode == "sample"
     assert grouped.with_method("bp").with_method("dfa").mode == "sample"

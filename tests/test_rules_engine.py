@@ -1,0 +1,92 @@
+"""Every learning rule through the engine: fit on both backends, KP's trained B, resume, clear refusals."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from dfa_core import MLPSpec, OptimizerSpec
+from dfa_train import fit, fit_many
+from dfa_train.checkpoint import load_checkpoint
+from dfa_train.cli import main
+
+SPEC = MLPSpec((6, 5, 4, 3), activation="tanh", output="softmax", reduction="mean", dtype="float64")
+OPT = OptimizerSpec("sgd", 0.1)
+DETERMINISTIC = ("fa", "usf", "frsf", "kp", "drtp", "shallow")
+
+
+def _data(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 6)), np.eye(3)[rng.integers(0, 3, n)]
+
+
+def _fit(backend, method, **kw):
+    x, y = _data()
+    return fit(backend, SPEC, x, y, x_test=x, y_test=y, method=method, optimizer=OPT, epochs=3, batch_size=8, **kw)
+
+
+@pytest.mark.parametrize("method", DETERMINISTIC)
+def test_every_rule_trains_the_same_on_both_backends(method):
+    h_jax, h_torch = _fit("jax", method), _fit("torch", method)
+    np.testing.assert_allclose(h_jax.loss, h_torch.loss, rtol=1e-10)
+    for pj, pt in zip(h_jax.params, h_torch.params):
+        for a, b in zip(pj, pt):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert h_jax.config["method"] == method
+    assert h_jax.loss[-1] < h_jax.loss[0]  # it learns
+
+
+def test_shallow_trains_the_output_block_only():
+    h = _fit("jax", "shallow")
+    from dfa_core import init_params
+
+    start = init_params(SPEC, 0)
+    np.testing.assert_array_equal(h.params[0][0], start[0][0])
+    assert not np.allclose(h.params[-1][0], start[-1][0])
+
+
+def test_kp_history_holds_the_trained_feedback():
+    """KP (sgd): W - B shrinks by (1 - KP_DECAY) per step, so History.feedback is the trained B."""
+    import dfa_torch
+    from dfa_core import init_feedback, init_params
+
+    x, y = _data()
+    h = fit("torch", SPEC, x, y, method="kp", optimizer=OPT, epochs=3, batch_size=8)  # 15 steps
+    b0, p0 = init_feedback(SPEC, 1, method="kp"), init_params(SPEC, 0)
+    for l, b in enumerate(h.feedback):  # B_l stands in for W_{l+1}
+        w = h.params[l + 1][0]
+        assert b.shape == w.shape and not np.allclose(b, b0[l])
+        expected = (1 - dfa_torch.KP_DECAY) ** 15 * np.linalg.norm(b0[l] - p0[l + 1][0])
+        np.testing.assert_allclose(np.linalg.norm(b - w), expected, rtol=1e-9)
+
+
+def test_brsf_trains_on_each_backend():
+    for backend in ("jax", "torch"):
+        h = _fit(backend, "brsf")
+        assert np.all(np.isfinite(h.loss)) and h.loss[-1] < h.loss[0]
+
+
+def test_rules_without_alignment_or_many_members_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"alignment angles are measured for \['dfa', 'bp'\].*'fa'"):
+        _fit("jax", "fa", align_every=2)
+    x, y = _data()
+    with pytest.raises(ValueError, match="fit_many trains members by"):
+        fit_many("jax", SPEC, x, y, members=[{"seed": 0}], method="fa")
+    with pytest.raises(ValueError, match="grouping mode"):
+        _fit("jax", "fa", mode="class_mean")
+
+
+def test_cli_trains_and_resumes_kp_exactly(tmp_path):
+    common = ["--backend", "jax", "--dataset", "xor", "--method", "kp", "--lr", "0.5", "--batch-size", "2"]
+    common += ["--dtype", "float64", "--no-plots", "--progress", "off"]
+    once, twice = str(tmp_path / "once"), str(tmp_path / "twice")
+    assert main(["train", *common, "--epochs", "4", "--out", once]) == 0
+    assert main(["train", *common, "--epochs", "2", "--out", twice]) == 0
+    assert main(["train", "--resume", twice, "--epochs", "4"]) == 0
+    a, b = (load_checkpoint(os.path.join(d, "checkpoint.npz")) for d in (once, twice))
+    for pa, pb in zip(a.params, b.params):
+        for u, v in zip(pa, pb):
+            np.testing.assert_array_equal(u, v)
+    assert any(k.startswith("kp_feedback/") for k in a.resume.opt_state)
