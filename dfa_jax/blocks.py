@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dfa_core import hardware
+from dfa_core.hardware import Projection
 from dfa_core.model import (
     AvgPool2d,
     Block,
@@ -343,6 +345,110 @@ _jit_forward = jax.jit(_forward, static_argnames=("spec",))
 _jit_loss = jax.jit(_loss, static_argnames=("spec",))
 
 
+# -- hardware effects on the projection (dfa_core.hardware: quantised error, noise, a plug-in device) ------------
+
+
+def _quantize(projection: Projection, e_KxO: Array) -> Array:
+    """q = Q(e'): 'sign', 'ternary' (threshold t) or 'kbit:N' (per-batch scale max|e'|); see dfa_core.hardware."""
+    if projection.quantize is None:
+        return e_KxO
+    if projection.quantize == "sign":
+        return jnp.sign(e_KxO)
+    if projection.quantize == "ternary":
+        return jnp.where(jnp.abs(e_KxO) > projection.threshold, jnp.sign(e_KxO), jnp.zeros_like(e_KxO))
+    m = float(cast(int, projection.levels))
+    s = jnp.max(jnp.abs(e_KxO))
+    s = jnp.where(s > 0, s, jnp.ones_like(s))  # e' = 0 rounds to 0 whatever the scale
+    return jnp.round(e_KxO * (m / s)) * (s / m)
+
+
+def present_rows(mode: str, y_BxO: Array) -> Optional[Array]:
+    """(K,) 1 for the classes present in y and 0 for the absent ones in 'class_mean' (their all-zero
+    rows get no noise); None in the other modes, where every row is a real group."""
+    if mode != "class_mean":
+        return None
+    members_BxC = jax.nn.one_hot(jnp.argmax(y_BxO, axis=1), y_BxO.shape[1], dtype=y_BxO.dtype)
+    return (jnp.sum(members_BxC, axis=0) > 0).astype(y_BxO.dtype)
+
+
+def _device_projections(projection: Projection, q_KxO: Array, sizes: Tuple[int, ...]) -> Tuple[Array, ...]:
+    """The plug-in device's (q B_1^T, ..., q B_{L-1}^T) through ``jax.pure_callback``: it runs on the host,
+    outside the compiled program, once per call of the step (JAX may repeat or drop a pure callback, so
+    the device should answer as a function of q). Shapes and dtype are checked on the host."""
+    shapes = tuple((q_KxO.shape[0], n) for n in sizes)
+    result = tuple(jax.ShapeDtypeStruct(shape, q_KxO.dtype) for shape in shapes)
+    device = cast(Callable[[np.ndarray], Any], projection.device)
+
+    def host(q: Any) -> Tuple[np.ndarray, ...]:
+        q_np = np.asarray(q)
+        out = hardware.check_device_output(device(q_np), shapes)
+        return tuple(np.asarray(p, dtype=q_np.dtype) for p in out)
+
+    return tuple(jax.pure_callback(host, result, q_KxO, vmap_method="sequential"))
+
+
+def _standard_normal(key: Any, shapes: Tuple[Tuple[int, int], ...], dtype: Any) -> Tuple[Array, ...]:
+    """z_l ~ N(0, 1), one array per projection, from jax.random.split(key, L - 1) in block order."""
+    keys = jax.random.split(key, len(shapes))
+    return tuple(jax.random.normal(keys[l], shape, dtype) for l, shape in enumerate(shapes))
+
+
+def hardware_projections(
+    projection: Projection,
+    feedback: Feedback,
+    e_KxO: Array,
+    count: Optional[Any],
+    present_K: Optional[Array],
+    noise: Optional[Tuple[Array, ...]],
+    key: Optional[Any],
+) -> Tuple[Array, ...]:
+    """(p_1, ..., p_{L-1}), p_l (K, size_l): DFA's projections as the hardware computes them.
+
+    q = Q(e'); p_l = q B_l^T (or device(q)[l]); additive noise p_l + max|q| (mu + sigma z_l) or
+    multiplicative p_l (1 + mu + sigma z_l); then p_l / K for reduction 'mean' (the equations of
+    dfa_core.hardware).
+
+    Args:
+      projection: an active dfa_core.hardware.Projection.
+      feedback: (B_1, ..., B_{L-1}), B_l (size_l, n_L).
+      e_KxO: the grouped error e' before reduction 'mean''s 1/K, (K, n_L).
+      count: K to divide by (reduction 'mean'), or None.
+      present_K: ``present_rows`` (class_mean), or None.
+      noise: explicit z_l, each (K, size_l) or (K, *a_shape_l), or None.
+      key: a JAX PRNG key to draw z_l from (``_standard_normal``) when noise is None.
+
+    Returns:
+      The projections, each (K, size_l).
+    """
+    if not feedback:
+        return ()
+    q = _quantize(projection, e_KxO)
+    sizes = tuple(b.shape[0] for b in feedback)
+    if projection.device is None:
+        p = [q @ b.T for b in feedback]
+    else:
+        p = list(_device_projections(projection, q, sizes))
+        if present_K is not None:  # whatever the device answers for an absent class's zero row, it adds nothing
+            p = [p_l * present_K[:, None] for p_l in p]
+    if projection.noise is not None:
+        shapes = tuple((q.shape[0], n) for n in sizes)
+        if noise is None:
+            z = _standard_normal(key, shapes, q.dtype)
+        else:
+            z = tuple(z_l.reshape(shape) for z_l, shape in zip(noise, shapes))
+        if projection.noise == "additive":
+            peak = jnp.max(jnp.abs(q))
+            added = [peak * (projection.mu + projection.sigma * z_l) for z_l in z]
+            if present_K is not None:  # absent classes' zero rows stay zero
+                added = [n_l * present_K[:, None] for n_l in added]
+            p = [p_l + n_l for p_l, n_l in zip(p, added)]
+        else:  # absent classes' rows are zero, and stay so
+            p = [p_l * (1 + projection.mu + projection.sigma * z_l) for p_l, z_l in zip(p, z)]
+    if count is not None:
+        p = [p_l / count for p_l in p]
+    return tuple(p)
+
+
 # -- DFA and BP ----------------------------------------------------------------------------------
 
 
@@ -366,15 +472,32 @@ def _grouping(mode: str, y_BxO: Array) -> Tuple[Optional[Callable[[Array], Array
 
 
 def dfa_grads_and_loss(
-    spec: ModelSpec, params: Params, feedback: Feedback, x: Array, y: Array, mode: str
+    spec: ModelSpec,
+    params: Params,
+    feedback: Feedback,
+    x: Array,
+    y: Array,
+    mode: str,
+    projection: Optional[Projection] = None,
+    noise: Optional[Tuple[Array, ...]] = None,
+    key: Optional[Any] = None,
 ) -> Tuple[Grads, Array]:
     """DFA gradients of every block and the batch loss: ``dfa_signals`` without the deltas."""
-    grads, batch_loss, _ = dfa_signals(spec, params, feedback, x, y, mode)
+    grads, batch_loss, _ = dfa_signals(spec, params, feedback, x, y, mode, projection=projection, noise=noise, key=key)
     return grads, batch_loss
 
 
 def dfa_signals(
-    spec: ModelSpec, params: Params, feedback: Feedback, x: Array, y: Array, mode: str, keep_deltas: bool = False
+    spec: ModelSpec,
+    params: Params,
+    feedback: Feedback,
+    x: Array,
+    y: Array,
+    mode: str,
+    keep_deltas: bool = False,
+    projection: Optional[Projection] = None,
+    noise: Optional[Tuple[Array, ...]] = None,
+    key: Optional[Any] = None,
 ) -> Tuple[Grads, Array, Tuple[Array, ...]]:
     """DFA gradients of every block and the batch loss (pure; compose under jax.jit).
 
@@ -392,11 +515,16 @@ def dfa_signals(
       mode: 'sample', 'batch_mean' or 'class_mean'.
 
       keep_deltas: also return the teaching signals (``alignment`` compares them with BP's).
+      projection: hardware effects on e' B_l^T (dfa_core.hardware.Projection); None: exact.
+      noise: the projection noise's standard-normal draws, one (K, size_l) array per hidden block.
+      key: a JAX PRNG key to draw them from inside the step instead (one split per hidden block).
 
     Returns:
       (per block the gradients of its flat params, shaped like params; loss (); with
       keep_deltas (delta_1, ..., delta_{L-1}, e'), delta_l (K, *a_shape_l), else ()).
     """
+    hw = hardware.active(projection)
+    hardware.check_noise_source(hw, noise, key)
     f = nn.activation(spec.activation).fn
     acts = _block_activations(spec)
     blocks = spec.blocks
@@ -417,13 +545,17 @@ def dfa_signals(
     z = _apply_block(blocks[-1], params[-1], u, f)
     batch_loss = reduce_loss(spec, z, y)
     y_hat = nn.output_function(spec.output)(z)
-    e = y_hat - y if avg is None else avg(y_hat) - avg(y)
-    if spec.reduction == "mean":
-        e = e / count
+    e_raw = y_hat - y if avg is None else avg(y_hat) - avg(y)
+    e = e_raw / count if spec.reduction == "mean" else e_raw
+    projections: Optional[Tuple[Array, ...]] = None
+    if hw is not None:
+        scale_by = count if spec.reduction == "mean" else None
+        projections = hardware_projections(hw, feedback, e_raw, scale_by, present_rows(mode, y), noise, key)
     deltas = [e]
     grads = [_block_vjp(blocks[-1], params[-1], u_last, e, f)]
     for l in reversed(range(len(blocks) - 1)):  # top first, as dfa_jax.dfa, to free memory early
-        p = (e @ feedback[l].T).reshape(e.shape[0], *blocks[l].a_shape)
+        p_flat = e @ feedback[l].T if projections is None else projections[l]
+        p = p_flat.reshape(e.shape[0], *blocks[l].a_shape)
         a_l = kept_a[l]
         fa = a_l if avg is None else acts[l].fn(a_l)
         delta = acts[l].backward(p, a_l, fa)
@@ -440,9 +572,19 @@ def bp_grads_and_loss(spec: ModelSpec, params: Params, x: Array, y: Array) -> Tu
     return grads, batch_loss
 
 
-def _dfa_grads(spec: ModelSpec, params: Params, feedback: Feedback, x: Array, y: Array, mode: str) -> Grads:
+def _dfa_grads(
+    spec: ModelSpec,
+    params: Params,
+    feedback: Feedback,
+    x: Array,
+    y: Array,
+    mode: str,
+    projection: Optional[Projection] = None,
+    noise: Optional[Tuple[Array, ...]] = None,
+    key: Optional[Any] = None,
+) -> Grads:
     TRACE_COUNTS["dfa_grads"] += 1
-    return dfa_grads_and_loss(spec, params, feedback, x, y, mode)[0]
+    return dfa_grads_and_loss(spec, params, feedback, x, y, mode, projection, noise, key)[0]
 
 
 def _bp_grads(spec: ModelSpec, params: Params, x: Array, y: Array) -> Grads:
@@ -450,8 +592,8 @@ def _bp_grads(spec: ModelSpec, params: Params, x: Array, y: Array) -> Grads:
     return bp_grads_and_loss(spec, params, x, y)[0]
 
 
-dfa_grads_unchecked = jax.jit(_dfa_grads, static_argnames=("spec", "mode"))
-"""DFA gradients on JAX arrays of spec.dtype, without validation; jitted per (spec, mode)."""
+dfa_grads_unchecked = jax.jit(_dfa_grads, static_argnames=("spec", "mode", "projection"))
+"""DFA gradients on JAX arrays of spec.dtype, without validation; jitted per (spec, mode, projection)."""
 bp_grads_unchecked = jax.jit(_bp_grads, static_argnames=("spec",))
 """BP gradients on JAX arrays of spec.dtype, without validation; jitted per spec."""
 
@@ -464,6 +606,8 @@ __all__ = [
     "dfa_grads_and_loss",
     "dfa_signals",
     "dfa_grads_unchecked",
+    "hardware_projections",
+    "present_rows",
     "reduce_loss",
     "user_block",
 ]

@@ -16,8 +16,9 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple, cast
 import jax
 import jax.numpy as jnp
 
-from dfa_core import validation
+from dfa_core import hardware, validation
 from dfa_core.backend import ArrayLike, FeedbackLike, ParamsLike
+from dfa_core.hardware import Projection
 from dfa_core.model import ModelSpec
 from dfa_core.spec import MLPSpec
 from dfa_jax import blocks, nn
@@ -155,7 +156,15 @@ def _grouping(mode: str, y: Array) -> Tuple[Optional[Callable[[Array], Array]], 
 
 
 def dfa_grads_and_loss(
-    spec: MLPSpec, params: Params, feedback: Feedback, x: Array, y: Array, mode: str
+    spec: MLPSpec,
+    params: Params,
+    feedback: Feedback,
+    x: Array,
+    y: Array,
+    mode: str,
+    projection: Optional[Projection] = None,
+    noise: Optional[Tuple[Array, ...]] = None,
+    key: Optional[Any] = None,
 ) -> Tuple[Grads, Array]:
     """DFA gradients and the batch loss in one memory-lean pass (the training fast path).
 
@@ -164,11 +173,25 @@ def dfa_grads_and_loss(
     (f' is read off h = f(a), which determines it for every activation offered), or
     only the grouped a' and h' (K rows) in the averaged modes. 'mean' scales e' by 1/K.
 
+    Args:
+      spec, params, feedback, x, y, mode: as ``dfa_grads``, as JAX arrays of spec.dtype.
+      projection: hardware effects on the projections e' B_l^T (dfa_core.hardware.Projection:
+        quantised error, noise, a plug-in device); None, or an identity Projection: exact.
+      noise: the projection noise's standard-normal draws z_l, one (K, n_l) array per hidden
+        layer (K: batch, 1 or n_L by mode); the same draws give the same grads on both backends.
+      key: a JAX PRNG key (``jax.random.key(seed)``) to draw z_l inside the step instead, by
+        ``jax.random.split(key, L - 1)``; pass a new key every step (``jax.random.fold_in``).
+
     Returns:
       (((gW_1, gb_1), ..., (gW_L, gb_L)), loss ()).
+
+    Raises:
+      ValueError: noise and key both given, or given without projection noise, or neither with it.
     """
     if isinstance(spec, ModelSpec):  # decided while tracing: the MLP program is unchanged
-        return blocks.dfa_grads_and_loss(spec, params, feedback, x, y, mode)
+        return blocks.dfa_grads_and_loss(spec, params, feedback, x, y, mode, projection, noise, key)
+    hw = hardware.active(projection)
+    hardware.check_noise_source(hw, noise, key)
     act = nn.activation(spec.activation)
     avg, count = _grouping(mode, y)
     keep = (lambda t: t) if avg is None else avg
@@ -188,14 +211,18 @@ def dfa_grads_and_loss(
     a = h = None  # the full-batch activations are no longer needed (a no-op under jit)
     batch_loss = reduce_loss(spec, z, y)
     y_hat = nn.output_function(spec.output)(z)
-    e = y_hat - y if avg is None else avg(y_hat) - avg(y)
-    if spec.reduction == "mean":
-        e = e / count
+    e_raw = y_hat - y if avg is None else avg(y_hat) - avg(y)
+    e = e_raw / count if spec.reduction == "mean" else e_raw
     # Top layer first, as backprop does, so each layer's activations are released as
     # soon as its update is formed (h_{L-1} first) and peak memory stays near BP's.
     grads = [(e.T @ h_last, jnp.sum(e, axis=0))]
     h_last = None
-    project = _projector(spec, feedback, e)
+    if hw is None:
+        project = _projector(spec, feedback, e)
+    else:  # hardware effects act on the unscaled e' (dfa_core.hardware); 1/K comes after
+        scale_by = count if spec.reduction == "mean" else None
+        present = blocks.present_rows(mode, y)
+        project = blocks.hardware_projections(hw, feedback, e_raw, scale_by, present, noise, key).__getitem__
     for l in reversed(range(spec.num_hidden)):
         p = project(l)
         a_l, h_in = kept_a[l], kept_h[l]
@@ -207,9 +234,19 @@ def dfa_grads_and_loss(
     return tuple(grads), batch_loss
 
 
-def _dfa_grads(spec: MLPSpec, params: Params, feedback: Feedback, x: Array, y: Array, mode: str) -> Grads:
+def _dfa_grads(
+    spec: MLPSpec,
+    params: Params,
+    feedback: Feedback,
+    x: Array,
+    y: Array,
+    mode: str,
+    projection: Optional[Projection] = None,
+    noise: Optional[Tuple[Array, ...]] = None,
+    key: Optional[Any] = None,
+) -> Grads:
     TRACE_COUNTS["dfa_grads"] += 1
-    return dfa_grads_and_loss(spec, params, feedback, x, y, mode)[0]
+    return dfa_grads_and_loss(spec, params, feedback, x, y, mode, projection, noise, key)[0]
 
 
 def bp_grads_and_loss(spec: MLPSpec, params: Params, x: Array, y: Array) -> Tuple[Grads, Array]:
@@ -229,8 +266,9 @@ def _bp_grads(spec: MLPSpec, params: Params, x: Array, y: Array) -> Grads:
     return bp_grads_and_loss(spec, params, x, y)[0]
 
 
-dfa_grads_unchecked = jax.jit(_dfa_grads, static_argnames=("spec", "mode"))
-"""``dfa_grads`` on JAX arrays of spec.dtype, without validation (the fast path); jitted."""
+dfa_grads_unchecked = jax.jit(_dfa_grads, static_argnames=("spec", "mode", "projection"))
+"""``dfa_grads`` on JAX arrays of spec.dtype, without validation (the fast path); jitted per
+(spec, mode, projection); projection, noise and key as in ``dfa_grads_and_loss``."""
 bp_grads_unchecked = jax.jit(_bp_grads, static_argnames=("spec",))
 """``bp_grads`` on JAX arrays of spec.dtype, without validation (the fast path); jitted."""
 
@@ -276,6 +314,14 @@ def prepare(
     return params_j, feedback_j, x, y
 
 
+def _check_key(key: Any) -> None:
+    """A JAX PRNG key: typed (jax.random.key) or a raw uint32 (2,) one (jax.random.PRNGKey); else TypeError."""
+    typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    raw = isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,)
+    if not (typed or raw):
+        raise TypeError(f"key must be a JAX PRNG key (jax.random.key(seed)), got {type(key).__name__}")
+
+
 def dfa_grads(
     spec: MLPSpec,
     params: ParamsLike,
@@ -284,6 +330,9 @@ def dfa_grads(
     y: ArrayLike,
     mode: str = "sample",
     check_values: bool = True,
+    projection: Optional[Projection] = None,
+    noise: Optional[Any] = None,
+    key: Optional[Any] = None,
 ) -> Grads:
     """DFA gradients of the loss for one batch (signs as gradients: SGD does W -= lr * g).
 
@@ -296,20 +345,35 @@ def dfa_grads(
       mode: 'sample', 'batch_mean' or 'class_mean'.
       check_values: reject non-finite x or y (and non-one-hot y for 'class_mean');
         costs one reduction over the batch.
+      projection: hardware effects on e' B_l^T (dfa_core.hardware.Projection); None: exact DFA.
+      noise: explicit standard-normal draws for the projection noise, one array per hidden
+        block shaped like its projection (K, size_l) (``dfa_core.hardware.projection_shapes``).
+      key: instead of noise, a JAX PRNG key (``jax.random.key(seed)``) to draw it in the step.
 
     Returns:
       ((gW_1, gb_1), ..., (gW_L, gb_L)) JAX arrays shaped like params.
 
     Raises:
-      ValueError, TypeError: bad spec, mode, shapes, dtypes or values, before any tracing.
+      ValueError, TypeError: bad spec, mode, shapes, dtypes, values, projection, noise or key,
+        before any tracing.
     """
     with precision_scope(getattr(spec, "dtype", "float32")):
         validation.check_spec(spec)
         validation.check_feedback(spec, feedback)  # None is not "no feedback" for DFA
+        hw = hardware.active(projection)
+        hardware.check_noise_source(hw, noise, key)
         params_j, feedback_j, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
+        noise_j = None
+        if noise is not None:
+            hardware.check_noise(spec, noise, x.shape[0], mode)
+            noise_j = tuple(as_input(z, spec.dtype) for z in noise)
+        if key is not None:
+            _check_key(key)
         # check_feedback refused None above, so prepare returned the feedback as JAX arrays.
         unchecked = blocks.dfa_grads_unchecked if isinstance(spec, ModelSpec) else dfa_grads_unchecked
-        return unchecked(spec, params_j, cast(Feedback, feedback_j), x, y, mode)
+        if hw is None:  # today's call, so today's compiled program
+            return unchecked(spec, params_j, cast(Feedback, feedback_j), x, y, mode)
+        return unchecked(spec, params_j, cast(Feedback, feedback_j), x, y, mode, hw, noise_j, key)
 
 
 def bp_grads(spec: MLPSpec, params: ParamsLike, x: ArrayLike, y: ArrayLike, check_values: bool = True) -> Grads:

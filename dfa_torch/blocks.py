@@ -20,10 +20,13 @@ import copy
 import functools
 from typing import Any, Callable, NamedTuple, Optional, Tuple, cast
 
+import numpy as np
 import torch
 import torch.func
 import torch.nn.functional as F
 
+from dfa_core import hardware
+from dfa_core.hardware import Projection
 from dfa_core.model import (
     AvgPool2d,
     Block,
@@ -391,6 +394,113 @@ def _loss(spec: ModelSpec, params: Params, x: Tensor, y: Tensor) -> Tensor:
 # route a ModelSpec to the underscored functions above after casting (dfa_jax.blocks jits them).
 
 
+# -- hardware effects on the projection (dfa_core.hardware: quantised error, noise, a plug-in device) ------------
+
+
+def _quantize(projection: Projection, e_KxO: Tensor) -> Tensor:
+    """q = Q(e'): 'sign', 'ternary' (threshold t) or 'kbit:N' (per-batch scale max|e'|); see dfa_core.hardware."""
+    if projection.quantize is None:
+        return e_KxO
+    if projection.quantize == "sign":
+        return torch.sign(e_KxO)
+    if projection.quantize == "ternary":
+        return torch.where(torch.abs(e_KxO) > projection.threshold, torch.sign(e_KxO), torch.zeros_like(e_KxO))
+    m = float(cast(int, projection.levels))
+    s = torch.max(torch.abs(e_KxO))
+    s = torch.where(s > 0, s, torch.ones_like(s))  # e' = 0 rounds to 0 whatever the scale
+    return torch.round(e_KxO * (m / s)) * (s / m)
+
+
+def present_rows(mode: str, y_BxO: Tensor) -> Optional[Tensor]:
+    """(K,) 1 for the classes present in y and 0 for the absent ones in 'class_mean' (their all-zero
+    rows get no noise); None in the other modes, where every row is a real group."""
+    if mode != "class_mean":
+        return None
+    members_BxC = F.one_hot(torch.argmax(y_BxO, dim=1), y_BxO.shape[1]).to(y_BxO.dtype)
+    return (torch.sum(members_BxC, dim=0) > 0).to(y_BxO.dtype)
+
+
+def _device_projections(projection: Projection, q_KxO: Tensor, sizes: Tuple[int, ...]) -> Tuple[Tensor, ...]:
+    """The plug-in device's (q B_1^T, ..., q B_{L-1}^T): a plain call on the host with q as NumPy (copied
+    off the GPU if need be); its answers come back as tensors of q's dtype on q's device."""
+    shapes = tuple((q_KxO.shape[0], n) for n in sizes)
+    device = cast(Callable[[np.ndarray], Any], projection.device)
+    q_np = q_KxO.detach().cpu().numpy()
+    out = hardware.check_device_output(device(q_np), shapes)
+    return tuple(torch.as_tensor(np.asarray(p, dtype=q_np.dtype), device=q_KxO.device) for p in out)
+
+
+def _generator(key: Any, device: torch.device) -> torch.Generator:
+    """A torch.Generator from key: the Generator itself (its state advances), or a new one seeded with an int."""
+    if isinstance(key, torch.Generator):
+        return key
+    if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+        raise TypeError(f"key must be a torch.Generator or an int seed on torch, got {type(key).__name__}")
+    return torch.Generator(device=device).manual_seed(int(key))
+
+
+def _standard_normal(key: Any, shapes: Tuple[Tuple[int, int], ...], like: Tensor) -> Tuple[Tensor, ...]:
+    """z_l ~ N(0, 1), one tensor per projection in block order, from one generator (``_generator``)."""
+    gen = _generator(key, like.device)
+    return tuple(torch.randn(shape, generator=gen, dtype=like.dtype, device=like.device) for shape in shapes)
+
+
+def hardware_projections(
+    projection: Projection,
+    feedback: Feedback,
+    e_KxO: Tensor,
+    count: Optional[Any],
+    present_K: Optional[Tensor],
+    noise: Optional[Tuple[Tensor, ...]],
+    key: Optional[Any],
+) -> Tuple[Tensor, ...]:
+    """(p_1, ..., p_{L-1}), p_l (K, size_l): DFA's projections as the hardware computes them.
+
+    q = Q(e'); p_l = q B_l^T (or device(q)[l]); additive noise p_l + max|q| (mu + sigma z_l) or
+    multiplicative p_l (1 + mu + sigma z_l); then p_l / K for reduction 'mean' (the equations of
+    dfa_core.hardware).
+
+    Args:
+      projection: an active dfa_core.hardware.Projection.
+      feedback: (B_1, ..., B_{L-1}), B_l (size_l, n_L).
+      e_KxO: the grouped error e' before reduction 'mean''s 1/K, (K, n_L).
+      count: K to divide by (reduction 'mean'), or None.
+      present_K: ``present_rows`` (class_mean), or None.
+      noise: explicit z_l, each (K, size_l) or (K, *a_shape_l), or None.
+      key: a torch.Generator or int seed to draw z_l from (``_standard_normal``) when noise is None.
+
+    Returns:
+      The projections, each (K, size_l).
+    """
+    if not feedback:
+        return ()
+    q = _quantize(projection, e_KxO)
+    sizes = tuple(b.shape[0] for b in feedback)
+    if projection.device is None:
+        p = [q @ b.T for b in feedback]
+    else:
+        p = list(_device_projections(projection, q, sizes))
+        if present_K is not None:  # whatever the device answers for an absent class's zero row, it adds nothing
+            p = [p_l * present_K[:, None] for p_l in p]
+    if projection.noise is not None:
+        shapes = tuple((q.shape[0], n) for n in sizes)
+        if noise is None:
+            z = _standard_normal(key, shapes, q)
+        else:
+            z = tuple(z_l.reshape(shape) for z_l, shape in zip(noise, shapes))
+        if projection.noise == "additive":
+            peak = torch.max(torch.abs(q))
+            added = [peak * (projection.mu + projection.sigma * z_l) for z_l in z]
+            if present_K is not None:  # absent classes' zero rows stay zero
+                added = [n_l * present_K[:, None] for n_l in added]
+            p = [p_l + n_l for p_l, n_l in zip(p, added)]
+        else:  # absent classes' rows are zero, and stay so
+            p = [p_l * (1 + projection.mu + projection.sigma * z_l) for p_l, z_l in zip(p, z)]
+    if count is not None:
+        p = [p_l / count for p_l in p]
+    return tuple(p)
+
+
 # -- DFA ---------------------------------------------------------------------------------------------
 
 
@@ -419,15 +529,32 @@ def _grouping(mode: str, y: Tensor) -> Tuple[Optional[Callable[[Tensor], Tensor]
 
 @torch.no_grad()
 def dfa_grads_and_loss(
-    spec: ModelSpec, params: Params, feedback: Feedback, x: Tensor, y: Tensor, mode: str
+    spec: ModelSpec,
+    params: Params,
+    feedback: Feedback,
+    x: Tensor,
+    y: Tensor,
+    mode: str,
+    projection: Optional[Projection] = None,
+    noise: Optional[Tuple[Tensor, ...]] = None,
+    key: Optional[Any] = None,
 ) -> Tuple[Grads, Tensor]:
     """DFA gradients of every block and the batch loss: ``dfa_signals`` without the deltas."""
-    grads, batch_loss, _ = dfa_signals(spec, params, feedback, x, y, mode)
+    grads, batch_loss, _ = dfa_signals(spec, params, feedback, x, y, mode, projection=projection, noise=noise, key=key)
     return grads, batch_loss
 
 
 def dfa_signals(
-    spec: ModelSpec, params: Params, feedback: Feedback, x: Tensor, y: Tensor, mode: str, keep_deltas: bool = False
+    spec: ModelSpec,
+    params: Params,
+    feedback: Feedback,
+    x: Tensor,
+    y: Tensor,
+    mode: str,
+    keep_deltas: bool = False,
+    projection: Optional[Projection] = None,
+    noise: Optional[Tuple[Tensor, ...]] = None,
+    key: Optional[Any] = None,
 ) -> Tuple[Grads, Tensor, Tuple[Tensor, ...]]:
     """DFA gradients and the batch loss of a ModelSpec in one pass (no graph between blocks).
 
@@ -444,11 +571,16 @@ def dfa_signals(
       mode: 'sample', 'batch_mean' or 'class_mean'.
 
       keep_deltas: also return the teaching signals (``alignment`` compares them with BP's).
+      projection: hardware effects on e' B_l^T (dfa_core.hardware.Projection); None: exact.
+      noise: the projection noise's standard-normal draws, one (K, size_l) tensor per hidden block.
+      key: a torch.Generator (or int seed) to draw them from in the step instead, block by block.
 
     Returns:
       (per block the gradients of its flat params, shaped like params; loss (); with
       keep_deltas (delta_1, ..., delta_{L-1}, e'), delta_l (K, *a_shape_l), else ()).
     """
+    hw = hardware.active(projection)
+    hardware.check_noise_source(hw, noise, key)
     f = nn.activation(spec.activation).fn
     acts = _block_activations(spec)
     blocks = _blocks(spec)
@@ -470,13 +602,17 @@ def dfa_signals(
     del u, h
     batch_loss = reduce_loss(spec, z, y)
     y_hat = nn.output_function(spec.output)(z)
-    e = y_hat - y if avg is None else avg(y_hat) - avg(y)
-    if spec.reduction == "mean":
-        e = e / count
+    e_raw = y_hat - y if avg is None else avg(y_hat) - avg(y)
+    e = e_raw / count if spec.reduction == "mean" else e_raw
+    projections: Optional[Tuple[Tensor, ...]] = None
+    if hw is not None:
+        scale_by = count if spec.reduction == "mean" else None
+        projections = hardware_projections(hw, feedback, e_raw, scale_by, present_rows(mode, y), noise, key)
     deltas = [e]
     grads = [_block_vjp(blocks[-1], params[-1], kept_u.pop(), e, f)]  # delta_L = e'
     for l in reversed(range(len(blocks) - 1)):  # top first, as dfa_torch.dfa, to free memory early
-        p = (e @ feedback[l].T).reshape(e.shape[0], *blocks[l].a_shape)
+        p_flat = e @ feedback[l].T if projections is None else projections[l]
+        p = p_flat.reshape(e.shape[0], *blocks[l].a_shape)
         a_l, u_l = kept_a[l], kept_u[l]
         kept_a[l] = kept_u[l] = None
         fa = a_l if avg is None else acts[l].fn(a_l)  # in 'sample' mode a_l holds h, which stands in for a in f'
@@ -488,9 +624,19 @@ def dfa_signals(
     return tuple(grads), batch_loss, tuple(reversed(deltas)) if keep_deltas else ()
 
 
-def dfa_grads_unchecked(spec: ModelSpec, params: Params, feedback: Feedback, x: Tensor, y: Tensor, mode: str) -> Grads:
+def dfa_grads_unchecked(
+    spec: ModelSpec,
+    params: Params,
+    feedback: Feedback,
+    x: Tensor,
+    y: Tensor,
+    mode: str,
+    projection: Optional[Projection] = None,
+    noise: Optional[Tuple[Tensor, ...]] = None,
+    key: Optional[Any] = None,
+) -> Grads:
     """DFA gradients on tensors of spec.dtype, without validation."""
-    return dfa_grads_and_loss(spec, params, feedback, x, y, mode)[0]
+    return dfa_grads_and_loss(spec, params, feedback, x, y, mode, projection, noise, key)[0]
 
 
 # -- BP ----------------------------------------------------------------------------------------------
@@ -526,6 +672,8 @@ __all__ = [
     "dfa_grads_and_loss",
     "dfa_signals",
     "dfa_grads_unchecked",
+    "hardware_projections",
+    "present_rows",
     "reduce_loss",
     "user_block",
 ]

@@ -13,8 +13,9 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple, cast
 
 import torch
 
-from dfa_core import validation
+from dfa_core import hardware, validation
 from dfa_core.backend import ArrayLike, FeedbackLike, ParamsLike
+from dfa_core.hardware import Projection
 from dfa_core.model import ModelSpec
 from dfa_core.spec import MLPSpec
 from dfa_torch import blocks, nn
@@ -152,7 +153,15 @@ def _grouping(mode: str, y: Tensor) -> Tuple[Optional[Callable[[Tensor], Tensor]
 
 @torch.no_grad()
 def dfa_grads_and_loss(
-    spec: MLPSpec, params: Params, feedback: Feedback, x: Tensor, y: Tensor, mode: str
+    spec: MLPSpec,
+    params: Params,
+    feedback: Feedback,
+    x: Tensor,
+    y: Tensor,
+    mode: str,
+    projection: Optional[Projection] = None,
+    noise: Optional[Tuple[Tensor, ...]] = None,
+    key: Optional[Any] = None,
 ) -> Tuple[Grads, Tensor]:
     """DFA gradients and the batch loss in one memory-lean pass (the training fast path).
 
@@ -161,11 +170,26 @@ def dfa_grads_and_loss(
     (f' is read off h = f(a), which determines it for every activation offered), or
     only the grouped a' and h' (K rows) in the averaged modes. 'mean' scales e' by 1/K.
 
+    Args:
+      spec, params, feedback, x, y, mode: as ``dfa_grads``, as tensors of spec.dtype.
+      projection: hardware effects on the projections e' B_l^T (dfa_core.hardware.Projection:
+        quantised error, noise, a plug-in device); None, or an identity Projection: exact.
+      noise: the projection noise's standard-normal draws z_l, one (K, n_l) tensor per hidden
+        layer (K: batch, 1 or n_L by mode); the same draws give the same grads on both backends.
+      key: a torch.Generator on the params' device (its state advances, so one generator serves
+        every step) or an int seed (a fresh generator each call: pass a new seed every step), to
+        draw z_l inside the step instead, layer 1 first. Draws differ from JAX's for the same seed.
+
     Returns:
       (((gW_1, gb_1), ..., (gW_L, gb_L)), loss ()).
+
+    Raises:
+      ValueError: noise and key both given, or given without projection noise, or neither with it.
     """
     if isinstance(spec, ModelSpec):  # conv/pool/dense blocks: per-block VJPs (dfa_torch.blocks)
-        return blocks.dfa_grads_and_loss(spec, params, feedback, x, y, mode)
+        return blocks.dfa_grads_and_loss(spec, params, feedback, x, y, mode, projection, noise, key)
+    hw = hardware.active(projection)
+    hardware.check_noise_source(hw, noise, key)
     act = nn.activation(spec.activation)
     avg, count = _grouping(mode, y)
     keep = (lambda t: t) if avg is None else avg
@@ -185,14 +209,18 @@ def dfa_grads_and_loss(
     a = h = None  # the full-batch activations are no longer needed
     batch_loss = reduce_loss(spec, z, y)
     y_hat = nn.output_function(spec.output)(z)
-    e = y_hat - y if avg is None else avg(y_hat) - avg(y)
-    if spec.reduction == "mean":
-        e = e / count
+    e_raw = y_hat - y if avg is None else avg(y_hat) - avg(y)
+    e = e_raw / count if spec.reduction == "mean" else e_raw
     # Top layer first, as backprop does, so each layer's activations are released as
     # soon as its update is formed (h_{L-1} first) and peak memory stays near BP's.
     grads = [(e.T @ h_last, torch.sum(e, dim=0))]
     h_last = None
-    project = _projector(spec, feedback, e)
+    if hw is None:
+        project = _projector(spec, feedback, e)
+    else:  # hardware effects act on the unscaled e' (dfa_core.hardware); 1/K comes after
+        scale_by = count if spec.reduction == "mean" else None
+        present = blocks.present_rows(mode, y)
+        project = blocks.hardware_projections(hw, feedback, e_raw, scale_by, present, noise, key).__getitem__
     for l in reversed(range(spec.num_hidden)):
         p = project(l)
         a_l, h_in = kept_a[l], kept_h[l]
@@ -204,9 +232,20 @@ def dfa_grads_and_loss(
     return tuple(grads), batch_loss
 
 
-def dfa_grads_unchecked(spec: MLPSpec, params: Params, feedback: Feedback, x: Tensor, y: Tensor, mode: str) -> Grads:
-    """``dfa_grads`` on tensors of spec.dtype, without validation (the fast path)."""
-    return dfa_grads_and_loss(spec, params, feedback, x, y, mode)[0]
+def dfa_grads_unchecked(
+    spec: MLPSpec,
+    params: Params,
+    feedback: Feedback,
+    x: Tensor,
+    y: Tensor,
+    mode: str,
+    projection: Optional[Projection] = None,
+    noise: Optional[Tuple[Tensor, ...]] = None,
+    key: Optional[Any] = None,
+) -> Grads:
+    """``dfa_grads`` on tensors of spec.dtype, without validation (the fast path); projection,
+    noise and key as in ``dfa_grads_and_loss``."""
+    return dfa_grads_and_loss(spec, params, feedback, x, y, mode, projection, noise, key)[0]
 
 
 def bp_grads_and_loss(spec: MLPSpec, params: Params, x: Tensor, y: Tensor) -> Tuple[Grads, Tensor]:
@@ -280,6 +319,9 @@ def dfa_grads(
     y: ArrayLike,
     mode: str = "sample",
     check_values: bool = True,
+    projection: Optional[Projection] = None,
+    noise: Optional[Any] = None,
+    key: Optional[Any] = None,
 ) -> Grads:
     """DFA gradients of the loss for one batch (signs as gradients: SGD does W -= lr * g).
 
@@ -292,19 +334,33 @@ def dfa_grads(
       mode: 'sample', 'batch_mean' or 'class_mean'.
       check_values: reject non-finite x or y (and non-one-hot y for 'class_mean');
         costs one reduction over the batch.
+      projection: hardware effects on e' B_l^T (dfa_core.hardware.Projection); None: exact DFA.
+      noise: explicit standard-normal draws for the projection noise, one array per hidden
+        block shaped like its projection (K, size_l) (``dfa_core.hardware.projection_shapes``).
+      key: instead of noise, a torch.Generator or an int seed to draw it in the step.
 
     Returns:
       ((gW_1, gb_1), ..., (gW_L, gb_L)) tensors shaped like params.
 
     Raises:
-      ValueError, TypeError: bad spec, mode, shapes, dtypes or values, before any compute.
+      ValueError, TypeError: bad spec, mode, shapes, dtypes, values, projection, noise or key,
+        before any compute.
     """
     with precision_scope(getattr(spec, "dtype", "float32")):
         validation.check_spec(spec)
         validation.check_feedback(spec, feedback)  # None is not "no feedback" for DFA
+        hw = hardware.active(projection)
+        hardware.check_noise_source(hw, noise, key)
+        if key is not None and not isinstance(key, torch.Generator):
+            if isinstance(key, bool) or not isinstance(key, int):
+                raise TypeError(f"key must be a torch.Generator or an int seed on torch, got {type(key).__name__}")
         params_t, feedback_t, x, y = prepare(spec, params, feedback, x, y, mode, check_values)
+        noise_t = None
+        if noise is not None:
+            hardware.check_noise(spec, noise, x.shape[0], mode)
+            noise_t = tuple(as_input(z, spec.dtype, x.device) for z in noise)
         # check_feedback refused None above, so prepare returned the feedback as tensors.
-        return dfa_grads_unchecked(spec, params_t, cast(Feedback, feedback_t), x, y, mode)
+        return dfa_grads_unchecked(spec, params_t, cast(Feedback, feedback_t), x, y, mode, hw, noise_t, key)
 
 
 def bp_grads(spec: MLPSpec, params: ParamsLike, x: ArrayLike, y: ArrayLike, check_values: bool = True) -> Grads:
