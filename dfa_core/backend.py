@@ -236,6 +236,7 @@ class Backend(Protocol):
         donate: bool = False,
         with_alignment: bool = False,
         kp_decay: float = 1e-3,
+        projection: Any = None,
     ) -> Callable:
         """step(params, feedback, opt_state, x, y) -> (params, opt_state, loss[, angles]), compiled once.
 
@@ -243,15 +244,20 @@ class Backend(Protocol):
         and 'brsf' the opt_state is ``RuleState`` (``init_rule_state``): KP's B is trained state
         there (the ``feedback`` argument's kp entries are ignored) and checkpointed with it.
         ``kp_decay`` is KP's weight decay lambda per step (>= 0, on W_{l+1} and B_l of kp blocks
-        only; Akrout et al. 2019). ``with_alignment`` is for 'dfa' and 'bp'.
+        only; Akrout et al. 2019). ``with_alignment`` is for 'dfa' and 'bp'. ``projection`` (a
+        ``dfa_core.hardware.Projection``, method 'dfa' only) quantises and perturbs the projection
+        e' B_l^T; with noise the opt_state is a ``RuleState`` and step t draws from (seed, t).
         """
 
-    def init_rule_state(self, spec: MLPSpec, method: Any, opt_state: Any, feedback: Any, seed: int = 0) -> Any:
+    def init_rule_state(
+        self, spec: MLPSpec, method: Any, opt_state: Any, feedback: Any, seed: int = 0, projection: Any = None
+    ) -> Any:
         """The ``opt_state`` a ``train_step`` of ``method`` takes: ``RuleState`` when a rule carries state.
 
         For 'kp' (anywhere in ``method``) the state holds KP's B_l, copied from ``feedback``'s
         entries of the kp blocks; for 'brsf' the seed of the per-batch magnitudes (step t draws
-        from (seed, t)). Other methods get ``opt_state`` back unchanged.
+        from (seed, t)), and likewise for a ``projection`` with noise. Other methods get
+        ``opt_state`` back unchanged.
         """
 
     def train_epoch(
@@ -263,6 +269,7 @@ class Backend(Protocol):
         batch_size: int = 200,
         donate: bool = False,
         align_every: int = 0,
+        projection: Any = None,
     ) -> Callable:
         """epoch(params, feedback, opt_state, x, y, order, step0) -> (params, opt_state, losses, angles).
 

@@ -53,6 +53,8 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dfa_core.backend import RuleState
+
 QUANTIZERS = ("ternary", "sign", "kbit:N")
 """Error quantisers; ``kbit:N`` stands for kbit:2, kbit:3, ... (N bits, 2 <= N <= 32)."""
 NOISES = ("additive", "multiplicative")
@@ -238,7 +240,38 @@ def check_device_output(out: Any, shapes: Sequence[Tuple[int, int]]) -> Tuple[np
     return tuple(arrays)
 
 
+def check_step_projection(method: Any, projection: Optional[Projection]) -> Optional[Projection]:
+    """The active projection (``dfa_core.hardware.active``) of a step of ``method``, or None.
+
+    Raises:
+      TypeError: projection is neither None nor a Projection.
+      ValueError: an active projection with a method other than 'dfa'.
+    """
+    hw = active(projection)
+    if hw is not None and method != "dfa":
+        raise ValueError(
+            f"projection (hardware effects on DFA's projection e B_l^T) applies to method 'dfa' only, got {method!r}"
+        )
+    return hw
+
+
+def check_noise_state(projection: Optional[Projection], opt_state: Any) -> None:
+    """A noisy projection draws from the step's ``RuleState``; anything else is refused before tracing.
+
+    Raises:
+      TypeError: the projection has noise and opt_state is not a RuleState.
+    """
+    if projection is not None and projection.noise is not None and not isinstance(opt_state, RuleState):
+        raise TypeError(
+            f"projection noise {projection.noise!r} draws each step's key from a RuleState opt_state: build it "
+            f"with init_rule_state(spec, 'dfa', opt_state, feedback, seed, projection=projection), got "
+            f"{type(opt_state).__name__}"
+        )
+
+
 __all__ = [
+    "check_noise_state",
+    "check_step_projection",
     "DEFAULT_THRESHOLD",
     "NOISES",
     "Projection",

@@ -16,14 +16,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dfa_core import validation
+from dfa_core import hardware, validation
+from dfa_core.hardware import Projection
 from dfa_core.model import NetSpec
 from dfa_core.spec import OptimizerSpec
 from dfa_jax import alignment
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, Feedback
 from dfa_jax.mlp import Params, forward
-from dfa_jax.train import _build_step
+from dfa_jax.train import KP_DECAY, _build_step
 
 Array = jax.Array
 
@@ -36,6 +37,7 @@ def train_epoch(
     batch_size: int = 200,
     donate: bool = False,
     align_every: int = 0,
+    projection: Optional[Projection] = None,
 ) -> Callable[..., Tuple[Any, Any, Array, Optional[Array]]]:
     """Builds epoch(params, feedback, opt_state, x, y, order, step0) -> (params, opt_state, losses, angles).
 
@@ -70,10 +72,13 @@ def train_epoch(
       donate: let XLA reuse the params and opt_state buffers passed in (they become
         invalid after the call).
       align_every: measure the angles every ``align_every`` global steps; 0 never.
+      projection: hardware effects on DFA's projections (``train_step``'s projection; method
+        'dfa' only). With noise the opt_state is a ``RuleState`` and step t's draws come from
+        (rule_seed, t), so an epoch equals its steps run one by one.
 
     Raises:
-      ValueError, TypeError: a bad spec, optimizer, method, mode, batch_size or
-        align_every, before anything is traced.
+      ValueError, TypeError: a bad spec, optimizer, method, mode, batch_size,
+        align_every or projection, before anything is traced.
     """
     validation.check_train_step(spec, opt, method, mode)
     method = validation.method_key(method)
@@ -83,7 +88,10 @@ def train_epoch(
         raise ValueError(
             f"train_epoch: align_every > 0 measures DFA-vs-BP angles for 'dfa' and 'bp' only, got {method!r}"
         )
-    return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
+    hw = hardware.check_step_projection(method, projection)
+    if hw is None:  # today's call, so today's cached epoch
+        return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
+    return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every, hw)
 
 
 def _angles_if_due(
@@ -99,8 +107,11 @@ def _angles_if_due(
 
 
 @functools.lru_cache(maxsize=None)
-def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every):
-    step = _build_step(spec, opt, method, mode, False, False).jitted
+def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, projection=None):
+    if projection is None:
+        step = _build_step(spec, opt, method, mode, False, False).jitted
+    else:
+        step = _build_step(spec, opt, method, mode, False, False, KP_DECAY, projection).jitted
 
     def one_batch(state, feedback, x, y, idx_B, phase):
         params, opt_state = state
@@ -132,6 +143,7 @@ def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every):
 
     @functools.wraps(epoch)
     def run(params, feedback, opt_state, x, y, order, step0=0):
+        hardware.check_noise_state(projection, opt_state)
         with precision_scope(spec.dtype):
             # Only step0 modulo align_every matters: keeps the int32 counter from overflowing.
             phase = jnp.asarray(step0 % align_every if align_every else 0, dtype=jnp.int32)

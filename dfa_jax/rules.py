@@ -14,8 +14,9 @@ from typing import Any, Callable, Optional, Tuple, cast
 import jax
 import jax.numpy as jnp
 
-from dfa_core import validation
+from dfa_core import hardware, validation
 from dfa_core.backend import ArrayLike, RuleState
+from dfa_core.hardware import Projection
 from dfa_core.model import Block, NetSpec
 from dfa_core.rules import as_model, brsf_bound, usf_scale
 from dfa_core.spec import MLPSpec
@@ -203,8 +204,11 @@ def _draws(spec: NetSpec, rules: Tuple[str, ...], feedback: Tuple[Any, ...]) -> 
     return any(r == "brsf" and (not feedback or not feedback[l].size) for l, r in enumerate(rules[:-1]))
 
 
-def init_rule_state(spec: NetSpec, method: Any, opt_state: Any, feedback: Any, seed: int = 0) -> Any:
-    """``RuleState(opt_state, KP's B, seed, 0)`` when ``method`` has 'kp' or 'brsf', else ``opt_state``.
+def init_rule_state(
+    spec: NetSpec, method: Any, opt_state: Any, feedback: Any, seed: int = 0, projection: Optional[Projection] = None
+) -> Any:
+    """``RuleState(opt_state, KP's B, seed, 0)`` when ``method`` has 'kp' or 'brsf', or the
+    ``projection`` draws noise; else ``opt_state``.
 
     Args:
       spec: the network.
@@ -212,12 +216,21 @@ def init_rule_state(spec: NetSpec, method: Any, opt_state: Any, feedback: Any, s
       opt_state: ``make_optimizer(opt, spec.dtype).init(params)``.
       feedback: the feedback ``grads`` takes; the entries of kp blocks become the trained B.
       seed: brsf's seed (step t draws from jax.random.fold_in(PRNGKey(seed), t)), >= 0.
+      projection: the ``train_step``'s dfa_core.hardware.Projection (method 'dfa' only), or None;
+        with noise, step t draws it from (seed, t) as brsf does.
 
     Returns:
       The opt_state the ``train_step`` of ``method`` takes.
     """
-    rules = validation.method_rules(spec, validation.method_key(method))
-    if not any(r in validation.STATEFUL_RULES for r in rules[:-1]):
+    key = validation.method_key(method)
+    rules = validation.method_rules(spec, key)
+    hw = hardware.active(projection)
+    if hw is not None and key != "dfa":
+        raise ValueError(
+            f"projection (hardware effects on DFA's projection e B_l^T) applies to method 'dfa' only, got {key!r}"
+        )
+    noisy = hw is not None and hw.noise is not None
+    if not noisy and not any(r in validation.STATEFUL_RULES for r in rules[:-1]):
         return opt_state
     seed = validation.check_int("seed", seed, 0)
     if "kp" in rules[:-1]:

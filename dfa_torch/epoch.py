@@ -14,11 +14,12 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 
-from dfa_core import validation
+from dfa_core import hardware, validation
+from dfa_core.hardware import Projection
 from dfa_core.model import NetSpec
 from dfa_core.spec import OptimizerSpec
 from dfa_torch.mlp import Params, forward
-from dfa_torch.train import _build_step
+from dfa_torch.train import KP_DECAY, _build_step
 
 Tensor = torch.Tensor
 
@@ -31,6 +32,7 @@ def train_epoch(
     batch_size: int = 200,
     donate: bool = False,
     align_every: int = 0,
+    projection: Optional[Projection] = None,
 ) -> Callable[..., Tuple[Any, Any, Tensor, Optional[Tensor]]]:
     """Builds epoch(params, feedback, opt_state, x, y, order, step0) -> (params, opt_state, losses, angles).
 
@@ -63,10 +65,13 @@ def train_epoch(
       batch_size: samples per step, >= 1.
       donate: let the steps write the new params into the tensors passed in (in place).
       align_every: measure the angles every ``align_every`` global steps; 0 never.
+      projection: hardware effects on DFA's projections (``train_step``'s projection; method
+        'dfa' only). With noise the opt_state is a ``RuleState`` and step t's draws come from
+        (rule_seed, t), so an epoch equals its steps run one by one.
 
     Raises:
-      ValueError, TypeError: a bad spec, optimizer, method, mode, batch_size or
-        align_every, before anything runs.
+      ValueError, TypeError: a bad spec, optimizer, method, mode, batch_size,
+        align_every or projection, before anything runs.
     """
     validation.check_train_step(spec, opt, method, mode)
     method = validation.method_key(method)
@@ -76,13 +81,17 @@ def train_epoch(
         raise ValueError(
             f"train_epoch: align_every > 0 measures DFA-vs-BP angles for 'dfa' and 'bp' only, got {method!r}"
         )
-    return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
+    hw = hardware.check_step_projection(method, projection)
+    if hw is None:  # today's call, so today's cached epoch
+        return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
+    return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every, hw)
 
 
 @functools.lru_cache(maxsize=None)
-def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every):
-    step = _build_step(spec, opt, method, mode, donate, False)
-    align_step = _build_step(spec, opt, method, mode, donate, True) if align_every else None
+def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, projection=None):
+    hw = () if projection is None else (KP_DECAY, projection)  # no projection: today's cached steps
+    step = _build_step(spec, opt, method, mode, donate, False, *hw)
+    align_step = _build_step(spec, opt, method, mode, donate, True, *hw) if align_every else None
 
     def epoch(params, feedback, opt_state, x, y, order, step0=0):
         order = torch.as_tensor(order, device=x.device)

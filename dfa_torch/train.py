@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
-from dfa_core import validation
+from dfa_core import hardware, validation
 from dfa_core.backend import RuleState
+from dfa_core.hardware import Projection
 from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec  # noqa: F401  (METHODS re-exported)
 from dfa_core.tree import tree_map
 from dfa_torch import alignment, rules
@@ -28,6 +29,7 @@ def train_step(
     donate: bool = False,
     with_alignment: bool = False,
     kp_decay: float = KP_DECAY,
+    projection: Optional[Projection] = None,
 ) -> Callable[..., Tuple[Any, ...]]:
     """Builds step(params, feedback, opt_state, x, y) -> (params, opt_state, loss[, angles]).
 
@@ -47,16 +49,30 @@ def train_step(
         as XLA's buffer donation does on JAX; for training loops that own their arrays.
       with_alignment: the step also returns ``alignment.Angles`` (DFA update vs BP
         gradient per layer) measured on the batch before the update, in the same step;
-        'dfa' and 'bp' only.
+        'dfa' and 'bp' only. With a ``projection`` the angles are still those of the exact
+        DFA direction e B_l^T (the one the hardware approximates).
       kp_decay: KP's lambda >= 0: W_{l+1} <- W_{l+1} + u - lambda W_{l+1} and
         B_l <- B_l + u - lambda B_l, u the optimizer's update of W_{l+1} (Akrout et al. 2019).
+      projection: hardware effects on DFA's projections (dfa_core.hardware.Projection:
+        quantised error, noise, a plug-in device called on the host); method 'dfa' only;
+        None (or an identity Projection): the exact step. With noise, the opt_state is a
+        ``RuleState`` (``init_rule_state(..., projection=projection)``) and step t draws from
+        ``rules.step_generator`` (seeded with rule_seed * 2^32 + t), as brsf does, so a
+        resumed run draws the same noise.
+
+    Raises:
+      ValueError, TypeError: a bad spec, optimizer, method, mode, kp_decay or projection (one
+        given with a method other than 'dfa').
     """
     validation.check_train_step(spec, opt, method, mode)
     method = validation.method_key(method)
     kp_decay = _check_decay(kp_decay)
     if with_alignment and method not in ("dfa", "bp"):
         raise ValueError(f"with_alignment measures DFA against BP: method 'dfa' or 'bp' only, got {method!r}")
-    return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment), kp_decay)
+    hw = hardware.check_step_projection(method, projection)
+    if hw is None:  # today's call, so today's cached step
+        return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment), kp_decay)
+    return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment), kp_decay, hw)
 
 
 def _check_decay(kp_decay: object) -> float:
@@ -85,10 +101,11 @@ def _kp_update(params, updates, new_params, kp_feedback, kp_blocks, decay):
 
 
 @functools.lru_cache(maxsize=None)
-def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DECAY):
+def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DECAY, projection=None):
     tx = make_optimizer(opt, spec.dtype)
     rules_ = validation.method_rules(spec, method)
-    stateful = any(r in validation.STATEFUL_RULES for r in rules_[:-1])
+    noisy = projection is not None and projection.noise is not None
+    stateful = any(r in validation.STATEFUL_RULES for r in rules_[:-1]) or noisy
     kp_blocks = tuple(l for l, r in enumerate(rules_[:-1]) if r == "kp")
 
     _apply = apply_updates_ if donate else apply_updates
@@ -117,7 +134,10 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
 
     def grads_and_loss(params, feedback, opt_state, x, y):
         if method == "dfa":
-            return dfa_grads_and_loss(spec, params, feedback, x, y, mode)
+            if projection is None:
+                return dfa_grads_and_loss(spec, params, feedback, x, y, mode)
+            key = rules.step_generator(opt_state, x.device) if noisy else None
+            return dfa_grads_and_loss(spec, params, feedback, x, y, mode, projection, None, key)
         if method == "bp":
             return bp_grads_and_loss(spec, params, x, y)
         key = None
@@ -128,6 +148,7 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
         return rules.grads_and_loss(spec, params, feedback, x, y, rules_, mode, key)
 
     def step(params, feedback, opt_state, x, y):
+        hardware.check_noise_state(projection, opt_state)
         params, feedback, x, y = _as_tensors(spec, params, feedback, x, y)
         # Measured before the update, which may write into params (donate=True).
         angles = alignment.alignment_angles_unchecked(spec, params, feedback, x, y, mode) if with_alignment else None

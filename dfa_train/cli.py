@@ -116,6 +116,23 @@ def _arch(text: str) -> str:
     return text
 
 
+def _quantize(text: str) -> str:
+    from dfa_core.hardware import Projection
+
+    Projection(quantize=text)  # the one check of the names and of kbit's N
+    return text
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _floats(text: str):
     from dfa_train.sweep import parse_floats
 
@@ -246,6 +263,37 @@ def _add_training_args(p: argparse.ArgumentParser, with_method: bool, lr_list: b
     p.add_argument("--no-plots", action="store_true")
 
 
+def _add_hardware_args(p: argparse.ArgumentParser) -> None:
+    """DFA on hardware (dfa_core.hardware.Projection): error quantisation and projection noise."""
+    from dfa_core.hardware import DEFAULT_THRESHOLD, NOISES
+
+    p.add_argument(
+        "--quantize",
+        type=_argument_type(_quantize),
+        default=_DEFAULTS["quantize"],
+        metavar="{ternary,sign,kbit:N}",
+        help="DFA only: quantise the error before projecting it: ternary ({-1,0,+1} with --threshold, as "
+        "photonic DFA), sign, or kbit:N (N bits, uniform, per-batch scale)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=_finite_float,
+        default=_DEFAULTS["threshold"],
+        help=f"--quantize ternary: |e| > threshold maps to sign(e), else 0 (default {DEFAULT_THRESHOLD})",
+    )
+    p.add_argument(
+        "--noise",
+        choices=NOISES,
+        default=_DEFAULTS["noise"],
+        help="DFA only: projection noise, additive (B e + max|e| N(mu, sigma^2), the optical DFA model) or "
+        "multiplicative (B e * (1 + N(mu, sigma^2))); needs --noise-sigma",
+    )
+    p.add_argument(
+        "--noise-sigma", type=_finite_float, default=_DEFAULTS["noise_sigma"], help="--noise: standard deviation"
+    )
+    p.add_argument("--noise-mu", type=_finite_float, default=_DEFAULTS["noise_mu"], help="--noise: mean (default 0)")
+
+
 def _add_single_run_args(p: argparse.ArgumentParser) -> None:
     """Seeds, checkpoint cadence and the progress bar: options of train and compare, not of sweep."""
     p.add_argument("--seed", type=_non_negative_int, default=_DEFAULTS["seed"], help="seed of the batch order")
@@ -283,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_training_args(p, with_method=with_method, lr_list=False)
         _add_single_run_args(p)
         p.add_argument("--out", default=None, help=f"folder (default runs/<timestamp>-{folder}-<backend>)")
+    _add_hardware_args(sub.choices["train"])
     sub.choices["train"].add_argument(
         "--resume",
         default=None,

@@ -20,6 +20,7 @@ import numbers
 from typing import Any, Dict, Mapping, Optional, Tuple, Union, cast
 
 from dfa_core.feedback import FEEDBACK_DISTS, FEEDBACK_PRESETS, OPTION_CHECKS
+from dfa_core.hardware import DEFAULT_THRESHOLD, NOISES, QUANTIZERS, Projection
 from dfa_core.model import ModelSpec, NetSpec
 from dfa_core.registry import BACKEND_NAMES
 from dfa_core.spec import ACTIVATIONS, DTYPES, METHODS, MODES, OPTIMIZERS, OUTPUTS, REDUCTIONS, MLPSpec, OptimizerSpec
@@ -27,14 +28,19 @@ from dfa_core.validation import GROUPING_RULES
 from dfa_train.arch import INPUT_SHAPES, parse_arch
 from dfa_train.cadence import CheckpointEvery, format_checkpoint_every, parse_checkpoint_every
 
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 """Bumped whenever RunConfig's fields change meaning; ``from_json`` refuses other versions.
-Versions 1 (before ``arch``) and 2 (before the feedback presets' options) still read, the
-fields added since set to None (``ADDED_IN``): the run they describe is unchanged."""
+Versions 1 (before ``arch``), 2 (before the feedback presets' options) and 3 (before the
+hardware projection) still read, the fields added since set to None (``ADDED_IN``): the run
+they describe is unchanged."""
+
+HARDWARE_FIELDS = ("quantize", "threshold", "noise", "noise_sigma", "noise_mu")
+"""The fields of DFA's hardware projection (``RunConfig.projection``); all None: exact DFA."""
 
 ADDED_IN: Dict[int, Dict[str, Any]] = {
     2: {"arch": None},
     3: {"feedback_density": None, "feedback_k": None, "feedback_rank": None},
+    4: dict.fromkeys(HARDWARE_FIELDS),
 }
 """The fields each config version added, with the value that means "as before"."""
 
@@ -137,6 +143,11 @@ class RunConfig:
     feedback_density: Optional[float] = None  # 'ternary' only (required): fraction of non-zeros, in (0, 1]
     feedback_k: Optional[int] = None  # 'sparse' only (required): non-zeros per row of B_l, in [1, n_L]
     feedback_rank: Optional[int] = None  # 'lowrank' only (required): rank of B_l, in [1, min(n_l, n_L)]
+    quantize: Optional[str] = None  # DFA only: the error quantised before projecting, 'ternary', 'sign' or 'kbit:N'
+    threshold: Optional[float] = None  # quantize 'ternary' only: |e| > threshold -> sign(e), >= 0; None: 0.1
+    noise: Optional[str] = None  # DFA only: projection noise, 'additive' (scaled by max|e|) or 'multiplicative'
+    noise_sigma: Optional[float] = None  # with noise (required): its standard deviation, >= 0
+    noise_mu: Optional[float] = None  # with noise: its mean (offset or gain error); None: 0
     device: Optional[str] = None  # torch device ('cpu', 'cuda:1') or JAX platform ('cpu', 'gpu'); None: default
     tol: Optional[float] = None  # stop when the training error moves by <= tol, patience times; None: never
     patience: int = 1  # consecutive epochs within tol needed to stop, >= 1
@@ -203,6 +214,7 @@ class RunConfig:
             if not isinstance(getattr(self, field), bool):
                 raise ConfigError(field, f"expected a bool, {_got(getattr(self, field))}")
         self._check_feedback_options()
+        self._check_projection()
         _check_optional_str("data_dir", self.data_dir)
         _check_optional_str("device", self.device)
         try:
@@ -263,7 +275,60 @@ class RunConfig:
                     f"expected an int <= min(n_l, n_L) = {limit} over the hidden blocks, got {self.feedback_rank}",
                 )
 
+    def _check_projection(self) -> None:
+        """The hardware fields: valid names and numbers, each set only where it is read, DFA only."""
+        if self.quantize is not None:
+            if not isinstance(self.quantize, str):
+                raise ConfigError("quantize", f"expected None or one of {list(QUANTIZERS)}, {_got(self.quantize)}")
+            try:
+                Projection(quantize=self.quantize)
+            except ValueError as err:
+                raise ConfigError("quantize", str(err)) from None
+        if self.threshold is not None and self.quantize != "ternary":
+            raise ConfigError(
+                "threshold",
+                f"expected None unless quantize is 'ternary' (only it reads a threshold), "
+                f"{_got(self.threshold)} with quantize {self.quantize!r}",
+            )
+        threshold = _check_real("threshold", self.threshold, 0.0, low_open=False, optional=True)
+        if self.noise is not None:
+            _check_choice("noise", self.noise, NOISES)
+        for field in ("noise_sigma", "noise_mu"):
+            if self.noise is None and getattr(self, field) is not None:
+                raise ConfigError(
+                    field,
+                    f"expected None without noise (choose noise in {list(NOISES)}), " + _got(getattr(self, field)),
+                )
+        if self.noise is not None and self.noise_sigma is None:
+            raise ConfigError(
+                "noise_sigma",
+                f"expected a number >= 0 with noise {self.noise!r} (the noise's standard deviation), got None",
+            )
+        sigma = _check_real("noise_sigma", self.noise_sigma, 0.0, low_open=False, optional=True)
+        mu = _check_real("noise_mu", self.noise_mu, -math.inf, low_open=True, optional=True)
+        hardware = "quantize" if self.quantize is not None else "noise" if self.noise is not None else None
+        if hardware is not None and self.method != "dfa":
+            raise ConfigError(
+                hardware,
+                f"expected None with method {self.method!r} (hardware effects act on DFA's projection "
+                f"e B_l^T, method 'dfa' only), {_got(getattr(self, hardware))}",
+            )
+        for field, value in (("threshold", threshold), ("noise_sigma", sigma), ("noise_mu", mu)):
+            object.__setattr__(self, field, value)
+
     # -- derived objects ------------------------------------------------------------------------
+
+    def projection(self) -> Optional[Projection]:
+        """The hardware effects on DFA's projection (``fit``'s ``projection``), or None when none is set."""
+        if self.quantize is None and self.noise is None:
+            return None
+        return Projection(
+            quantize=self.quantize,
+            threshold=DEFAULT_THRESHOLD if self.threshold is None else self.threshold,
+            noise=self.noise,
+            sigma=0.0 if self.noise_sigma is None else self.noise_sigma,
+            mu=0.0 if self.noise_mu is None else self.noise_mu,
+        )
 
     def feedback_options(self) -> Dict[str, Any]:
         """The preset options to pass to ``init_feedback`` (``**config.feedback_options()``): the set ones."""
@@ -311,8 +376,11 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def with_method(self, method: str) -> "RunConfig":
-        """The same run trained by ``method``; BP has no grouping mode, so it gets mode 'sample'."""
-        return self.replace(method=method, mode=self.mode if method == "dfa" else "sample")
+        """The same run trained by ``method``; BP has no grouping mode, so it gets mode 'sample', and
+        no hardware projection (DFA's only), so another method gets none."""
+        if method == "dfa":
+            return self.replace(method=method)
+        return self.replace(method=method, mode="sample", **dict.fromkeys(HARDWARE_FIELDS))
 
     def for_seed(self, seed: int) -> "RunConfig":
         """Sweep member ``seed``: seed, param_seed = seed and feedback_seed = seed + FEEDBACK_SEED_OFFSET."""
@@ -350,7 +418,7 @@ class RunConfig:
         if not isinstance(data, Mapping):
             raise ValueError(f"RunConfig.from_json: expected a JSON object, {_got(data)}")
         version = data.get("version")
-        if version in (1, 2) and not isinstance(version, bool):
+        if version in (1, 2, 3) and not isinstance(version, bool):
             # An older layout: the fields added since (where missing) take the value meaning "as before".
             added = {k: v for since, fields in ADDED_IN.items() if since > version for k, v in fields.items()}
             data, version = {**added, **data, "version": CONFIG_VERSION}, CONFIG_VERSION
@@ -382,6 +450,7 @@ __all__ = [
     "DEFAULT_LAYERS",
     "FEEDBACK_OPTION_FIELDS",
     "FEEDBACK_SEED_OFFSET",
+    "HARDWARE_FIELDS",
     "RunConfig",
     "field_names",
 ]

@@ -88,6 +88,12 @@ MANY_METHODS = ("dfa", "bp")
 
 def _check_options(spec: NetSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     """fit's shared options with fit's defaults, checked as fit checks them."""
+    if fit_kwargs.get("projection") is not None:
+        raise ValueError(
+            "fit_many does not train with a hardware projection (dfa_core.hardware.Projection) yet: "
+            "train each member with fit(..., projection=...)"
+        )
+    fit_kwargs = {k: v for k, v in fit_kwargs.items() if k != "projection"}  # projection=None: exact DFA
     refused = sorted(k for k in fit_kwargs if k in REFUSED_OPTIONS)
     if refused:
         raise TypeError(

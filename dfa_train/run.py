@@ -430,6 +430,7 @@ def _train(config: RunConfig, data: Data, params, feedback, state, on_epoch, bar
             seed=config.seed,
             params=params,
             feedback=feedback,
+            projection=config.projection(),
             tol=config.tol,
             patience=config.patience,
             align_every=config.align_every if config.method in ALIGNED_RULES else 0,

@@ -282,9 +282,14 @@ def sweep(
 
     Raises:
       ConfigError: the layer widths do not fit the data.
-      ValueError: no seeds, or ``out_dir`` already holds a sweep.
+      ValueError: no seeds, ``out_dir`` already holds a sweep, or the config asks for hardware effects.
     """
     lrs = (config.lr,) if lrs is None else tuple(float(lr) for lr in lrs)
+    if config.projection() is not None:
+        raise ValueError(
+            "sweep trains its members through fit_many, which takes no hardware projection "
+            "(quantize/noise); train those runs one by one with dfa train"
+        )
     check_new_folder(out_dir)
     members = members_of(config, seeds, lrs, out_dir)
     if os.path.exists(os.path.join(out_dir, "summary.json")) or any(

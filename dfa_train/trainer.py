@@ -28,8 +28,9 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 import numpy as np
 import numpy.typing as npt
 
-from dfa_core import validation
+from dfa_core import hardware, validation
 from dfa_core.backend import ParamsLike
+from dfa_core.hardware import Projection
 from dfa_core.init import init_feedback, init_params
 from dfa_core.model import ModelSpec, NetSpec
 from dfa_core.registry import resolve_backend
@@ -124,6 +125,7 @@ class _Settings:
     eval_batch_size: int  # rows per forward pass when measuring errors
     donate: bool  # let steps reuse the previous params' buffers
     engine: str  # one of ENGINES
+    projection: Optional[Projection]  # the active hardware projection of a 'dfa' run; None: exact DFA
     stop_on_nonfinite: bool
     diverge_factor: Optional[float]  # stop when the loss exceeds this multiple of the initial loss; None never
     on_epoch: Optional[Callable[[EpochEnd], None]]
@@ -181,6 +183,7 @@ def _settings(
     diverge_factor: Optional[float],
     on_epoch: Optional[Callable[[EpochEnd], None]],
     on_batch: Optional[Callable[[int, int, int], None]],
+    projection: Optional[Projection] = None,
 ) -> _Settings:
     """Checks fit's options (not the data) and returns them as one frozen record."""
     be = resolve_backend(backend)
@@ -208,6 +211,12 @@ def _settings(
         raise ValueError(f"diverge_factor must be None or a finite number > 1, got {diverge_factor!r}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+    projection = hardware.active(projection)
+    if projection is not None and method != "dfa":
+        raise ValueError(
+            f"fit: projection (hardware effects on DFA's projection e B_l^T) applies to method 'dfa' only, "
+            f"got {method!r}"
+        )
     for name, fn in (("on_epoch", on_epoch), ("on_batch", on_batch)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
@@ -226,6 +235,7 @@ def _settings(
         eval_batch_size=validation.check_int("eval_batch_size", eval_batch_size, 1),
         donate=donate,
         engine=engine,
+        projection=projection,
         stop_on_nonfinite=bool(stop_on_nonfinite),
         diverge_factor=None if diverge_factor is None else float(diverge_factor),
         on_epoch=on_epoch,
@@ -238,8 +248,9 @@ def _start(run: _Settings, params_np, feedback, resume: Optional[ResumeState]) -
     be = run.be
     params = be.asarray(params_np)
     opt_state = be.make_optimizer(run.optimizer, run.spec.dtype).init(params)
-    # KP carries its trained B and brsf its draw counter in the optimizer state (a RuleState).
-    opt_state = be.init_rule_state(run.spec, run.method, opt_state, feedback, run.seed)
+    # KP carries its trained B, and brsf and projection noise their draw counter, in the optimizer
+    # state (a RuleState): a resumed run draws what the uninterrupted one would have.
+    opt_state = be.init_rule_state(run.spec, run.method, opt_state, feedback, run.seed, **_hardware(run))
     loop = _Loop(params, opt_state, np.random.default_rng(run.seed))
     if resume is not None:
         if resume.opt_state is not None:
@@ -250,6 +261,34 @@ def _start(run: _Settings, params_np, feedback, resume: Optional[ResumeState]) -
         loop.within_tol, loop.global_step, loop.first_epoch = resume.within_tol, resume.global_step, resume.epoch
         loop.reference_loss = resume.reference_loss
     return loop
+
+
+def _hardware(run: _Settings) -> Dict[str, Any]:
+    """The backend calls' projection keyword: none at all without one (the calls of before)."""
+    return {} if run.projection is None else {"projection": run.projection}
+
+
+def projection_config(projection: Optional[Projection]) -> Optional[Dict[str, Any]]:
+    """A Projection as JSON-ready settings (History.config's "projection"); None for None.
+
+    The device, a callable, is recorded by its name only (``"device": "module.qualname"``),
+    and only when there is one.
+    """
+    if projection is None:
+        return None
+    out: Dict[str, Any] = {
+        "quantize": projection.quantize,
+        "threshold": projection.threshold,
+        "noise": projection.noise,
+        "sigma": projection.sigma,
+        "mu": projection.mu,
+    }
+    device = projection.device
+    if device is not None:
+        name = getattr(device, "__qualname__", None) or type(device).__qualname__
+        module = getattr(device, "__module__", None) or type(device).__module__
+        out["device"] = f"{module}.{name}" if module else name
+    return out
 
 
 def _feedback_now(be: ModuleType, loop: _Loop, feedback_np) -> Tuple[np.ndarray, ...]:
@@ -268,10 +307,11 @@ def _record_angles(loop: _Loop, epoch: int, step: int, weights, deltas) -> None:
 def _epoch_by_steps(run: _Settings, data: _Data, loop: _Loop, epoch: int, order: np.ndarray) -> np.ndarray:
     """engine='step': one ``train_step`` call per batch from Python; returns the (num_batches,) losses."""
     be, spec, n = run.be, run.spec, order.shape[0]
-    step = be.train_step(spec, run.optimizer, run.method, run.mode, run.donate)
+    hw = _hardware(run)
+    step = be.train_step(spec, run.optimizer, run.method, run.mode, run.donate, **hw)
     align_step = None
     if run.align_every:
-        align_step = be.train_step(spec, run.optimizer, run.method, run.mode, run.donate, with_alignment=True)
+        align_step = be.train_step(spec, run.optimizer, run.method, run.mode, run.donate, with_alignment=True, **hw)
     order, num_batches, batch_losses = be.asarray(order), -(-n // run.batch_size), []
     for i, start in enumerate(range(0, n, run.batch_size)):
         idx = order[start : start + run.batch_size]
@@ -300,7 +340,7 @@ def _epoch_compiled(run: _Settings, data: _Data, loop: _Loop, epoch: int, order:
     """
     be = run.be
     epoch_fn = be.train_epoch(
-        run.spec, run.optimizer, run.method, run.mode, run.batch_size, run.donate, run.align_every
+        run.spec, run.optimizer, run.method, run.mode, run.batch_size, run.donate, run.align_every, **_hardware(run)
     )
     loop.params, loop.opt_state, losses, angles = epoch_fn(
         loop.params, data.feedback, loop.opt_state, data.x, data.y, be.asarray(order), loop.global_step
@@ -470,6 +510,8 @@ def _history(run: _Settings, data: _Data, loop: _Loop, params_out, feedback_np, 
         "patience": run.patience,
         "align_every": run.align_every,
     }
+    if run.projection is not None:  # recorded only when set: exact-DFA configs stay as they were
+        settings["projection"] = projection_config(run.projection)
     config = history_config(run.be, run.spec, settings, data.labels.shape[0], data.test_labels)
     return History(
         loss=tuple(loop.losses),
@@ -522,6 +564,7 @@ def fit(
     feedback_scale: Optional[float] = None,
     feedback_transform: Optional[Callable[[np.ndarray], np.ndarray]] = None,
     feedback_options: Optional[Mapping[str, Any]] = None,
+    projection: Optional[Projection] = None,
     tol: Optional[float] = None,
     patience: int = 1,
     align_every: int = 0,
@@ -567,6 +610,11 @@ def fit(
         **feedback_options)``; None dist and scale take the preset's defaults
         (``dfa_core.feedback``; options such as ``{"k": 3}`` for ``feedback_dist='sparse'``)
         (the report's N(0, 1.9^2) by default); the transform also applies to ``feedback``.
+      projection: hardware effects on DFA's projections (dfa_core.hardware.Projection: a
+        quantised error, projection noise, a plug-in device), method 'dfa' only; None: exact
+        DFA. Noise is drawn from (seed, global step) inside the step, so a resumed run draws
+        what the uninterrupted one would have. Recorded in History.config["projection"]
+        (``projection_config``: the device by its name).
       tol: stop when the training error changes by at most ``tol`` between consecutive
         epochs, ``patience`` times in a row (compared from the second epoch on); None
         never stops early.
@@ -629,6 +677,7 @@ def fit(
         diverge_factor,
         on_epoch,
         on_batch,
+        projection,
     )
     if (x_test is None) != (y_test is None):
         raise ValueError("x_test and y_test must be given together (or neither)")
@@ -703,4 +752,5 @@ __all__ = [
     "confusion_matrix",
     "fit",
     "labels_of",
+    "projection_config",
 ]

@@ -243,7 +243,7 @@ def test_train_with_a_feedback_preset_records_it_and_resumes(tmp_path):
     preset = ["--feedback-dist", "ternary", "--feedback-density", "0.5", "--feedback-scale", "0.3"]
     assert cli.main(["train", *XOR, "--layers", "2,6,4,1", *preset, "--epochs", "1", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["version"] == 3
+    assert config["version"] == 4
     assert (config["feedback_dist"], config["feedback_density"], config["feedback_scale"]) == ("ternary", 0.5, 0.3)
     assert config["feedback_k"] is None and config["feedback_rank"] is None
     feedback = load_checkpoint(str(out / "checkpoint.npz")).feedback

@@ -88,7 +88,9 @@ def test_bp_uses_mode_sample_once():
     """method 'bp' with a grouping mode is refused; with_method('bp') sets 'sample', 'dfa' keeps the mode."""
     with pytest.raises(ConfigError) as err:
         RunConfig(method="bp", mode="class_mean")
-    assert err.value.field == "mode" and "grouping modes apply to" in str(err.value) and "'class_mean'" in str(err.value)
+    assert (
+        err.value.field == "mode" and "grouping modes apply to" in str(err.value) and "'class_mean'" in str(err.value)
+    )
     grouped = RunConfig(mode="class_mean")
     assert grouped.with_method("bp").mode == "sample"
     assert grouped.with_method("bp").with_method("dfa").mode == "sample"
@@ -203,10 +205,14 @@ def test_feedback_options_are_set_exactly_when_the_preset_takes_them(changes, fi
     assert err.value.field == field and expected in str(err.value), str(err.value)
 
 
-def test_version_1_and_2_configs_still_read_as_the_same_run():
-    """Fields added since (arch in 2, the preset options in 3) read as None: the same run as before."""
-    assert set(ADDED_IN) == {2, 3} and CONFIG_VERSION == 3
-    v2 = {k: v for k, v in CUSTOM.to_dict().items() if k not in ADDED_IN[3]}
+def test_version_1_2_and_3_configs_still_read_as_the_same_run():
+    """Fields added since (arch in 2, the preset options in 3, the hardware projection in 4) read as
+    None: the same run as before."""
+    assert set(ADDED_IN) == {2, 3, 4} and CONFIG_VERSION == 4
+    v3 = {k: v for k, v in CUSTOM.to_dict().items() if k not in ADDED_IN[4]}
+    v3["version"] = 3
+    assert RunConfig.from_json(json.dumps(v3)) == CUSTOM and RunConfig.from_json(v3).projection() is None
+    v2 = {k: v for k, v in v3.items() if k not in ADDED_IN[3]}
     v2["version"] = 2
     assert RunConfig.from_json(json.dumps(v2)) == CUSTOM
     old = dict(v2, version=2, feedback_dist="normal", feedback_scale=1.9)  # what a version-2 default run wrote
