@@ -60,7 +60,7 @@ def train_epoch(
     Args:
       spec: the network.
       opt: the optimizer.
-      method: 'dfa' or 'bp'.
+      method: a rule in dfa_core.METHODS or a tuple of one per block (train_step's).
       mode: DFA grouping, one of dfa_core.MODES ('sample' for 'bp').
       batch_size: samples per step, >= 1.
       donate: let the steps write the new params into the tensors passed in (in place).

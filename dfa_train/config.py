@@ -128,7 +128,7 @@ class RunConfig:
     output: str = "sigmoid"  # output function and its paired loss, one of dfa_core.OUTPUTS
     reduction: str = "sum"  # per-group updates summed ('sum', the report's) or averaged ('mean')
     dtype: str = "float32"  # 'float32' or 'float64' for data, parameters and arithmetic
-    method: str = "dfa"  # learning rule: 'dfa' or 'bp'
+    method: str = "dfa"  # learning rule, one of dfa_core.METHODS (dfa, bp, fa, kp, usf, brsf, frsf, drtp, shallow)
     mode: str = "sample"  # DFA grouping, one of dfa_core.MODES; 'sample' for BP
     optimizer: str = "sgd"  # 'sgd', 'momentum' or 'adam'
     lr: float = 1e-4  # learning rate, > 0

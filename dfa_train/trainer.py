@@ -113,7 +113,7 @@ class _Settings:
 
     be: ModuleType  # the backend module (dfa_torch or dfa_jax)
     spec: NetSpec
-    method: str  # 'dfa' or 'bp'
+    method: str  # a name in dfa_core.METHODS, or one per block (validation.method_key)
     mode: str  # DFA grouping
     optimizer: OptimizerSpec
     epochs: int  # total epochs, >= 1 (a resumed run counts the ones already done)
@@ -594,7 +594,7 @@ def fit(
       y_train: targets, (N, n_L); one-hot for classification (``mode='class_mean'`` needs it).
       x_test: optional test inputs, (M, n_0); given with ``y_test``.
       y_test: optional test targets, (M, n_L).
-      method: 'dfa' or 'bp'.
+      method: a learning rule in dfa_core.METHODS ('dfa', 'bp', 'fa', 'kp', ...), or a tuple of one per block.
       mode: DFA grouping, one of dfa_core.MODES; must be 'sample' for 'bp'.
       optimizer: default ``OptimizerSpec('sgd', 1e-3)``. With reduction 'sum' and SGD,
         W -= lr * (sum of the per-group gradients), the report's update.
