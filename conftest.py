@@ -43,3 +43,21 @@ def mnist_source():
     else the bundled 2,000/500 slice (is_full False). Read once per session; nothing is downloaded."""
     full = _test_data().full_mnist_dir()
     return (full, True) if full is not None else (_test_data().mnist_dir(), False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module.
+
+    Every compiled XLA:CPU program keeps its own memory mappings; the whole suite compiles
+    thousands, which passes Linux's default limit of 65,530 mappings per process
+    (vm.max_map_count) and crashes a later compile with a segfault. Modules do not share
+    programs they need, so clearing between them only costs a recompile where one repeats.
+    """
+    yield
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        import gc
+
+        jax.clear_caches()
+        gc.collect()
