@@ -24,6 +24,7 @@ from dfa_jax import alignment
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, Feedback
 from dfa_jax.mlp import Params, forward
+from dfa_jax.parallel import DataParallel, _check_parallel
 from dfa_jax.train import KP_DECAY, _build_step
 
 Array = jax.Array
@@ -38,6 +39,7 @@ def train_epoch(
     donate: bool = False,
     align_every: int = 0,
     projection: Optional[Projection] = None,
+    parallel: Optional[DataParallel] = None,
 ) -> Callable[..., Tuple[Any, Any, Array, Optional[Array]]]:
     """Builds epoch(params, feedback, opt_state, x, y, order, step0) -> (params, opt_state, losses, angles).
 
@@ -75,10 +77,18 @@ def train_epoch(
       projection: hardware effects on DFA's projections (``train_step``'s projection; method
         'dfa' only). With noise the opt_state is a ``RuleState`` and step t's draws come from
         (rule_seed, t), so an epoch equals its steps run one by one.
+      parallel: ``dfa_jax.parallel.data_parallel(devices)``'s setup, or None (one device). Still
+        one program: params, feedback, opt_state, x, y and order are replicated over the mesh
+        (``parallel.replicate``, a no-op for arrays already there), every gathered batch is
+        sharded by rows over it and XLA inserts the all-reduces, so each update is the one-device
+        update of the global batch and the outputs come back replicated. batch_size must be a
+        multiple of the devices; a ragged last batch they do not divide runs replicated (every
+        device computes it whole: exact, without the speed-up for that one step).
 
     Raises:
       ValueError, TypeError: a bad spec, optimizer, method, mode, batch_size,
-        align_every or projection, before anything is traced.
+        align_every, projection or parallel (a batch_size the devices do not divide), before
+        anything is traced.
     """
     validation.check_train_step(spec, opt, method, mode)
     method = validation.method_key(method)
@@ -89,6 +99,9 @@ def train_epoch(
             f"train_epoch: align_every > 0 measures DFA-vs-BP angles for 'dfa' and 'bp' only, got {method!r}"
         )
     hw = hardware.check_step_projection(method, projection)
+    dp = _check_parallel(parallel, batch_size)
+    if dp is not None:
+        return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every, hw, dp)
     if hw is None:  # today's call, so today's cached epoch
         return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
     return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every, hw)
@@ -107,7 +120,7 @@ def _angles_if_due(
 
 
 @functools.lru_cache(maxsize=None)
-def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, projection=None):
+def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, projection=None, parallel=None):
     if projection is None:
         step = _build_step(spec, opt, method, mode, False, False).jitted
     else:
@@ -117,6 +130,8 @@ def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, proje
         params, opt_state = state
         # order is a permutation, so clipping never moves an index; it spares fill's mask.
         xb, yb = jnp.take(x, idx_B, axis=0, mode="clip"), jnp.take(y, idx_B, axis=0, mode="clip")
+        if parallel is not None:  # the rows of the batch over the mesh; XLA partitions the rest
+            xb, yb = parallel.constrain_batch(xb), parallel.constrain_batch(yb)
         angles = None
         if align_every:  # measured on the params before this step's update
             angles = _angles_if_due(spec, mode, phase % align_every == 0, params, feedback, xb, yb)
@@ -139,7 +154,11 @@ def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, proje
         losses, angles = jax.tree_util.tree_map(lambda *ts: jnp.concatenate(ts), *parts)
         return state[0], state[1], losses, angles
 
-    jitted = jax.jit(epoch, donate_argnums=(0, 2) if donate else ())
+    donate_argnums = (0, 2) if donate else ()
+    if parallel is None:
+        jitted = jax.jit(epoch, donate_argnums=donate_argnums)
+    else:  # every output (params, state, losses, angles) replicated, as the inputs are
+        jitted = jax.jit(epoch, donate_argnums=donate_argnums, out_shardings=parallel.replicated)
 
     @functools.wraps(epoch)
     def run(params, feedback, opt_state, x, y, order, step0=0):
@@ -147,7 +166,12 @@ def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, proje
         with precision_scope(spec.dtype):
             # Only step0 modulo align_every matters: keeps the int32 counter from overflowing.
             phase = jnp.asarray(step0 % align_every if align_every else 0, dtype=jnp.int32)
-            return jitted(params, feedback, opt_state, x, y, jnp.asarray(order, dtype=jnp.int32), phase)
+            order = jnp.asarray(order, dtype=jnp.int32)
+            if parallel is not None:
+                params, feedback, opt_state, x, y, order, phase = parallel.replicate(
+                    (params, feedback, opt_state, x, y, order, phase)
+                )
+            return jitted(params, feedback, opt_state, x, y, order, phase)
 
     run.jitted = jitted  # type: ignore[attr-defined]  # a function attribute: the bare jitted program
     return run

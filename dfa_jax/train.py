@@ -16,6 +16,7 @@ from dfa_jax import alignment, rules
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, bp_grads_and_loss, dfa_grads_and_loss
 from dfa_jax.optim import apply_updates, make_optimizer
+from dfa_jax.parallel import DataParallel, _check_parallel
 
 KP_DECAY = 1e-3
 """Kolen-Pollack's default weight decay lambda per step, on W_{l+1} and B_l of kp blocks."""
@@ -30,6 +31,7 @@ def train_step(
     with_alignment: bool = False,
     kp_decay: float = KP_DECAY,
     projection: Optional[Projection] = None,
+    parallel: Optional[DataParallel] = None,
 ) -> Callable[..., Tuple[Any, ...]]:
     """Builds step(params, feedback, opt_state, x, y) -> (params, opt_state, loss[, angles]).
 
@@ -59,10 +61,15 @@ def train_step(
         opt_state is a ``RuleState`` (``init_rule_state(..., projection=projection)``) and
         step t draws from ``jax.random.fold_in(PRNGKey(rule_seed), t)``, as brsf does, so a
         resumed run draws the same noise.
+      parallel: ``dfa_jax.parallel.data_parallel(devices)``'s setup, or None (one device). The
+        step then takes the global batch: x and y are placed sharded by rows over the mesh
+        (replicated when the devices do not divide the batch: exact, without the speed-up),
+        params, feedback and opt_state replicated, and returns them replicated; XLA inserts
+        the all-reduces, so the update is the one-device update of the global batch.
 
     Raises:
-      ValueError, TypeError: a bad spec, optimizer, method, mode, kp_decay or projection (one
-        given with a method other than 'dfa').
+      ValueError, TypeError: a bad spec, optimizer, method, mode, kp_decay, projection (one
+        given with a method other than 'dfa') or parallel.
     """
     validation.check_train_step(spec, opt, method, mode)
     method = validation.method_key(method)
@@ -70,6 +77,9 @@ def train_step(
     if with_alignment and method not in ("dfa", "bp"):
         raise ValueError(f"with_alignment measures DFA against BP: method 'dfa' or 'bp' only, got {method!r}")
     hw = hardware.check_step_projection(method, projection)
+    dp = _check_parallel(parallel)
+    if dp is not None:
+        return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment), kp_decay, hw, dp)
     if hw is None:  # today's call, so today's cached step
         return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment), kp_decay)
     return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment), kp_decay, hw)
@@ -106,7 +116,7 @@ def _kp_update(params, updates, new_params, kp_feedback, kp_blocks, decay):
 
 
 @functools.lru_cache(maxsize=None)
-def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DECAY, projection=None):
+def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DECAY, projection=None, parallel=None):
     tx = make_optimizer(opt, spec.dtype)
     rules_ = validation.method_rules(spec, method)
     noisy = projection is not None and projection.noise is not None
@@ -130,6 +140,8 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
 
     def step(params, feedback, opt_state, x, y):
         TRACE_COUNTS[f"train_step_{method}"] += 1
+        if parallel is not None:  # the rows of the batch over the mesh; XLA partitions the rest
+            x, y = parallel.constrain_batch(x), parallel.constrain_batch(y)
         grads, batch_loss = grads_and_loss(params, feedback, opt_state, x, y)
         updates, inner = tx.update(grads, opt_state.inner if stateful else opt_state, params)
         new_params = apply_updates(params, updates)
@@ -143,12 +155,19 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
             return new_params, new_state, batch_loss, angles
         return new_params, new_state, batch_loss
 
-    jitted = jax.jit(step, donate_argnums=(0, 2) if donate else ())
+    donate_argnums = (0, 2) if donate else ()
+    if parallel is None:
+        jitted = jax.jit(step, donate_argnums=donate_argnums)
+    else:  # every output (params, state, loss, angles) replicated, as the inputs are
+        jitted = jax.jit(step, donate_argnums=donate_argnums, out_shardings=parallel.replicated)
 
     @functools.wraps(step)
     def run(params, feedback, opt_state, x, y):
         hardware.check_noise_state(projection, opt_state)
-        with precision_scope(spec.dtype):
+        with precision_scope(spec.dtype):  # float64 arrays keep their dtype when placed
+            if parallel is not None:
+                params, feedback, opt_state = parallel.replicate((params, feedback, opt_state))
+                x, y = parallel.shard_batch(x), parallel.shard_batch(y)
             return jitted(params, feedback, opt_state, x, y)
 
     run.jitted = jitted  # type: ignore[attr-defined]  # a function attribute: the bare jitted program

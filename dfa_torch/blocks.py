@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import copy
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Tuple, cast
 
 import numpy as np
 import torch
@@ -46,6 +46,9 @@ from dfa_core.model import (
 from dfa_core.tree import unflatten_pairs
 from dfa_torch import nn
 from dfa_torch.nn import reduce_loss
+
+if TYPE_CHECKING:  # dfa_torch.parallel imports torch.distributed; only its type is read here
+    from dfa_torch.parallel import Reducer
 
 Tensor = torch.Tensor
 Params = Tuple[Tuple[Tensor, ...], ...]  # per block (W_l, b_l), or a composite's flat leaves; spec.param_shapes
@@ -511,8 +514,16 @@ def _class_grouping(y_BxC: Tensor) -> Tensor:
     return members_BxC.T / torch.clamp_min(counts_C, 1)[:, None]
 
 
-def _grouping(mode: str, y: Tensor) -> Tuple[Optional[Callable[[Tensor], Tensor]], Any]:
-    """(avg, K): t (batch, *shape) -> G t (K, *shape) for ``mode`` (None for 'sample'), and K."""
+def _grouping(
+    mode: str, y: Tensor, reducer: Optional[Reducer] = None
+) -> Tuple[Optional[Callable[[Tensor], Tensor]], Any]:
+    """(avg, K): t (batch, *shape) -> G t (K, *shape) for ``mode`` (None for 'sample'), and K.
+
+    With a ``reducer`` (data parallel: y holds this process's rows of a global batch), G and K
+    are the global batch's (``_global_grouping``).
+    """
+    if reducer is not None:
+        return _global_grouping(mode, y, reducer)
     if mode == "sample":
         return None, y.shape[0]
     if mode == "batch_mean":
@@ -525,6 +536,29 @@ def _grouping(mode: str, y: Tensor) -> Tuple[Optional[Callable[[Tensor], Tensor]
         return (g_CxB @ t.reshape(t.shape[0], -1)).reshape(g_CxB.shape[0], *t.shape[1:])
 
     return avg, torch.sum(torch.any(g_CxB > 0, dim=1)).to(y.dtype)
+
+
+def _global_grouping(mode: str, y: Tensor, reducer: Reducer) -> Tuple[Optional[Callable[[Tensor], Tensor]], Any]:
+    """``_grouping`` of the global batch when y (rows, n_L) is one process's shard of it (rows may be 0).
+
+    Each process forms its rows' group sums; ``reducer.psum`` adds them up over the processes
+    (and the class counts), so every process gets the global G t, (K, *shape), and K: 'sample'
+    keeps its rows (K = the global batch, for reduction 'mean'; the caller sums the gradients).
+    """
+    if mode == "sample":
+        return None, reducer.rows
+    if mode == "batch_mean":
+        return (lambda t: reducer.psum(torch.sum(t, dim=0, keepdim=True)) / reducer.rows), 1
+    if mode != "class_mean":
+        raise ValueError(f"mode must be one of ['sample', 'batch_mean', 'class_mean'], got {mode!r}")
+    members_BxC = F.one_hot(torch.argmax(y, dim=1), y.shape[1]).to(y.dtype)
+    counts_C = reducer.psum(torch.sum(members_BxC, dim=0))
+    g_CxB = members_BxC.T / torch.clamp_min(counts_C, 1)[:, None]
+
+    def avg(t: Tensor) -> Tensor:
+        return reducer.psum(g_CxB @ t.reshape(t.shape[0], -1)).reshape(g_CxB.shape[0], *t.shape[1:])
+
+    return avg, torch.sum(counts_C > 0).to(y.dtype)
 
 
 @torch.no_grad()

@@ -17,8 +17,10 @@ import torch
 from dfa_core import hardware, validation
 from dfa_core.hardware import Projection
 from dfa_core.model import NetSpec
+from dfa_core.parallel import shard_bounds
 from dfa_core.spec import OptimizerSpec
 from dfa_torch.mlp import Params, forward
+from dfa_torch.parallel import DataParallel, _check_parallel, _refuse
 from dfa_torch.train import KP_DECAY, _build_step
 
 Tensor = torch.Tensor
@@ -33,6 +35,7 @@ def train_epoch(
     donate: bool = False,
     align_every: int = 0,
     projection: Optional[Projection] = None,
+    parallel: Optional[DataParallel] = None,
 ) -> Callable[..., Tuple[Any, Any, Tensor, Optional[Tensor]]]:
     """Builds epoch(params, feedback, opt_state, x, y, order, step0) -> (params, opt_state, losses, angles).
 
@@ -68,10 +71,17 @@ def train_epoch(
       projection: hardware effects on DFA's projections (``train_step``'s projection; method
         'dfa' only). With noise the opt_state is a ``RuleState`` and step t's draws come from
         (rule_seed, t), so an epoch equals its steps run one by one.
+      parallel: ``dfa_torch.parallel.data_parallel()``'s setup, or None (one process). Every
+        process passes the whole training set, the same order and the same params, feedback
+        and opt_state; each gathers only its rows ``shard_bounds(len(batch), size, rank)`` of
+        every global batch, and gets back the one-device result of the global batches (params,
+        opt_state, losses) on every process. batch_size must be a multiple of parallel.size
+        (the ragged last batch splits unevenly; a process may get no rows of it). Not with
+        align_every > 0 or a projection.
 
     Raises:
       ValueError, TypeError: a bad spec, optimizer, method, mode, batch_size,
-        align_every or projection, before anything runs.
+        align_every, projection or parallel, before anything runs.
     """
     validation.check_train_step(spec, opt, method, mode)
     method = validation.method_key(method)
@@ -82,13 +92,24 @@ def train_epoch(
             f"train_epoch: align_every > 0 measures DFA-vs-BP angles for 'dfa' and 'bp' only, got {method!r}"
         )
     hw = hardware.check_step_projection(method, projection)
+    dp = _check_parallel(parallel, batch_size)
+    if dp is not None:
+        if align_every:
+            raise _refuse("align_every > 0 (DFA-vs-BP angles)")
+        if hw is not None:
+            raise _refuse("projection (hardware effects)")
+        return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), 0, None, dp)
     if hw is None:  # today's call, so today's cached epoch
         return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
     return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every, hw)
 
 
 @functools.lru_cache(maxsize=None)
-def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, projection=None):
+def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, projection=None, parallel=None):
+    if parallel is not None:
+        return _sharded_epoch(
+            batch_size, _build_step(spec, opt, method, mode, donate, False, KP_DECAY, None, parallel), parallel
+        )
     hw = () if projection is None else (KP_DECAY, projection)  # no projection: today's cached steps
     step = _build_step(spec, opt, method, mode, donate, False, *hw)
     align_step = _build_step(spec, opt, method, mode, donate, True, *hw) if align_every else None
@@ -111,6 +132,26 @@ def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, proje
                 params, opt_state, batch_loss = step(params, feedback, opt_state, xb, yb)
             losses.append(batch_loss)
         return params, opt_state, torch.stack(losses), angles
+
+    return epoch
+
+
+def _sharded_epoch(batch_size: int, step: Callable[..., Any], parallel: DataParallel) -> Callable[..., Any]:
+    """``_build_epoch``'s loop under data parallel: each global batch's rows ``shard_bounds`` here."""
+
+    def epoch(params, feedback, opt_state, x, y, order, step0=0):
+        del step0  # read only for the angles, which data parallel does not measure
+        order = torch.as_tensor(order, device=x.device)
+        num_batches = -(-x.shape[0] // batch_size)
+        losses = []
+        for i in range(num_batches):
+            idx_B = order[i * batch_size : (i + 1) * batch_size]
+            start, stop = shard_bounds(idx_B.shape[0], parallel.size, parallel.rank)
+            idx_b = idx_B[start:stop]
+            xb, yb = x.index_select(0, idx_b), y.index_select(0, idx_b)
+            params, opt_state, batch_loss = step(params, feedback, opt_state, xb, yb, rows=idx_B.shape[0])
+            losses.append(batch_loss)
+        return params, opt_state, torch.stack(losses), None
 
     return epoch
 

@@ -10,7 +10,7 @@ nothing (shallow). No autograd graph outlives a call (``torch.func.vjp`` per blo
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple, cast
 
 import torch
 import torch.func
@@ -24,6 +24,9 @@ from dfa_core.spec import MLPSpec
 from dfa_torch import blocks, nn
 from dfa_torch.arrays import as_input, precision_scope
 from dfa_torch.dfa import prepare
+
+if TYPE_CHECKING:  # dfa_torch.parallel imports torch.distributed; only its type is read here
+    from dfa_torch.parallel import Reducer
 
 Tensor = torch.Tensor
 Params = Tuple[Tuple[Tensor, ...], ...]
@@ -62,7 +65,6 @@ def _carry_back(
     return pullback(delta)[0]
 
 
-@torch.no_grad()
 def grads_and_loss(
     spec: NetSpec,
     params: Params,
@@ -89,11 +91,30 @@ def grads_and_loss(
     Returns:
       (per block its gradients, shaped like params; loss ()).
     """
+    return _grads_and_loss(spec, params, feedback, x, y, rules, mode, key)
+
+
+@torch.no_grad()
+def _grads_and_loss(
+    spec: NetSpec,
+    params: Params,
+    feedback: RuleFeedback,
+    x: Tensor,
+    y: Tensor,
+    rules: Tuple[str, ...],
+    mode: str,
+    key: Optional[torch.Generator] = None,
+    reducer: Optional[Reducer] = None,
+) -> Tuple[Grads, Tensor]:
+    """``grads_and_loss``; with a ``reducer`` (data parallel), those of the global batch whose rows
+    x, y (rows >= 0) are this process's shard: groups and 1/K are the global batch's
+    (``blocks._grouping``), and in 'sample' mode the processes' gradient and loss sums are
+    all-reduced, in one buffer. Every process returns the same gradients and loss."""
     model = as_model(spec)
     f = nn.activation(model.activation).fn
     acts = blocks._block_activations(model)
     chain = blocks._blocks(model)
-    avg, count = blocks._grouping(mode, y)
+    avg, count = blocks._grouping(mode, y, reducer)
     keep = (lambda t: t) if avg is None else avg
     h = x
     kept_u, kept_a, kept_h, inputs = [], [], [], []  # u'_l, a'_l, f(a'_l) per block; h_{l-1} per block
@@ -108,7 +129,8 @@ def grads_and_loss(
             a_kept = keep(a)
             kept_a.append(a_kept)
             kept_h.append(h if avg is None else acts[l].fn(a_kept))
-    batch_loss = nn.reduce_loss(model, a, y)
+    # Data parallel: this shard's loss sum (no mean: a shard may be empty).
+    batch_loss = nn.reduce_loss(model, a, y) if reducer is None else torch.sum(nn.per_sample_loss(model.output, a, y))
     y_hat = nn.output_function(model.output)(a)
     e = y_hat - y if avg is None else avg(y_hat) - avg(y)
     target = y if avg is None else avg(y)
@@ -134,7 +156,27 @@ def grads_and_loss(
             p = _carry_back(above, leaves, inputs[l + 1], delta, f)
         delta = acts[l].backward(p, kept_a[l], kept_h[l])
         grads[l] = blocks._block_vjp(chain[l], params[l], kept_u[l], delta, f)
+    if reducer is not None:
+        return _sum_over_shards(model, tuple(grads), batch_loss, summed=avg is None, reducer=reducer)
     return tuple(grads), batch_loss
+
+
+def _sum_over_shards(
+    model: Any, grads: Grads, loss_sum: Tensor, summed: bool, reducer: Reducer
+) -> Tuple[Grads, Tensor]:
+    """The global batch's gradients and loss from one shard's: gradient sums ('sample' mode,
+    ``summed``) and the loss sum are all-reduced in one buffer; the averaged modes' gradients
+    are already global. The loss is divided by the global rows for reduction 'mean'."""
+    if summed:
+        leaves = [g for block in grads for g in block]
+        flat = reducer.psum(torch.cat([*(g.reshape(-1) for g in leaves), loss_sum.reshape(1)]))
+        parts = torch.split(flat[:-1], [g.numel() for g in leaves])
+        it = iter(p.view_as(g) for p, g in zip(parts, leaves))
+        grads = tuple(tuple(next(it) for _ in block) for block in grads)
+        total = flat[-1]
+    else:
+        total = reducer.psum(loss_sum.reshape(1))[0]
+    return grads, (total / reducer.rows if model.reduction == "mean" else total)
 
 
 def grads_unchecked(

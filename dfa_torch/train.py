@@ -16,6 +16,7 @@ from dfa_torch import alignment, rules
 from dfa_torch.arrays import as_input
 from dfa_torch.dfa import bp_grads_and_loss, dfa_grads_and_loss
 from dfa_torch.optim import _flatten, _unflatten, apply_updates, apply_updates_, make_optimizer
+from dfa_torch.parallel import DataParallel, _check_parallel, _refuse
 
 KP_DECAY = 1e-3
 """Kolen-Pollack's default weight decay lambda per step, on W_{l+1} and B_l of kp blocks."""
@@ -30,6 +31,7 @@ def train_step(
     with_alignment: bool = False,
     kp_decay: float = KP_DECAY,
     projection: Optional[Projection] = None,
+    parallel: Optional[DataParallel] = None,
 ) -> Callable[..., Tuple[Any, ...]]:
     """Builds step(params, feedback, opt_state, x, y) -> (params, opt_state, loss[, angles]).
 
@@ -59,10 +61,17 @@ def train_step(
         ``RuleState`` (``init_rule_state(..., projection=projection)``) and step t draws from
         ``rules.step_generator`` (seeded with rule_seed * 2^32 + t), as brsf does, so a
         resumed run draws the same noise.
+      parallel: ``dfa_torch.parallel.data_parallel()``'s setup, or None (one process). The step
+        then takes THIS process's rows of the global batch as x and y (``shard_bounds``; none
+        is fine) and returns the one-device update of the global batch and its loss, the same
+        on every process; params, feedback and opt_state must be the same on every process.
+        The step also takes ``rows=`` (the global batch's rows, when known; else one more
+        all-reduce finds them). Not with ``with_alignment`` or a ``projection``.
 
     Raises:
-      ValueError, TypeError: a bad spec, optimizer, method, mode, kp_decay or projection (one
-        given with a method other than 'dfa').
+      ValueError, TypeError: a bad spec, optimizer, method, mode, kp_decay, projection (one
+        given with a method other than 'dfa') or parallel (also: parallel with with_alignment
+        or a projection).
     """
     validation.check_train_step(spec, opt, method, mode)
     method = validation.method_key(method)
@@ -70,6 +79,13 @@ def train_step(
     if with_alignment and method not in ("dfa", "bp"):
         raise ValueError(f"with_alignment measures DFA against BP: method 'dfa' or 'bp' only, got {method!r}")
     hw = hardware.check_step_projection(method, projection)
+    dp = _check_parallel(parallel)
+    if dp is not None:
+        if with_alignment:
+            raise _refuse("with_alignment (DFA-vs-BP angles)")
+        if hw is not None:
+            raise _refuse("projection (hardware effects)")
+        return _build_step(spec, opt, method, mode, bool(donate), False, kp_decay, None, dp)
     if hw is None:  # today's call, so today's cached step
         return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment), kp_decay)
     return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment), kp_decay, hw)
@@ -101,7 +117,7 @@ def _kp_update(params, updates, new_params, kp_feedback, kp_blocks, decay):
 
 
 @functools.lru_cache(maxsize=None)
-def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DECAY, projection=None):
+def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DECAY, projection=None, parallel=None):
     tx = make_optimizer(opt, spec.dtype)
     rules_ = validation.method_rules(spec, method)
     noisy = projection is not None and projection.noise is not None
@@ -132,6 +148,9 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
             new_params = params
         return new_params, RuleState(inner, kp, opt_state.rule_seed, opt_state.rule_step + 1)
 
+    if parallel is not None:
+        return _sharded_step(spec, rules_, mode, stateful, parallel, rule_update if stateful else update)
+
     def grads_and_loss(params, feedback, opt_state, x, y):
         if method == "dfa":
             if projection is None:
@@ -157,6 +176,28 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
             params, opt_state = (rule_update if stateful else update)(params, grads, opt_state)
         if with_alignment:
             return params, opt_state, batch_loss, angles
+        return params, opt_state, batch_loss
+
+    return step
+
+
+def _sharded_step(spec, rules_, mode, stateful, parallel, update):
+    """The data-parallel step: every rule through ``rules._grads_and_loss`` with the grouping hook
+    (an MLPSpec runs as its Dense ModelSpec there, with the same numbers), then ``update``."""
+
+    def step(params, feedback, opt_state, x, y, rows=None):
+        params, feedback, x, y = _as_tensors(spec, params, feedback, x, y)
+        rows = parallel.global_rows(x.shape[0], x.device) if rows is None else rows
+        key = None
+        if stateful:  # KP's B and brsf's seed and step are the same on every process, so are the draws
+            feedback = _rule_feedback(rules_, feedback, opt_state, x)
+            if "brsf" in rules_[:-1]:
+                key = rules.step_generator(opt_state, x.device)
+        grads, batch_loss = rules._grads_and_loss(
+            spec, params, feedback or (), x, y, rules_, mode, key, parallel.reducer(int(rows))
+        )
+        with torch.no_grad():
+            params, opt_state = update(params, grads, opt_state)
         return params, opt_state, batch_loss
 
     return step
