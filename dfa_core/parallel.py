@@ -82,10 +82,22 @@ def launched_world_size(env: Optional[Mapping[str, str]] = None) -> int:
     return world
 
 
+def launched_rank(env: Optional[Mapping[str, str]] = None) -> int:
+    """This process's rank in a torchrun launch (its RANK), or 0 outside one: rank 0 alone writes files."""
+    env = os.environ if env is None else env
+    if launched_world_size(env) == 1:
+        return 0
+    raw = env.get("RANK", "")
+    if not raw.isdigit():
+        raise ValueError(f"RANK must be a non-negative integer in a torchrun launch (WORLD_SIZE > 1), got {raw!r}")
+    return int(raw)
+
+
 __all__ = [
     "DATA_AXIS",
     "LAYER_AXIS",
     "check_data_parallel",
+    "launched_rank",
     "launched_world_size",
     "shard_bounds",
     "stage_plan",

@@ -37,3 +37,10 @@ def test_world_size_of_a_torchrun_launch():
     for bad in ("0", "two"):
         with pytest.raises(ValueError, match="WORLD_SIZE must be a positive integer"):
             parallel.launched_world_size({"WORLD_SIZE": bad})
+
+
+def test_rank_of_a_torchrun_launch():
+    assert parallel.launched_rank({}) == 0
+    assert parallel.launched_rank({"WORLD_SIZE": "2", "RANK": "1"}) == 1
+    with pytest.raises(ValueError, match="RANK must be a non-negative integer"):
+        parallel.launched_rank({"WORLD_SIZE": "2"})
