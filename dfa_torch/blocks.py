@@ -556,7 +556,7 @@ def _global_grouping(mode: str, y: Tensor, reducer: Reducer) -> Tuple[Optional[C
     g_CxB = members_BxC.T / torch.clamp_min(counts_C, 1)[:, None]
 
     def avg(t: Tensor) -> Tensor:
-        return reducer.psum(g_CxB @ t.reshape(t.shape[0], -1)).reshape(g_CxB.shape[0], *t.shape[1:])
+        return reducer.psum(g_CxB @ t.flatten(1)).reshape(g_CxB.shape[0], *t.shape[1:])  # flatten: t may have 0 rows
 
     return avg, torch.sum(counts_C > 0).to(y.dtype)
 
