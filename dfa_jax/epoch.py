@@ -171,6 +171,7 @@ def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, proje
                 params, feedback, opt_state, x, y, order, phase = parallel.replicate(
                     (params, feedback, opt_state, x, y, order, phase)
                 )
+                return parallel.settle(jitted(params, feedback, opt_state, x, y, order, phase))
             return jitted(params, feedback, opt_state, x, y, order, phase)
 
     run.jitted = jitted  # type: ignore[attr-defined]  # a function attribute: the bare jitted program

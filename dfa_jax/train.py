@@ -168,6 +168,7 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
             if parallel is not None:
                 params, feedback, opt_state = parallel.replicate((params, feedback, opt_state))
                 x, y = parallel.shard_batch(x), parallel.shard_batch(y)
+                return parallel.settle(jitted(params, feedback, opt_state, x, y))
             return jitted(params, feedback, opt_state, x, y)
 
     run.jitted = jitted  # type: ignore[attr-defined]  # a function attribute: the bare jitted program
