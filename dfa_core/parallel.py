@@ -14,10 +14,13 @@ Layer parallel: the blocks 1..L are cut into ``size`` contiguous stages
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from dfa_core import validation
+from dfa_core.model import NetSpec
+from dfa_core.rules import as_model
 
 DATA_AXIS = "data"
 """The mesh axis (JAX) a batch is sharded over."""
@@ -93,12 +96,105 @@ def launched_rank(env: Optional[Mapping[str, str]] = None) -> int:
     return int(raw)
 
 
+# -- layer parallel: what a step sends, the optimizer state cut per stage ---------------------------
+
+
+class StepBytes(NamedTuple):
+    """Bytes one layer-parallel step sends between stages (``layer_parallel_bytes``)."""
+
+    activations: int  # u forward across the S - 1 stage boundaries, all micro-batches together
+    error: int  # e (or the grouped e') from the last stage to each of the S - 1 others
+
+    @property
+    def total(self) -> int:
+        return self.activations + self.error
+
+
+def layer_parallel_bytes(spec: NetSpec, batch_size: int, stages: int, mode: str = "sample") -> StepBytes:
+    """Bytes a layer-parallel DFA step communicates (the same on both backends).
+
+    Forward: every sample's u_l (h_{l-1} after block l's pools and flatten) crosses each stage
+    boundary once, batch x (numbers in u_l of the stage's first block l) x itemsize, whatever the
+    micro-batching. Error: 'sample' sends e, batch x n_L,
+    to each of the S - 1 other stages; 'batch_mean' sends one row and 'class_mean' n_L rows
+    (the grouped e', its shape static), once per step. Not counted: the input batch reaching
+    stage 0 and the labels reaching the stages that read them (data loading), and the scalar
+    loss (8 bytes at most) that torch broadcasts.
+
+    Args:
+      spec: the network.
+      batch_size: the global batch.
+      stages: S, the number of stages (``stage_plan(L, S)``).
+      mode: 'sample', 'batch_mean' or 'class_mean'.
+
+    Returns:
+      StepBytes(activations, error); ``.total`` is their sum.
+    """
+    validation.check_spec(spec)
+    validation.check_mode(mode)
+    batch_size = validation.check_int("batch_size", batch_size, 1)
+    model = as_model(spec)
+    plan = stage_plan(model.num_layers, stages)
+    itemsize = 8 if model.dtype == "float64" else 4
+    chain = model.blocks
+    boundary = sum(math.prod(chain[group[0]].u_shape) for group in plan[1:])
+    rows = {"sample": batch_size, "batch_mean": 1, "class_mean": model.n_out}[mode]
+    return StepBytes(batch_size * boundary * itemsize, (len(plan) - 1) * rows * model.n_out * itemsize)
+
+
+def check_layer_method(method: object) -> None:
+    if method != "dfa":
+        raise ValueError(
+            f"layer parallel trains with method 'dfa' only, got {method!r}: every other rule carries its "
+            "teaching signal down from block l + 1 to block l (a backward chain, as BP's), so stages could "
+            "not update at once; use data parallel for those"
+        )
+
+
+def params_like(node: Any, like: Sequence[Sequence[Any]]) -> bool:
+    """Whether ``node`` is a params-shaped part of an optimizer state (adam's mu, a momentum trace)."""
+    if type(node) not in (tuple, list) or len(node) != len(like):
+        return False
+    for block, ref in zip(node, like):
+        if type(block) not in (tuple, list) or len(block) != len(ref):
+            return False
+        if any(not hasattr(t, "shape") or tuple(t.shape) != tuple(r.shape) for t, r in zip(block, ref)):
+            return False
+    return True
+
+
+def map_state(
+    states: Sequence[Any],
+    likes: Sequence[Any],
+    on_params: Callable[[List[Any]], Any],
+    on_leaf: Callable[[List[Any]], Any],
+) -> Any:
+    """Walks parallel optimizer states: ``on_params`` for their params-shaped parts, ``on_leaf`` elsewhere.
+
+    The states share one structure (one optimizer); likes[i] is the params that states[i] is for.
+    """
+    node = states[0]
+    if params_like(node, likes[0]):
+        return on_params(list(states))
+    if isinstance(node, (tuple, list)):
+        children = [map_state([s[i] for s in states], likes, on_params, on_leaf) for i in range(len(node))]
+        if hasattr(node, "_fields"):  # a NamedTuple state (optax's, dfa_torch.optim's)
+            return type(node)(*children)
+        return type(node)(children)
+    return on_leaf(list(states))
+
+
 __all__ = [
     "DATA_AXIS",
     "LAYER_AXIS",
+    "StepBytes",
+    "check_layer_method",
     "check_data_parallel",
     "launched_rank",
     "launched_world_size",
+    "layer_parallel_bytes",
+    "map_state",
+    "params_like",
     "shard_bounds",
     "stage_plan",
 ]
