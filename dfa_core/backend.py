@@ -67,6 +67,9 @@ BACKEND_API = (
     "memory_free",
     # models of blocks
     "user_block",
+    # several devices
+    "data_parallel",
+    "layer_parallel",
 )
 """Every public name a backend module exports, in the order of ``Backend`` below."""
 
@@ -319,3 +322,20 @@ class Backend(Protocol):
         torch: ``fn`` is any ``torch.nn.Module`` (run through ``torch.func.functional_call``);
         JAX: a pure ``(init, apply)`` pair. Cross-backend parity is not expected for user blocks.
         """
+
+    def data_parallel(self, devices: Any = None) -> Any:
+        """The data-parallel setup for ``train_step`` / ``train_epoch``'s ``parallel`` keyword, or None
+        on one device (``dfa_core.parallel``). JAX: a mesh of ``devices`` devices in this process;
+        torch: this process's place in a torchrun launch (one process per device)."""
+
+    def layer_parallel(
+        self,
+        spec: MLPSpec,
+        opt: OptimizerSpec,
+        devices: Any = None,
+        microbatches: int = 1,
+        mode: str = "sample",
+        method: str = "dfa",
+    ) -> Any:
+        """Layer-parallel DFA: blocks cut into contiguous stages, stage s on device s; ``place``,
+        ``step`` (one global batch, micro-batches pipelined) and ``gather``; equals the one-device step."""

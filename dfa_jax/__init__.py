@@ -20,6 +20,7 @@ from dfa_jax.dfa import (
     group,
 )
 from dfa_jax.epoch import predict_labels, train_epoch
+from dfa_jax.layer_parallel import layer_parallel
 from dfa_jax.many import (
     Hyper,
     init_opt_state_many,
@@ -30,6 +31,7 @@ from dfa_jax.many import (
 )
 from dfa_jax.mlp import Activations, forward, forward_with_activations, logits, loss
 from dfa_jax.optim import apply_updates, make_optimizer
+from dfa_jax.parallel import data_parallel
 from dfa_jax.rules import grads, init_rule_state
 from dfa_jax.train import KP_DECAY, METHODS, train_step
 

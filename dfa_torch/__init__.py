@@ -20,6 +20,7 @@ from dfa_torch.dfa import (
     group,
 )
 from dfa_torch.epoch import predict_labels, train_epoch
+from dfa_torch.layer_parallel import layer_parallel
 from dfa_torch.many import (
     Hyper,
     init_opt_state_many,
@@ -30,6 +31,7 @@ from dfa_torch.many import (
 )
 from dfa_torch.mlp import Activations, forward, forward_with_activations, logits, loss
 from dfa_torch.optim import apply_updates, make_optimizer
+from dfa_torch.parallel import data_parallel
 from dfa_torch.rules import grads, init_rule_state
 from dfa_torch.train import KP_DECAY, METHODS, train_step
 

@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from dfa_core import init as dfa_init
+from dfa_core.parallel import launched_rank, launched_world_size
 from dfa_core.registry import BACKEND_NAMES
 from dfa_core.spec import ACTIVATIONS, DTYPES, METHODS, MODES, OPTIMIZERS, OUTPUTS, REDUCTIONS
 from dfa_train.cadence import parse_checkpoint_every
@@ -333,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=None, help=f"folder (default runs/<timestamp>-{folder}-<backend>)")
     _add_hardware_args(sub.choices["train"])
     sub.choices["train"].add_argument(
+        "--devices",
+        type=_positive_int,
+        default=None,
+        help="data parallel over N devices: JAX shards each batch over N devices in this process; torch takes "
+        "one process per device, launched by torchrun (N defaults to its world size). The batch size must be "
+        "a multiple of N",
+    )
+    sub.choices["train"].add_argument(
         "--resume",
         default=None,
         metavar="RUN_DIR",
@@ -413,6 +422,7 @@ _RESUME_SETTABLE = (
     "epochs",
     "checkpoint_every",
     "device",
+    "devices",
     "backend",
     "data_dir",
     "no_download",
@@ -459,22 +469,40 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: S
         config, run_dir = _resume_config(parser, args, argv, args.resume), args.resume
     else:
         config = resolve_dataset(_config_from_args(args))
+        if (
+            config.backend == "torch"
+            and launched_world_size() > 1
+            and "align_every" not in _explicit_options(parser, argv)
+        ):
+            # torch data parallel measures no alignment angles (it refuses align_every > 0): the default is off there.
+            config = config.replace(align_every=0)
         run_dir = args.out or os.path.join("runs", f"{_timestamp()}-{config.method}-{config.backend}")
         if os.path.exists(os.path.join(run_dir, CHECKPOINT_NAME)):
             parser.error(
                 f"--out {run_dir!r} already holds a run; resume it with --resume {run_dir} or choose another folder"
             )
     args.run_dir = run_dir
-    result = run(config, run_dir, resume=bool(args.resume), progress=_progress_enabled(args))
-    print(summary_line(config.method.upper(), result.metrics))
-    print(f"run folder: {run_dir}")
+    main = launched_rank() == 0  # under torchrun, rank 0 alone writes and reports
+    result = run(config, run_dir, resume=bool(args.resume), progress=main and _progress_enabled(args))
+    if main:
+        print(summary_line(config.method.upper(), result.metrics))
+        print(f"run folder: {run_dir}")
     return 0
+
+
+def _refuse_torchrun(parser: argparse.ArgumentParser, command: str) -> None:
+    if launched_world_size() > 1:
+        parser.error(
+            f"dfa {command} does not run under torchrun (WORLD_SIZE={launched_world_size()}); "
+            "torchrun launches `dfa train` for data-parallel training"
+        )
 
 
 def cmd_compare(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
     from dfa_train.run import compare, resolve_dataset
     from dfa_train.tables import comparison_table
 
+    _refuse_torchrun(parser, "compare")
     if args.resume:
         out = args.resume
         config = _resume_config(parser, args, argv, os.path.join(out, "dfa")).replace(no_plots=args.no_plots)
@@ -493,6 +521,7 @@ def cmd_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: S
     from dfa_train.sweep import sweep
     from dfa_train.tables import sweep_table
 
+    _refuse_torchrun(parser, "sweep")
     config = resolve_dataset(_config_from_args(args, lr=args.lr[0]))
     out = args.out or os.path.join("runs", f"{_timestamp()}-sweep-{config.backend}")
     if os.path.exists(os.path.join(out, "summary.json")):

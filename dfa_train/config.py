@@ -28,10 +28,10 @@ from dfa_core.validation import GROUPING_RULES
 from dfa_train.arch import INPUT_SHAPES, parse_arch
 from dfa_train.cadence import CheckpointEvery, format_checkpoint_every, parse_checkpoint_every
 
-CONFIG_VERSION = 4
+CONFIG_VERSION = 5
 """Bumped whenever RunConfig's fields change meaning; ``from_json`` refuses other versions.
-Versions 1 (before ``arch``), 2 (before the feedback presets' options) and 3 (before the
-hardware projection) still read, the fields added since set to None (``ADDED_IN``): the run
+Versions 1 (before ``arch``), 2 (before the feedback presets' options), 3 (before the
+hardware projection) and 4 (before ``devices``) still read, the fields added since set to None (``ADDED_IN``): the run
 they describe is unchanged."""
 
 HARDWARE_FIELDS = ("quantize", "threshold", "noise", "noise_sigma", "noise_mu")
@@ -41,6 +41,7 @@ ADDED_IN: Dict[int, Dict[str, Any]] = {
     2: {"arch": None},
     3: {"feedback_density": None, "feedback_k": None, "feedback_rank": None},
     4: dict.fromkeys(HARDWARE_FIELDS),
+    5: {"devices": None},
 }
 """The fields each config version added, with the value that means "as before"."""
 
@@ -149,6 +150,7 @@ class RunConfig:
     noise_sigma: Optional[float] = None  # with noise (required): its standard deviation, >= 0
     noise_mu: Optional[float] = None  # with noise: its mean (offset or gain error); None: 0
     device: Optional[str] = None  # torch device ('cpu', 'cuda:1') or JAX platform ('cpu', 'gpu'); None: default
+    devices: Optional[int] = None  # data parallel: JAX devices in one process; torch: the torchrun world; None: 1
     tol: Optional[float] = None  # stop when the training error moves by <= tol, patience times; None: never
     patience: int = 1  # consecutive epochs within tol needed to stop, >= 1
     limit_train: Optional[int] = None  # use the first N training samples; None: all
@@ -198,6 +200,7 @@ class RunConfig:
             _check_int(field, getattr(self, field), minimum)
         _check_int("limit_train", self.limit_train, 1, optional=True)
         _check_int("limit_test", self.limit_test, 1, optional=True)
+        _check_int("devices", self.devices, 1, optional=True)
         reals = {
             "lr": _check_real("lr", self.lr, 0.0, low_open=True),
             "momentum": _check_real("momentum", self.momentum, 0.0, 1.0, low_open=False),
@@ -418,7 +421,7 @@ class RunConfig:
         if not isinstance(data, Mapping):
             raise ValueError(f"RunConfig.from_json: expected a JSON object, {_got(data)}")
         version = data.get("version")
-        if version in (1, 2, 3) and not isinstance(version, bool):
+        if version in (1, 2, 3, 4) and not isinstance(version, bool):
             # An older layout: the fields added since (where missing) take the value meaning "as before".
             added = {k: v for since, fields in ADDED_IN.items() if since > version for k, v in fields.items()}
             data, version = {**added, **data, "version": CONFIG_VERSION}, CONFIG_VERSION

@@ -30,6 +30,7 @@ import numpy as np
 from dfa_core import init as dfa_init
 from dfa_core.backend import ParamsLike
 from dfa_core.model import ModelSpec
+from dfa_core.parallel import launched_rank
 from dfa_train import memory, run_files
 from dfa_train.cadence import CheckpointEvery, checkpoint_due
 from dfa_train.checkpoint import CHECKPOINT_NAME, Checkpoint, atomic_write_text, load_checkpoint, save_checkpoint
@@ -44,6 +45,7 @@ RESUME_MAY_CHANGE = (
     "epochs",
     "backend",
     "device",
+    "devices",
     "checkpoint_every",
     "data_dir",
     "no_download",
@@ -373,11 +375,8 @@ def _check_resumable(stored: RunConfig, config: RunConfig) -> None:
         )
 
 
-def _start(config: RunConfig, run_dir: str, params, checkpointer: Checkpointer):
-    """A new run: config.json, an empty history and the epoch-0 checkpoint. Returns (params, feedback)."""
-    ckpt_path = os.path.join(run_dir, CHECKPOINT_NAME)
-    if os.path.exists(ckpt_path):
-        raise ValueError(f"{run_dir!r} already holds a run (checkpoint.npz); resume it or choose another folder")
+def _initial_state(config: RunConfig, params):
+    """The params and feedback a new run starts from: ``params`` or its seeded draw, and the seeded feedback."""
     spec = config.spec()
     params = dfa_init.init_params(spec, config.param_seed) if params is None else params
     from dfa_train.trainer import feedback_rule
@@ -390,6 +389,15 @@ def _start(config: RunConfig, run_dir: str, params, checkpointer: Checkpointer):
         method=feedback_rule(config.method),
         **config.feedback_options(),
     )
+    return params, feedback
+
+
+def _start(config: RunConfig, run_dir: str, params, checkpointer: Checkpointer):
+    """A new run: config.json, an empty history and the epoch-0 checkpoint. Returns (params, feedback)."""
+    ckpt_path = os.path.join(run_dir, CHECKPOINT_NAME)
+    if os.path.exists(ckpt_path):
+        raise ValueError(f"{run_dir!r} already holds a run (checkpoint.npz); resume it or choose another folder")
+    params, feedback = _initial_state(config, params)
     os.makedirs(run_dir, exist_ok=True)
     run_files.write_config(run_dir, config)
     run_files.write_history(run_dir, [])
@@ -425,6 +433,7 @@ def _train(config: RunConfig, data: Data, params, feedback, state, on_epoch, bar
             method=config.method,
             mode=config.mode,
             optimizer=config.optimizer_spec(),
+            devices=config.devices,
             epochs=config.epochs,
             batch_size=config.batch_size,
             seed=config.seed,
@@ -503,6 +512,8 @@ def run(
         config.method,
         bool(config.align_every),
     )
+    if launched_rank() != 0:
+        return _follow(config, out_dir, resume, params, data)
     checkpointer = Checkpointer(
         os.path.join(out_dir, CHECKPOINT_NAME),
         config.checkpoint_cadence(),
@@ -539,6 +550,22 @@ def run(
         with interrupts.deferred():
             checkpointer.flush()
         metrics = _finish(config, out_dir, history, data)
+    return RunResult(out_dir, metrics, history)
+
+
+def _follow(config: RunConfig, out_dir: str, resume: bool, params, data: Data) -> RunResult:
+    """A torchrun rank other than 0: trains its shard of every batch in step with rank 0 and writes nothing.
+
+    It starts where rank 0 does (the same seeded draws, or the run folder's checkpoint, read only: rank 0
+    writes it only after an epoch, which needs every rank's part) and returns the same History.
+    """
+    if resume:
+        ckpt = load_checkpoint(os.path.join(out_dir, CHECKPOINT_NAME))
+        params, feedback, state = ckpt.params, ckpt.feedback, ckpt.resume
+    else:
+        (params, feedback), state = _initial_state(config, params), None
+    history = _train(config, data, params, feedback, state, None, Progress(False, "", 0, 0))
+    metrics = run_files.metrics_of(config, history, data[0].shape[0], data[2].shape[0])
     return RunResult(out_dir, metrics, history)
 
 

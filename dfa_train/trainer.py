@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dfa_core import hardware, validation
+from dfa_core import parallel as dfa_parallel
 from dfa_core.backend import ParamsLike
 from dfa_core.hardware import Projection
 from dfa_core.init import init_feedback, init_params
@@ -130,6 +131,15 @@ class _Settings:
     diverge_factor: Optional[float]  # stop when the loss exceeds this multiple of the initial loss; None never
     on_epoch: Optional[Callable[[EpochEnd], None]]
     on_batch: Optional[Callable[[int, int, int], None]]
+    parallel: Any = None  # the backend's DataParallel (dfa_<backend>.parallel), or None on one device
+
+    def place(self, tree: Any) -> Any:
+        """Native arrays where the run keeps them: replicated over the devices in a data-parallel run."""
+        return tree if self.parallel is None else self.parallel.replicate(tree)
+
+    def parallel_kwargs(self) -> Dict[str, Any]:
+        """The backend calls' parallel keyword: none at all on one device (the calls of before)."""
+        return {} if self.parallel is None else {"parallel": self.parallel}
 
 
 class _Data(NamedTuple):
@@ -184,6 +194,7 @@ def _settings(
     on_epoch: Optional[Callable[[EpochEnd], None]],
     on_batch: Optional[Callable[[int, int, int], None]],
     projection: Optional[Projection] = None,
+    devices: Optional[int] = None,
 ) -> _Settings:
     """Checks fit's options (not the data) and returns them as one frozen record."""
     be = resolve_backend(backend)
@@ -220,6 +231,7 @@ def _settings(
     for name, fn in (("on_epoch", on_epoch), ("on_batch", on_batch)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
+    parallel = _data_parallel(be, devices, engine, batch_size)
     return _Settings(
         be,
         spec,
@@ -240,21 +252,36 @@ def _settings(
         diverge_factor=None if diverge_factor is None else float(diverge_factor),
         on_epoch=on_epoch,
         on_batch=on_batch,
+        parallel=parallel,
     )
+
+
+def _data_parallel(be: ModuleType, devices: Optional[int], engine: str, batch_size: int) -> Any:
+    """The backend's DataParallel for ``devices`` (JAX: a mesh of that many devices; torch: the torchrun
+    launch this process belongs to), or None on one device; checked before any data is touched."""
+    if devices is not None:
+        devices = validation.check_int("devices", devices, 1)
+    parallel = be.data_parallel(devices)
+    if parallel is None:
+        return None
+    if engine != "epoch":
+        raise ValueError(f"fit: data-parallel training runs the compiled epoch; use engine='epoch', got {engine!r}")
+    dfa_parallel.check_data_parallel(parallel.size, batch_size)
+    return parallel
 
 
 def _start(run: _Settings, params_np, feedback, resume: Optional[ResumeState]) -> _Loop:
     """The loop state before the first epoch to run: fresh, or restored from ``resume``."""
     be = run.be
-    params = be.asarray(params_np)
+    params = run.place(be.asarray(params_np))
     opt_state = be.make_optimizer(run.optimizer, run.spec.dtype).init(params)
     # KP carries its trained B, and brsf and projection noise their draw counter, in the optimizer
     # state (a RuleState): a resumed run draws what the uninterrupted one would have.
-    opt_state = be.init_rule_state(run.spec, run.method, opt_state, feedback, run.seed, **_hardware(run))
+    opt_state = run.place(be.init_rule_state(run.spec, run.method, opt_state, feedback, run.seed, **_hardware(run)))
     loop = _Loop(params, opt_state, np.random.default_rng(run.seed))
     if resume is not None:
         if resume.opt_state is not None:
-            loop.opt_state = opt_state_from_numpy(be, opt_state, resume.opt_state)
+            loop.opt_state = run.place(opt_state_from_numpy(be, opt_state, resume.opt_state))
         loop.rng.bit_generator.state = resume.rng_state
         loop.losses, loop.errors = list(resume.loss), list(resume.train_error)
         loop.accuracies, loop.times = list(resume.test_accuracy), list(resume.time_s)
@@ -340,7 +367,15 @@ def _epoch_compiled(run: _Settings, data: _Data, loop: _Loop, epoch: int, order:
     """
     be = run.be
     epoch_fn = be.train_epoch(
-        run.spec, run.optimizer, run.method, run.mode, run.batch_size, run.donate, run.align_every, **_hardware(run)
+        run.spec,
+        run.optimizer,
+        run.method,
+        run.mode,
+        run.batch_size,
+        run.donate,
+        run.align_every,
+        **_hardware(run),
+        **run.parallel_kwargs(),
     )
     loop.params, loop.opt_state, losses, angles = epoch_fn(
         loop.params, data.feedback, loop.opt_state, data.x, data.y, be.asarray(order), loop.global_step
@@ -512,6 +547,8 @@ def _history(run: _Settings, data: _Data, loop: _Loop, params_out, feedback_np, 
     }
     if run.projection is not None:  # recorded only when set: exact-DFA configs stay as they were
         settings["projection"] = projection_config(run.projection)
+    if run.parallel is not None:  # likewise: one-device configs stay as they were
+        settings["devices"] = run.parallel.size
     config = history_config(run.be, run.spec, settings, data.labels.shape[0], data.test_labels)
     return History(
         loss=tuple(loop.losses),
@@ -576,6 +613,7 @@ def fit(
     stop_on_nonfinite: bool = False,
     diverge_factor: Optional[float] = None,
     engine: str = "epoch",
+    devices: Optional[int] = None,
 ) -> History:
     """Trains ``spec`` by DFA or BP on one backend and records a ``History``.
 
@@ -644,6 +682,13 @@ def fit(
         A finite loss far above where training started means the run has diverged even
         though nothing is NaN yet (the ``dfa`` command uses 1000).
       engine: 'epoch' (one compiled call per epoch) or 'step' (one call per step).
+      devices: data-parallel training (engine 'epoch'): every global batch of ``batch_size`` rows
+        (a multiple of ``devices``) is split over the devices and the update is the one-device
+        update of the global batch (averaged modes and 'mean' stay global), so the History equals
+        the one-device run's up to rounding. JAX: a mesh of the first ``devices`` of
+        ``jax.devices()`` in this one process. torch: one process per device, launched by
+        ``torchrun``; None takes the launch's world size (a given value must equal it). None
+        outside a launch: one device.
 
     Returns:
       History: per epoch loss (mean per-sample loss over the epoch, each batch's loss
@@ -678,6 +723,7 @@ def fit(
         on_epoch,
         on_batch,
         projection,
+        devices,
     )
     if (x_test is None) != (y_test is None):
         raise ValueError("x_test and y_test must be given together (or neither)")
@@ -720,14 +766,14 @@ def fit(
     }
     be = run.be
     with be.precision_scope(spec.dtype):
-        x_nat, y_nat = be.asarray((x_np, y_np))
+        x_nat, y_nat = run.place(be.asarray((x_np, y_np)))
         data = _Data(
             x_nat,
             y_nat,
             labels_of(y_np),
-            be.asarray(test[0]) if test is not None else None,
+            run.place(be.asarray(test[0])) if test is not None else None,
             labels_of(test[1]) if test is not None else None,
-            be.asarray(feedback_np),
+            run.place(be.asarray(feedback_np)),
         )
         loop = _start(run, params_np, data.feedback, resume)
         params_out = _train(run, data, loop, feedback_np)

@@ -11,6 +11,7 @@ from dfa_core import MLPSpec, init_feedback
 from dfa_train import cli
 from dfa_train import run as run_module
 from dfa_train.checkpoint import load_checkpoint
+from dfa_train.config import CONFIG_VERSION
 
 SMALL_MNIST = [
     "--dataset",
@@ -243,7 +244,7 @@ def test_train_with_a_feedback_preset_records_it_and_resumes(tmp_path):
     preset = ["--feedback-dist", "ternary", "--feedback-density", "0.5", "--feedback-scale", "0.3"]
     assert cli.main(["train", *XOR, "--layers", "2,6,4,1", *preset, "--epochs", "1", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["version"] == 4
+    assert config["version"] == CONFIG_VERSION
     assert (config["feedback_dist"], config["feedback_density"], config["feedback_scale"]) == ("ternary", 0.5, 0.3)
     assert config["feedback_k"] is None and config["feedback_rank"] is None
     feedback = load_checkpoint(str(out / "checkpoint.npz")).feedback

@@ -205,11 +205,14 @@ def test_feedback_options_are_set_exactly_when_the_preset_takes_them(changes, fi
     assert err.value.field == field and expected in str(err.value), str(err.value)
 
 
-def test_version_1_2_and_3_configs_still_read_as_the_same_run():
-    """Fields added since (arch in 2, the preset options in 3, the hardware projection in 4) read as
-    None: the same run as before."""
-    assert set(ADDED_IN) == {2, 3, 4} and CONFIG_VERSION == 4
-    v3 = {k: v for k, v in CUSTOM.to_dict().items() if k not in ADDED_IN[4]}
+def test_version_1_to_4_configs_still_read_as_the_same_run():
+    """Fields added since (arch in 2, the preset options in 3, the hardware projection in 4, devices in 5)
+    read as None: the same run as before."""
+    assert set(ADDED_IN) == {2, 3, 4, 5} and CONFIG_VERSION == 5
+    v4 = {k: v for k, v in CUSTOM.to_dict().items() if k not in ADDED_IN[5]}
+    v4["version"] = 4
+    assert RunConfig.from_json(json.dumps(v4)) == CUSTOM and RunConfig.from_json(v4).devices is None
+    v3 = {k: v for k, v in v4.items() if k not in ADDED_IN[4]}
     v3["version"] = 3
     assert RunConfig.from_json(json.dumps(v3)) == CUSTOM and RunConfig.from_json(v3).projection() is None
     v2 = {k: v for k, v in v3.items() if k not in ADDED_IN[3]}

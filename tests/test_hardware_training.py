@@ -13,7 +13,7 @@ from dfa_core.backend import RuleState
 from dfa_core.hardware import Projection
 from dfa_train import cli
 from dfa_train.checkpoint import load_checkpoint
-from dfa_train.config import ConfigError, RunConfig
+from dfa_train.config import CONFIG_VERSION, ConfigError, RunConfig
 from dfa_train.many import fit_many
 from dfa_train.trainer import fit
 
@@ -234,7 +234,7 @@ def test_a_noisy_cli_run_resumes_exactly(tmp_path, backend):
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
     config = json.loads((split / "config.json").read_text())
-    assert config["version"] == 4
+    assert config["version"] == CONFIG_VERSION
     assert [config[k] for k in ("quantize", "threshold", "noise", "noise_sigma", "noise_mu")] == [
         "kbit:4",
         None,
