@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from dfa_core import hardware
 from dfa_core.hardware import Projection
@@ -374,17 +375,29 @@ def present_rows(mode: str, y_BxO: Array) -> Optional[Array]:
 def _device_projections(projection: Projection, q_KxO: Array, sizes: Tuple[int, ...]) -> Tuple[Array, ...]:
     """The plug-in device's (q B_1^T, ..., q B_{L-1}^T) through ``jax.pure_callback``: it runs on the host,
     outside the compiled program, once per call of the step (JAX may repeat or drop a pure callback, so
-    the device should answer as a function of q). Shapes and dtype are checked on the host."""
+    the device should answer as a function of q). Shapes and dtype are checked on the host.
+
+    XLA may run the callback on a thread of its own, where JAX's float64 switch (thread-local) is off
+    and float64 arrays crossing the callback would be cast to float32 both ways; float64 therefore
+    crosses it bit for bit as pairs of uint32 (``_to_words``), which no switch touches.
+    """
     shapes = tuple((q_KxO.shape[0], n) for n in sizes)
-    result = tuple(jax.ShapeDtypeStruct(shape, q_KxO.dtype) for shape in shapes)
+    dtype = np.dtype(q_KxO.dtype)
+    wide = dtype == np.float64
+    word = jnp.uint32 if wide else dtype
+    result = tuple(jax.ShapeDtypeStruct(shape + ((2,) if wide else ()), word) for shape in shapes)
     device = cast(Callable[[np.ndarray], Any], projection.device)
 
     def host(q: Any) -> Tuple[np.ndarray, ...]:
-        q_np = np.asarray(q)
+        q_np = np.ascontiguousarray(q).view(np.float64)[..., 0] if wide else np.asarray(q)
         out = hardware.check_device_output(device(q_np), shapes)
-        return tuple(np.asarray(p, dtype=q_np.dtype) for p in out)
+        if wide:
+            return tuple(np.ascontiguousarray(p, dtype=np.float64)[..., None].view(np.uint32) for p in out)
+        return tuple(np.asarray(p, dtype=dtype) for p in out)
 
-    return tuple(jax.pure_callback(host, result, q_KxO, vmap_method="sequential"))
+    operand = lax.bitcast_convert_type(q_KxO, jnp.uint32) if wide else q_KxO
+    outs = jax.pure_callback(host, result, operand, vmap_method="sequential")
+    return tuple(lax.bitcast_convert_type(o, jnp.float64) if wide else o for o in outs)
 
 
 def _standard_normal(key: Any, shapes: Tuple[Tuple[int, int], ...], dtype: Any) -> Tuple[Array, ...]:

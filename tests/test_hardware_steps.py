@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from dfa_core import MLPSpec, init_feedback, init_params
+from dfa_core import MLPSpec, OptimizerSpec, init_feedback, init_params
 from dfa_core.hardware import Projection
 
 BACKENDS = ("torch", "jax")
@@ -104,6 +104,35 @@ def test_jax_key_must_be_a_prng_key():
     """An int seed is torch's convention; JAX asks for jax.random.key(seed)."""
     with pytest.raises(TypeError, match=r"jax.random.key\(seed\)"):
         grads("jax", 0)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_float64_device_in_a_compiled_epoch_is_exact(name):
+    """A device answering e B_l^T exactly gives exact DFA, float64 kept end to end, in the compiled epoch
+    (on JAX XLA runs the callback on a thread of its own, where float64 used to be cast to float32)."""
+    spec, params, feedback, x, y = case("float64")
+    x, y = np.concatenate([x, x[:3]]), np.concatenate([y, y[:3]])  # 11 rows: a ragged last batch
+    seen = []
+
+    def project(q):
+        seen.append(q.dtype)
+        return tuple(q @ np.asarray(b).T for b in feedback)
+
+    backend = importlib.import_module(f"dfa_{name}")
+    opt = OptimizerSpec("sgd", 0.1)
+    out = {}
+    for label, projection in (("device", Projection(device=project)), ("exact", None)):
+        with backend.precision_scope("float64"):
+            p, f = backend.asarray(params), backend.asarray(feedback)
+            state = backend.make_optimizer(opt, "float64").init(p)
+            epoch = backend.train_epoch(
+                spec, opt, "dfa", "sample", 4, **({"projection": projection} if projection else {})
+            )
+            p, _, losses, _ = epoch(p, f, state, backend.asarray(x), backend.asarray(y), np.arange(11))
+            out[label] = backend.to_numpy((p, losses))
+    assert seen and set(seen) == {np.dtype("float64")}
+    for got, want in zip(jax.tree_util.tree_leaves(out["device"]), jax.tree_util.tree_leaves(out["exact"])):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", BACKENDS)

@@ -188,19 +188,8 @@ def _plugin_device(q_KxO):
 
 
 def _device_case(dp, device):
-    """The plug-in device (a pure_callback) under the partitioned epoch.
-
-    JAX_ENABLE_X64 on for the process while it runs: the callback may run on an XLA thread, where
-    precision_scope's thread-local x64 is off and JAX hands the device float32 (a one-device
-    limitation of Projection(device=...) in float64, not of data parallel).
-    """
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-    try:
-        return _epoch_case("mlp", "dfa", "class_mean", "sgd", dp, device)
-    finally:
-        jax.config.update("jax_enable_x64", False)
+    """The plug-in device (a pure_callback) under the partitioned epoch, float64 crossing it exactly."""
+    return _epoch_case("mlp", "dfa", "class_mean", "sgd", dp, device)
 
 
 def _cases(dp):
