@@ -15,21 +15,25 @@ either vector is zero.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Tuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Tuple, cast
 
 import torch
 import torch.func
 
 from dfa_core import validation
 from dfa_core.backend import ArrayLike, FeedbackLike, ParamsLike
-from dfa_core.model import Block, Conv2d, Dense, ModelSpec
+from dfa_core.model import Block, Conv2d, Dense, ModelSpec, NetSpec
+from dfa_core.rules import as_model
 from dfa_core.spec import MLPSpec
-from dfa_torch import blocks, nn
+from dfa_torch import blocks, nn, rules
 from dfa_torch.arrays import precision_scope
 from dfa_torch.dfa import Feedback, _class_grouping, dfa_layer_grads, feedback_projection, group, prepare
 from dfa_torch.mlp import Params
 from dfa_torch.mlp import _forward_with_activations as forward_with_activations
 from dfa_torch.nn import reduce_loss
+
+if TYPE_CHECKING:  # dfa_torch.parallel imports torch.distributed; only its type is read here
+    from dfa_torch.parallel import Reducer
 
 Tensor = torch.Tensor
 
@@ -86,6 +90,62 @@ def _block_angles(spec: ModelSpec, params, feedback: Feedback, x: Tensor, y: Ten
         ]
         deltas = [angle_degrees(d, regroup(g)) for d, g in zip(dfa_deltas, bp_deltas)]
     return Angles(torch.stack(weights), torch.stack(deltas))
+
+
+def _sharded_angles(
+    spec: NetSpec, params, feedback: Feedback, x: Tensor, y: Tensor, mode: str, reducer: Reducer
+) -> Angles:
+    """``alignment_angles_unchecked`` of the global batch whose rows x, y (rows >= 0) are this
+    process's shard (data parallel), the same on every process.
+
+    DFA's side is ``rules._signals`` with the reducer (global groups, gradients summed); BP's is
+    this shard's part of the global loss, its gradients all-reduced. Grouped modes: BP's deltas
+    are regrouped by the global groups in the same all-reduce as its gradients, then every angle
+    is ``angle_degrees`` of global tensors. 'sample' mode: the deltas stay split by rows, so their
+    angles come from sums over the processes: |u|^2 and |v|^2 (with BP's gradients), then
+    |u/|u| - v/|v||^2 and |u/|u| + v/|v||^2 (the same formula as ``angle_degrees``).
+    An MLPSpec runs as its Dense ModelSpec (the same numbers).
+    """
+    model = as_model(spec)
+    chain = blocks._blocks(model)
+    if len(feedback) != len(chain) - 1:
+        raise ValueError(
+            f"the DFA-vs-BP angles need DFA's feedback (B_1, ..., B_{len(chain) - 1}), also when training "
+            f"with 'bp'; got {len(feedback)} entries"
+        )
+    scale = 1 / reducer.rows if model.reduction == "mean" else 1.0
+    zeros = tuple(torch.zeros((x.shape[0], *block.a_shape), dtype=x.dtype, device=x.device) for block in chain)
+    shard_loss = lambda p, eps: torch.sum(nn.per_sample_loss(model.output, blocks._logits(model, p, x, eps), y)) * scale
+    bp_grads, bp_deltas = torch.func.grad(shard_loss, argnums=(0, 1))(params, zeros)
+    with torch.no_grad():
+        dfa = ("dfa",) * len(chain)
+        dfa_grads, _, dfa_deltas = rules._signals(model, params, feedback, x, y, dfa, mode, None, reducer, True)
+        bp_w = [_weight_leaves(b, g) for b, g in zip(chain, bp_grads)]
+        flat_w = torch.cat([w.reshape(-1) for w in bp_w])
+        if mode == "sample":
+            squares = torch.stack([torch.sum(t * t) for pair in zip(dfa_deltas, bp_deltas) for t in pair])
+            flat = reducer.psum(torch.cat([flat_w, squares]))
+            flat_w, norms = flat[: flat_w.numel()], torch.sqrt(flat[flat_w.numel() :])
+            deltas = _row_sharded_angles(dfa_deltas, bp_deltas, norms[0::2], norms[1::2], reducer)
+        else:
+            sums, means = blocks._shard_grouping(mode, y, reducer)
+            bp_grouped, _, flat_w = means([sums(g) for g in bp_deltas], flat_w)
+            deltas = torch.stack([angle_degrees(d, g) for d, g in zip(dfa_deltas, bp_grouped)])
+        bp_w = [t.view_as(w) for t, w in zip(torch.split(flat_w, [w.numel() for w in bp_w]), bp_w)]
+        weights = torch.stack([angle_degrees(_weight_leaves(b, d), w) for b, d, w in zip(chain, dfa_grads, bp_w)])
+    return Angles(weights, deltas)
+
+
+def _row_sharded_angles(us, vs, norms_u: Tensor, norms_v: Tensor, reducer: Reducer) -> Tensor:
+    """``angle_degrees(u_l, v_l)`` per l, (L,), where every process holds some rows of u_l and v_l
+    and the global norms: one all-reduce of |u/|u| - v/|v||^2 and |u/|u| + v/|v||^2."""
+    halves = []
+    for u, v, nu, nv in zip(us, vs, norms_u, norms_v):
+        un, vn = u / nu, v / nv
+        halves += [torch.sum((un - vn) ** 2), torch.sum((un + vn) ** 2)]
+    total = reducer.psum(torch.stack(halves))
+    angle = 2 * torch.atan2(torch.sqrt(total[0::2]), torch.sqrt(total[1::2]))
+    return torch.where((norms_u > 0) & (norms_v > 0), angle * (180 / math.pi), torch.full_like(angle, math.nan))
 
 
 def alignment_angles_unchecked(

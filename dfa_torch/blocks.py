@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import copy
 import functools
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import torch
@@ -514,16 +514,8 @@ def _class_grouping(y_BxC: Tensor) -> Tensor:
     return members_BxC.T / torch.clamp_min(counts_C, 1)[:, None]
 
 
-def _grouping(
-    mode: str, y: Tensor, reducer: Optional[Reducer] = None
-) -> Tuple[Optional[Callable[[Tensor], Tensor]], Any]:
-    """(avg, K): t (batch, *shape) -> G t (K, *shape) for ``mode`` (None for 'sample'), and K.
-
-    With a ``reducer`` (data parallel: y holds this process's rows of a global batch), G and K
-    are the global batch's (``_global_grouping``).
-    """
-    if reducer is not None:
-        return _global_grouping(mode, y, reducer)
+def _grouping(mode: str, y: Tensor) -> Tuple[Optional[Callable[[Tensor], Tensor]], Any]:
+    """(avg, K): t (batch, *shape) -> G t (K, *shape) for ``mode`` (None for 'sample'), and K."""
     if mode == "sample":
         return None, y.shape[0]
     if mode == "batch_mean":
@@ -538,27 +530,43 @@ def _grouping(
     return avg, torch.sum(torch.any(g_CxB > 0, dim=1)).to(y.dtype)
 
 
-def _global_grouping(mode: str, y: Tensor, reducer: Reducer) -> Tuple[Optional[Callable[[Tensor], Tensor]], Any]:
-    """``_grouping`` of the global batch when y (rows, n_L) is one process's shard of it (rows may be 0).
+GroupMeans = Callable[[Sequence[Tensor], Tensor], Tuple[List[Tensor], Any, Tensor]]
+"""``_shard_grouping``'s second function: (group sums, extra) -> (G t of each, K, extra summed)."""
 
-    Each process forms its rows' group sums; ``reducer.psum`` adds them up over the processes
-    (and the class counts), so every process gets the global G t, (K, *shape), and K: 'sample'
-    keeps its rows (K = the global batch, for reduction 'mean'; the caller sums the gradients).
+
+def _shard_grouping(mode: str, y: Tensor, reducer: Reducer) -> Tuple[Callable[[Tensor], Tensor], GroupMeans]:
+    """The grouping of a global batch ('batch_mean' or 'class_mean') when y (rows, n_L) is one
+    process's shard of it (rows may be 0), in ONE all-reduce for any number of grouped tensors.
+
+    Returns:
+      (sums, means): ``sums(t)``, t (rows, *shape), is this shard's group sums (K, *shape), no
+      communication; ``means(sums_list, extra)`` all-reduces every sum, the class counts and
+      ``extra`` (e.g. the loss sum) in one buffer and returns (G t of each, (K, *shape) of the
+      global batch; K; extra summed over the processes), the same on every process.
     """
-    if mode == "sample":
-        return None, reducer.rows
     if mode == "batch_mean":
-        return (lambda t: reducer.psum(torch.sum(t, dim=0, keepdim=True)) / reducer.rows), 1
-    if mode != "class_mean":
-        raise ValueError(f"mode must be one of ['sample', 'batch_mean', 'class_mean'], got {mode!r}")
-    members_BxC = F.one_hot(torch.argmax(y, dim=1), y.shape[1]).to(y.dtype)
-    counts_C = reducer.psum(torch.sum(members_BxC, dim=0))
-    g_CxB = members_BxC.T / torch.clamp_min(counts_C, 1)[:, None]
+        sums = lambda t: torch.sum(t, dim=0, keepdim=True)
+        counts_C: Optional[Tensor] = None
+    elif mode == "class_mean":
+        members_BxC = F.one_hot(torch.argmax(y, dim=1), y.shape[1]).to(y.dtype)
+        counts_C = torch.sum(members_BxC, dim=0)
+        # flatten, not reshape(rows, -1): t may have 0 rows
+        sums = lambda t: (members_BxC.T @ t.flatten(1)).reshape(members_BxC.shape[1], *t.shape[1:])
+    else:
+        raise ValueError(f"grouped mode 'batch_mean' or 'class_mean' expected, got {mode!r}")
 
-    def avg(t: Tensor) -> Tensor:
-        return reducer.psum(g_CxB @ t.flatten(1)).reshape(g_CxB.shape[0], *t.shape[1:])  # flatten: t may have 0 rows
+    def means(group_sums: Sequence[Tensor], extra: Tensor) -> Tuple[List[Tensor], Any, Tensor]:
+        parts = [*group_sums, extra, *(() if counts_C is None else (counts_C,))]
+        flat = reducer.psum(torch.cat([t.reshape(-1) for t in parts]))
+        total = [v.view_as(t) for v, t in zip(torch.split(flat, [t.numel() for t in parts]), parts)]
+        if counts_C is None:
+            return [t / reducer.rows for t in total[: len(group_sums)]], 1, total[len(group_sums)]
+        counts = total[-1]
+        per_group = torch.clamp_min(counts, 1)
+        grouped = [t / per_group.reshape(-1, *(1,) * (t.dim() - 1)) for t in total[: len(group_sums)]]
+        return grouped, torch.sum(counts > 0).to(y.dtype), total[len(group_sums)]
 
-    return avg, torch.sum(counts_C > 0).to(y.dtype)
+    return sums, means
 
 
 @torch.no_grad()

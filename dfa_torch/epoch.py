@@ -76,8 +76,8 @@ def train_epoch(
         and opt_state; each gathers only its rows ``shard_bounds(len(batch), size, rank)`` of
         every global batch, and gets back the one-device result of the global batches (params,
         opt_state, losses) on every process. batch_size must be a multiple of parallel.size
-        (the ragged last batch splits unevenly; a process may get no rows of it). Not with
-        align_every > 0 or a projection.
+        (the ragged last batch splits unevenly; a process may get no rows of it). The angles
+        (align_every > 0) are the global batches', on every process. Not with a projection.
 
     Raises:
       ValueError, TypeError: a bad spec, optimizer, method, mode, batch_size,
@@ -94,11 +94,9 @@ def train_epoch(
     hw = hardware.check_step_projection(method, projection)
     dp = _check_parallel(parallel, batch_size)
     if dp is not None:
-        if align_every:
-            raise _refuse("align_every > 0 (DFA-vs-BP angles)")
         if hw is not None:
             raise _refuse("projection (hardware effects)")
-        return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), 0, None, dp)
+        return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every, None, dp)
     if hw is None:  # today's call, so today's cached epoch
         return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
     return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every, hw)
@@ -107,9 +105,7 @@ def train_epoch(
 @functools.lru_cache(maxsize=None)
 def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, projection=None, parallel=None):
     if parallel is not None:
-        return _sharded_epoch(
-            batch_size, _build_step(spec, opt, method, mode, donate, False, KP_DECAY, None, parallel), parallel
-        )
+        return _sharded_epoch(spec, opt, method, mode, batch_size, donate, align_every, parallel)
     hw = () if projection is None else (KP_DECAY, projection)  # no projection: today's cached steps
     step = _build_step(spec, opt, method, mode, donate, False, *hw)
     align_step = _build_step(spec, opt, method, mode, donate, True, *hw) if align_every else None
@@ -136,22 +132,32 @@ def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, proje
     return epoch
 
 
-def _sharded_epoch(batch_size: int, step: Callable[..., Any], parallel: DataParallel) -> Callable[..., Any]:
-    """``_build_epoch``'s loop under data parallel: each global batch's rows ``shard_bounds`` here."""
+def _sharded_epoch(spec, opt, method, mode, batch_size, donate, align_every, parallel):
+    """``_build_epoch``'s loop under data parallel: each global batch's rows ``shard_bounds`` here;
+    the angles of the global batches measured, as on one process."""
+    step = _build_step(spec, opt, method, mode, donate, False, KP_DECAY, None, parallel)
+    align_step = _build_step(spec, opt, method, mode, donate, True, KP_DECAY, None, parallel) if align_every else None
 
     def epoch(params, feedback, opt_state, x, y, order, step0=0):
-        del step0  # read only for the angles, which data parallel does not measure
         order = torch.as_tensor(order, device=x.device)
+        step0 = int(step0)
         num_batches = -(-x.shape[0] // batch_size)
-        losses = []
+        losses, angles = [], None
+        if align_every:
+            angles = torch.full((num_batches, 2, spec.num_layers), math.nan, dtype=x.dtype, device=x.device)
         for i in range(num_batches):
             idx_B = order[i * batch_size : (i + 1) * batch_size]
             start, stop = shard_bounds(idx_B.shape[0], parallel.size, parallel.rank)
             idx_b = idx_B[start:stop]
             xb, yb = x.index_select(0, idx_b), y.index_select(0, idx_b)
-            params, opt_state, batch_loss = step(params, feedback, opt_state, xb, yb, rows=idx_B.shape[0])
+            rows = idx_B.shape[0]
+            if align_step is not None and angles is not None and (step0 + i) % align_every == 0:
+                params, opt_state, batch_loss, measured = align_step(params, feedback, opt_state, xb, yb, rows=rows)
+                angles[i, 0], angles[i, 1] = measured.weights, measured.deltas
+            else:
+                params, opt_state, batch_loss = step(params, feedback, opt_state, xb, yb, rows=rows)
             losses.append(batch_loss)
-        return params, opt_state, torch.stack(losses), None
+        return params, opt_state, torch.stack(losses), angles
 
     return epoch
 

@@ -9,9 +9,16 @@ one-device update of the global batch:
 
 - 'sample' mode: each process forms its rows' gradient sums (e' / n_global for reduction
   'mean'), and one all-reduce adds them up (with the loss);
-- 'batch_mean' and 'class_mean': the group sums and counts of every grouped quantity
-  (u'_l, a'_l, y_hat', y') are all-reduced before the update is formed, so every process
-  computes the same grouped update from the global groups (no gradient all-reduce).
+- 'batch_mean' and 'class_mean': after the forward pass the group sums of every grouped
+  quantity (u'_l, a'_l, y_hat', y'), the class counts and the loss sum are all-reduced in one
+  buffer, so every process computes the same grouped update from the global groups (no
+  gradient all-reduce).
+
+One all-reduce per step either way (two when ``train_step`` is not told the global rows).
+The DFA-vs-BP angles (``with_alignment``, ``align_every``) are the global batch's, as on one
+process: BP's gradients are all-reduced and its deltas regrouped by the global groups; in
+'sample' mode, where the deltas stay split by rows, the angles come from all-reduced norms
+and distances (``dfa_torch.alignment._sharded_angles``, two or three more all-reduces).
 
 Params, feedback, KP's B and brsf's ``RuleState`` stay identical on every process (each
 applies the same update). gloo on CPU, NCCL on CUDA.
@@ -41,8 +48,8 @@ LAUNCH_HINT = "torch runs one process per device: launch with `torchrun --standa
 
 
 class Reducer(NamedTuple):
-    """What the grouping code (``dfa_torch.blocks._grouping``, ``dfa_torch.rules``) needs to group a
-    global batch whose rows are split over processes."""
+    """What the grouping code (``dfa_torch.blocks._shard_grouping``, ``dfa_torch.rules``,
+    ``dfa_torch.alignment``) needs for a global batch whose rows are split over processes."""
 
     psum: Callable[[Tensor], Tensor]  # t -> the sum of t over the processes (same shape on every process)
     rows: int  # rows of the global batch (n_global >= 1)
@@ -171,6 +178,7 @@ def _check_parallel(parallel: object, batch_size: Optional[int] = None) -> Optio
 
 
 def _refuse(what: str) -> ValueError:
+    """The error for what torch data parallel does not run (hardware projections)."""
     return ValueError(
         f"{what} is not supported under torch data parallel (parallel=...): its result would depend on how "
         "the batch is split; run it on one process, or on JAX (one program over all devices)"

@@ -107,14 +107,49 @@ def _grads_and_loss(
     reducer: Optional[Reducer] = None,
 ) -> Tuple[Grads, Tensor]:
     """``grads_and_loss``; with a ``reducer`` (data parallel), those of the global batch whose rows
-    x, y (rows >= 0) are this process's shard: groups and 1/K are the global batch's
-    (``blocks._grouping``), and in 'sample' mode the processes' gradient and loss sums are
-    all-reduced, in one buffer. Every process returns the same gradients and loss."""
+    x, y (rows >= 0) are this process's shard (``_signals``). Every process returns the same
+    gradients and loss."""
+    grads, batch_loss, _ = _signals(spec, params, feedback, x, y, rules, mode, key, reducer)
+    return grads, batch_loss
+
+
+def _signals(
+    spec: NetSpec,
+    params: Params,
+    feedback: RuleFeedback,
+    x: Tensor,
+    y: Tensor,
+    rules: Tuple[str, ...],
+    mode: str,
+    key: Optional[torch.Generator] = None,
+    reducer: Optional[Reducer] = None,
+    keep_deltas: bool = False,
+) -> Tuple[Grads, Tensor, Tuple[Tensor, ...]]:
+    """Every block's gradients, the loss and, with ``keep_deltas``, the teaching signals.
+
+    With a ``reducer`` (data parallel) x, y are this process's rows of the global batch. Grouped
+    modes: the group sums of every grouped tensor (u'_l, a'_l, y_hat', y'), the class counts and
+    the loss sum are all-reduced in ONE buffer after the forward pass (``blocks._shard_grouping``),
+    so the update that follows is already the global batch's. 'sample' mode: the gradient sums
+    (e' / n_global for reduction 'mean') and the loss sum are all-reduced in one buffer at the
+    end (``_sum_over_shards``).
+
+    Returns:
+      (per block its gradients; loss (); with keep_deltas (delta_1, ..., delta_{L-1}, e'), delta_l
+      (K, *a_shape_l), else ()). Under a reducer in 'sample' mode the deltas are this shard's rows.
+      keep_deltas is for rules without 'shallow' (a shallow block has no delta).
+    """
     model = as_model(spec)
     f = nn.activation(model.activation).fn
     acts = blocks._block_activations(model)
     chain = blocks._blocks(model)
-    avg, count = blocks._grouping(mode, y, reducer)
+    sharded = reducer is not None and mode != "sample"
+    avg: Optional[Callable[[Tensor], Tensor]]
+    if sharded:  # keep this shard's group sums now, make them global means after the forward pass
+        avg, means = blocks._shard_grouping(mode, y, cast("Reducer", reducer))
+    else:
+        avg, count = blocks._grouping(mode, y)
+        count = count if reducer is None else reducer.rows
     keep = (lambda t: t) if avg is None else avg
     h = x
     kept_u, kept_a, kept_h, inputs = [], [], [], []  # u'_l, a'_l, f(a'_l) per block; h_{l-1} per block
@@ -126,18 +161,27 @@ def _grads_and_loss(
         a = blocks._apply_block(block, leaves, u, f)
         if l < len(chain) - 1:
             h = acts[l].fn(a)
-            a_kept = keep(a)
-            kept_a.append(a_kept)
-            kept_h.append(h if avg is None else acts[l].fn(a_kept))
+            kept_a.append(keep(a))
+            if avg is None:
+                kept_h.append(h)
     # Data parallel: this shard's loss sum (no mean: a shard may be empty).
     batch_loss = nn.reduce_loss(model, a, y) if reducer is None else torch.sum(nn.per_sample_loss(model.output, a, y))
     y_hat = nn.output_function(model.output)(a)
-    e = y_hat - y if avg is None else avg(y_hat) - avg(y)
-    target = y if avg is None else avg(y)
+    if sharded:
+        grouped, count, batch_loss = means([*kept_u, *kept_a, keep(y_hat), keep(y)], batch_loss)
+        n = len(chain)
+        kept_u, kept_a, (y_hat_g, y_g) = grouped[:n], grouped[n:-2], grouped[-2:]
+        e, target = y_hat_g - y_g, y_g
+    else:
+        e = y_hat - y if avg is None else avg(y_hat) - avg(y)
+        target = y if avg is None else avg(y)
+    if avg is not None:
+        kept_h = [act.fn(a_kept) for act, a_kept in zip(acts, kept_a)]
     if model.reduction == "mean":
         e, target = e / count, target / count
     grads: list = [None] * len(chain)
     delta = e  # delta_{l+1}, walking down
+    deltas = [e]
     grads[-1] = blocks._block_vjp(chain[-1], params[-1], kept_u[-1], e, f)
     for l in reversed(range(len(chain) - 1)):
         rule = rules[l]
@@ -155,28 +199,29 @@ def _grads_and_loss(
                 leaves = (_mirror(rule, l, leaves[0], entry, key), *leaves[1:])
             p = _carry_back(above, leaves, inputs[l + 1], delta, f)
         delta = acts[l].backward(p, kept_a[l], kept_h[l])
+        if keep_deltas:
+            deltas.append(delta)
         grads[l] = blocks._block_vjp(chain[l], params[l], kept_u[l], delta, f)
-    if reducer is not None:
-        return _sum_over_shards(model, tuple(grads), batch_loss, summed=avg is None, reducer=reducer)
-    return tuple(grads), batch_loss
+    kept = tuple(reversed(deltas)) if keep_deltas else ()
+    if reducer is None:
+        return tuple(grads), batch_loss, kept
+    if sharded:  # the grouped update is already the global batch's; so is the loss sum
+        return tuple(grads), (batch_loss / reducer.rows if model.reduction == "mean" else batch_loss), kept
+    return (*_sum_over_shards(model, tuple(grads), batch_loss, reducer), kept)
 
 
-def _sum_over_shards(
-    model: Any, grads: Grads, loss_sum: Tensor, summed: bool, reducer: Reducer
-) -> Tuple[Grads, Tensor]:
-    """The global batch's gradients and loss from one shard's: gradient sums ('sample' mode,
-    ``summed``) and the loss sum are all-reduced in one buffer; the averaged modes' gradients
-    are already global. The loss is divided by the global rows for reduction 'mean'."""
-    if summed:
-        leaves = [g for block in grads for g in block]
-        flat = reducer.psum(torch.cat([*(g.reshape(-1) for g in leaves), loss_sum.reshape(1)]))
-        parts = torch.split(flat[:-1], [g.numel() for g in leaves])
-        it = iter(p.view_as(g) for p, g in zip(parts, leaves))
-        grads = tuple(tuple(next(it) for _ in block) for block in grads)
-        total = flat[-1]
-    else:
-        total = reducer.psum(loss_sum.reshape(1))[0]
-    return grads, (total / reducer.rows if model.reduction == "mean" else total)
+def _sum_over_shards(model: Any, grads: Grads, loss_sum: Tensor, reducer: Reducer) -> Tuple[Grads, Tensor]:
+    """The global batch's gradients and loss from one shard's in 'sample' mode: the gradient sums
+    and the loss sum are all-reduced in one buffer; the loss is divided by the global rows for
+    reduction 'mean'."""
+    leaves = [g for block in grads for g in block]
+    flat = reducer.psum(torch.cat([*(g.reshape(-1) for g in leaves), loss_sum.reshape(1)]))
+    parts = torch.split(flat[:-1], [g.numel() for g in leaves])
+    it = iter(p.view_as(g) for p, g in zip(parts, leaves))
+    total = flat[-1]
+    return tuple(tuple(next(it) for _ in block) for block in grads), (
+        total / reducer.rows if model.reduction == "mean" else total
+    )
 
 
 def grads_unchecked(

@@ -66,12 +66,12 @@ def train_step(
         is fine) and returns the one-device update of the global batch and its loss, the same
         on every process; params, feedback and opt_state must be the same on every process.
         The step also takes ``rows=`` (the global batch's rows, when known; else one more
-        all-reduce finds them). Not with ``with_alignment`` or a ``projection``.
+        all-reduce finds them). ``with_alignment`` measures the global batch's angles (equal to
+        one process's). Not with a ``projection``.
 
     Raises:
       ValueError, TypeError: a bad spec, optimizer, method, mode, kp_decay, projection (one
-        given with a method other than 'dfa') or parallel (also: parallel with with_alignment
-        or a projection).
+        given with a method other than 'dfa') or parallel (also: parallel with a projection).
     """
     validation.check_train_step(spec, opt, method, mode)
     method = validation.method_key(method)
@@ -81,11 +81,9 @@ def train_step(
     hw = hardware.check_step_projection(method, projection)
     dp = _check_parallel(parallel)
     if dp is not None:
-        if with_alignment:
-            raise _refuse("with_alignment (DFA-vs-BP angles)")
         if hw is not None:
             raise _refuse("projection (hardware effects)")
-        return _build_step(spec, opt, method, mode, bool(donate), False, kp_decay, None, dp)
+        return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment), kp_decay, None, dp)
     if hw is None:  # today's call, so today's cached step
         return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment), kp_decay)
     return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment), kp_decay, hw)
@@ -149,7 +147,9 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
         return new_params, RuleState(inner, kp, opt_state.rule_seed, opt_state.rule_step + 1)
 
     if parallel is not None:
-        return _sharded_step(spec, rules_, mode, stateful, parallel, rule_update if stateful else update)
+        return _sharded_step(
+            spec, rules_, mode, stateful, parallel, rule_update if stateful else update, with_alignment
+        )
 
     def grads_and_loss(params, feedback, opt_state, x, y):
         if method == "dfa":
@@ -181,23 +181,27 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
     return step
 
 
-def _sharded_step(spec, rules_, mode, stateful, parallel, update):
+def _sharded_step(spec, rules_, mode, stateful, parallel, update, with_alignment):
     """The data-parallel step: every rule through ``rules._grads_and_loss`` with the grouping hook
-    (an MLPSpec runs as its Dense ModelSpec there, with the same numbers), then ``update``."""
+    (an MLPSpec runs as its Dense ModelSpec there, with the same numbers), then ``update``; with
+    ``with_alignment`` the global batch's angles first (``alignment._sharded_angles``)."""
 
     def step(params, feedback, opt_state, x, y, rows=None):
         params, feedback, x, y = _as_tensors(spec, params, feedback, x, y)
         rows = parallel.global_rows(x.shape[0], x.device) if rows is None else rows
+        reducer = parallel.reducer(int(rows))
+        # Measured before the update, which may write into params (donate=True).
+        angles = alignment._sharded_angles(spec, params, feedback, x, y, mode, reducer) if with_alignment else None
         key = None
         if stateful:  # KP's B and brsf's seed and step are the same on every process, so are the draws
             feedback = _rule_feedback(rules_, feedback, opt_state, x)
             if "brsf" in rules_[:-1]:
                 key = rules.step_generator(opt_state, x.device)
-        grads, batch_loss = rules._grads_and_loss(
-            spec, params, feedback or (), x, y, rules_, mode, key, parallel.reducer(int(rows))
-        )
+        grads, batch_loss = rules._grads_and_loss(spec, params, feedback or (), x, y, rules_, mode, key, reducer)
         with torch.no_grad():
             params, opt_state = update(params, grads, opt_state)
+        if with_alignment:
+            return params, opt_state, batch_loss, angles
         return params, opt_state, batch_loss
 
     return step

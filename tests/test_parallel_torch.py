@@ -5,7 +5,9 @@ nesterov) and a tiny conv ModelSpec (conv + pool + flatten + dense, reduction 's
 float64: two epochs of ``train_epoch(..., parallel=dp)`` end within rtol 1e-10 of the
 single-process ``train_epoch``, on both ranks. The MLP's 9 samples in batches of 4 leave a last
 batch of 1, so rank 1 gets no rows of it; the conv model's 11 leave a last batch of 3 (2 + 1),
-and it trains with donate=True (updates written in place).
+and it trains with donate=True (updates written in place). The DFA-vs-BP angles
+(``align_every``, ``with_alignment``) of dfa in every mode and of bp equal one process's within
+rtol 1e-8 on both models.
 All cases run in one spawn of 2 processes (a spawn costs seconds, a case milliseconds).
 """
 
@@ -39,6 +41,7 @@ from dfa_torch.parallel import DataParallel, data_parallel
 from dfa_torch.rules import init_rule_state
 from dfa_torch.train import train_step
 
+ANGLE_RTOL, ANGLE_ATOL = 1e-8, 1e-9  # degrees; atol for the angles that are 0 up to rounding (output layer)
 RTOL = 1e-10  # float64: the shards' partial sums round differently from one batch's sums, nothing more
 # No adam: it divides by sqrt(v), so a gradient entry that nearly cancels over the batch turns
 # rounding-level differences into relative ones far above RTOL (seen: 3e-9 for usf); the optimizer
@@ -67,6 +70,8 @@ SETUPS = {
 }
 METHOD_MODES = tuple((m, mode) for m in METHODS for mode in (MODES if m in DIRECT_RULES else ("sample",)))
 CASES = tuple(f"{name}-{m}-{mode}" for name in SETUPS for m, mode in METHOD_MODES)
+ALIGN_EVERY = 2  # global steps 0, 2, 4 of the two epochs' 6 (step0 = 0, 3): both ragged last batches of epoch 1
+ALIGN_CASES = tuple(f"{name}-{m}-{mode}" for name in SETUPS for m, mode in METHOD_MODES if m in ("dfa", "bp"))
 
 
 def _data(name):
@@ -96,40 +101,48 @@ def _result(params, state, losses):
     )
 
 
-def _train(case, parallel=None):
-    """Two epochs of train_epoch (each a ragged last batch), from the same start on every process."""
+def _train(case, parallel=None, align_every=0):
+    """Two epochs of train_epoch (each a ragged last batch), from the same start on every process;
+    with align_every > 0, the angles of both epochs too, (6, 2, L)."""
     name, method, mode = case.split("-")
     spec, opt, _, batch_size = SETUPS[name]
     x, y, orders = _data(name)
-    params, feedback, state = _start(name, method)
+    params, feedback, state = _start(name, "dfa" if align_every else method)  # bp's angles: against DFA's B
     donate = name == "conv"  # the in-place update too, on one model
-    epoch = train_epoch(spec, opt, method, mode, batch_size=batch_size, donate=donate, parallel=parallel)
-    losses = []
+    epoch = train_epoch(
+        spec, opt, method, mode, batch_size=batch_size, donate=donate, align_every=align_every, parallel=parallel
+    )
+    losses, angles = [], []
     for i, order in enumerate(orders):
-        params, state, loss, angles = epoch(params, feedback, state, x, y, order, i * 3)
-        assert angles is None
+        params, state, loss, measured = epoch(params, feedback, state, x, y, order, i * 3)
+        assert (measured is None) == (align_every == 0)
         losses.append(loss)
+        angles.append(measured)
+    if align_every:
+        return _result(params, state, losses), torch.cat(angles).numpy()
     return _result(params, state, losses)
 
 
-def _steps(parallel, method, mode):
-    """train_step on this rank's shards of uneven batches (5 rows, then 1), the global rows unknown."""
+def _steps(parallel, method, mode, with_alignment=False):
+    """train_step on this rank's shards of uneven batches (5 rows, then 1), the global rows unknown;
+    with_alignment: the steps' angles too, (2, 2, L)."""
     spec, opt, _, _ = SETUPS["mlp"]
     x, y, _ = _data("mlp")
-    params, feedback, state = _start("mlp", method)
-    step = train_step(spec, opt, method, mode, parallel=parallel)
-    losses = []
+    params, feedback, state = _start("mlp", "dfa" if with_alignment else method)
+    step = train_step(spec, opt, method, mode, with_alignment=with_alignment, parallel=parallel)
+    losses, angles = [], []
     for rows in (slice(0, 5), slice(5, 6)):
         xb, yb = x[rows], y[rows]
         if parallel is not None:
             start, stop = shard_bounds(len(xb), parallel.size, parallel.rank)
             xb, yb = xb[start:stop], yb[start:stop]
-        params, state, loss = step(params, feedback, state, xb, yb)
+        params, state, loss, *measured = step(params, feedback, state, xb, yb)
         losses.append(loss.reshape(1))
-    return _result(params, state, losses)
+        angles += [torch.stack(tuple(m)).numpy() for m in measured]
+    return _result(params, state, losses), np.array(angles)
 
 
-STEP_CASES = (("dfa", "class_mean"), ("bp", "sample"))
+STEP_CASES = (("dfa", "class_mean", False), ("bp", "sample", False), ("dfa", "sample", True), ("bp", "sample", True))
 
 
 def _all_cases(rank, world):
@@ -139,7 +152,8 @@ def _all_cases(rank, world):
     with pytest.raises(ValueError, match="has 2 processes"):
         data_parallel(world + 1)
     out = {case: _train(case, dp) for case in CASES}
-    out.update({f"step-{m}-{mode}": _steps(dp, m, mode) for m, mode in STEP_CASES})
+    out.update({f"align-{case}": _train(case, dp, ALIGN_EVERY) for case in ALIGN_CASES})
+    out.update({f"step-{m}-{mode}-{a}": _steps(dp, m, mode, a) for m, mode, a in STEP_CASES})
     return out
 
 
@@ -167,12 +181,35 @@ def test_two_processes_train_as_one(ranks, case):
         _assert_close(ranks[rank][case], want)
 
 
-@pytest.mark.parametrize("method, mode", STEP_CASES)
-def test_train_step_on_shards_equals_the_global_batch(ranks, method, mode):
-    """train_step(parallel=dp) on uneven shards (one empty), global rows all-reduced: one process's steps."""
-    want = _steps(None, method, mode)
+def _assert_angles_close(got, want):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=ANGLE_RTOL, atol=ANGLE_ATOL)  # NaN where NaN
+
+
+@pytest.mark.parametrize("case", ALIGN_CASES)
+def test_two_processes_measure_the_angles_of_one(ranks, case):
+    """train_epoch(align_every=2, parallel=dp): both ranks get one process's angles of the global
+    batches (NaN rows where unmeasured), and still its params and losses."""
+    want, want_angles = _train(case, align_every=ALIGN_EVERY)
+    measured = ~np.isnan(want_angles[:, 0, 0])
+    assert measured.tolist() == [True, False, True, False, True, False]
+    assert np.all(want_angles[measured][:, 1, :-1] > 1)  # hidden deltas: DFA is not BP, angles to compare
     for rank in (0, 1):
-        _assert_close(ranks[rank][f"step-{method}-{mode}"], want)
+        got, angles = ranks[rank][f"align-{case}"]
+        _assert_close(got, want)
+        _assert_angles_close(angles, want_angles)
+
+
+@pytest.mark.parametrize("method, mode, with_alignment", STEP_CASES)
+def test_train_step_on_shards_equals_the_global_batch(ranks, method, mode, with_alignment):
+    """train_step(parallel=dp) on uneven shards (one empty), global rows all-reduced: one process's
+    steps, and with with_alignment its angles."""
+    want, want_angles = _steps(None, method, mode, with_alignment)
+    assert want_angles.shape == ((2, 2, 3) if with_alignment else (0,))
+    for rank in (0, 1):
+        got, angles = ranks[rank][f"step-{method}-{mode}-{with_alignment}"]
+        _assert_close(got, want)
+        _assert_angles_close(angles, want_angles)
 
 
 # -- clear errors, no spawn ----------------------------------------------------------------------------
@@ -197,10 +234,8 @@ def test_bad_parallel_setups_are_refused_before_anything_runs():
         train_epoch(spec, opt, "dfa", batch_size=4, parallel=2)
     with pytest.raises(TypeError, match="parallel must be None"):
         train_step(spec, opt, "dfa", parallel="data")
-    with pytest.raises(ValueError, match="align_every > 0.*not supported under torch data parallel"):
-        train_epoch(spec, opt, "dfa", batch_size=4, align_every=2, parallel=FAKE)
-    with pytest.raises(ValueError, match="with_alignment.*not supported under torch data parallel"):
-        train_step(spec, opt, "dfa", with_alignment=True, parallel=FAKE)
+    with pytest.raises(ValueError, match="align_every > 0 measures DFA-vs-BP angles for 'dfa' and 'bp' only"):
+        train_epoch(spec, opt, "fa", batch_size=4, align_every=2, parallel=FAKE)
     noisy = Projection(noise="additive", sigma=0.1)
     with pytest.raises(ValueError, match="projection.*not supported under torch data parallel"):
         train_epoch(spec, opt, "dfa", batch_size=4, projection=noisy, parallel=FAKE)
