@@ -342,6 +342,23 @@ def build_parser() -> argparse.ArgumentParser:
         "a multiple of N",
     )
     sub.choices["train"].add_argument(
+        "--stages",
+        type=_positive_int,
+        default=None,
+        metavar="S",
+        help="layer-parallel DFA over S stages (method dfa): the blocks cut into S contiguous stages, one per "
+        "device; JAX: S devices of this process; torch: one process per stage, launched by torchrun with S "
+        "processes. Measures no alignment angles (--align-every defaults to 0)",
+    )
+    sub.choices["train"].add_argument(
+        "--microbatches",
+        type=_positive_int,
+        default=None,
+        metavar="M",
+        help="with --stages: M micro-batches per batch, pipelined through the stages (default 1); results do "
+        "not depend on it",
+    )
+    sub.choices["train"].add_argument(
         "--resume",
         default=None,
         metavar="RUN_DIR",
@@ -423,6 +440,8 @@ _RESUME_SETTABLE = (
     "checkpoint_every",
     "device",
     "devices",
+    "stages",
+    "microbatches",
     "backend",
     "data_dir",
     "no_download",
@@ -469,15 +488,13 @@ def cmd_train(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: S
         config, run_dir = _resume_config(parser, args, argv, args.resume), args.resume
     else:
         config = resolve_dataset(_config_from_args(args))
-        if (
-            config.backend == "torch"
-            and launched_world_size() > 1
-            and "align_every" not in _explicit_options(parser, argv)
-        ):
-            # torch data parallel measures no alignment angles (it refuses align_every > 0): the default is off there.
+        layered = config.stages is not None and config.stages >= 2
+        if layered and "align_every" not in _explicit_options(parser, argv):
+            # Layer parallel measures no alignment angles (it refuses align_every > 0): the default is off there.
             config = config.replace(align_every=0)
         run_dir = args.out or os.path.join("runs", f"{_timestamp()}-{config.method}-{config.backend}")
-        if os.path.exists(os.path.join(run_dir, CHECKPOINT_NAME)):
+        # Under torchrun rank 0 alone checks: it writes the folder, maybe before another rank gets here.
+        if launched_rank() == 0 and os.path.exists(os.path.join(run_dir, CHECKPOINT_NAME)):
             parser.error(
                 f"--out {run_dir!r} already holds a run; resume it with --resume {run_dir} or choose another folder"
             )
@@ -494,7 +511,7 @@ def _refuse_torchrun(parser: argparse.ArgumentParser, command: str) -> None:
     if launched_world_size() > 1:
         parser.error(
             f"dfa {command} does not run under torchrun (WORLD_SIZE={launched_world_size()}); "
-            "torchrun launches `dfa train` for data-parallel training"
+            "torchrun launches `dfa train` for data- or layer-parallel training"
         )
 
 

@@ -31,8 +31,8 @@ from dfa_train.cadence import CheckpointEvery, format_checkpoint_every, parse_ch
 CONFIG_VERSION = 5
 """Bumped whenever RunConfig's fields change meaning; ``from_json`` refuses other versions.
 Versions 1 (before ``arch``), 2 (before the feedback presets' options), 3 (before the
-hardware projection) and 4 (before ``devices``) still read, the fields added since set to None (``ADDED_IN``): the run
-they describe is unchanged."""
+hardware projection) and 4 (before ``devices``, ``stages`` and ``microbatches``) still read,
+the fields added since set to None (``ADDED_IN``): the run they describe is unchanged."""
 
 HARDWARE_FIELDS = ("quantize", "threshold", "noise", "noise_sigma", "noise_mu")
 """The fields of DFA's hardware projection (``RunConfig.projection``); all None: exact DFA."""
@@ -41,7 +41,7 @@ ADDED_IN: Dict[int, Dict[str, Any]] = {
     2: {"arch": None},
     3: {"feedback_density": None, "feedback_k": None, "feedback_rank": None},
     4: dict.fromkeys(HARDWARE_FIELDS),
-    5: {"devices": None},
+    5: {"devices": None, "stages": None, "microbatches": None},
 }
 """The fields each config version added, with the value that means "as before"."""
 
@@ -151,6 +151,9 @@ class RunConfig:
     noise_mu: Optional[float] = None  # with noise: its mean (offset or gain error); None: 0
     device: Optional[str] = None  # torch device ('cpu', 'cuda:1') or JAX platform ('cpu', 'gpu'); None: default
     devices: Optional[int] = None  # data parallel: JAX devices in one process; torch: the torchrun world; None: 1
+    stages: Optional[int] = None  # layer-parallel DFA over S stages: JAX devices of this process; torch: the
+    # torchrun world; None (or 1): not layer parallel
+    microbatches: Optional[int] = None  # micro-batches per batch pipelined through the stages; None: 1
     tol: Optional[float] = None  # stop when the training error moves by <= tol, patience times; None: never
     patience: int = 1  # consecutive epochs within tol needed to stop, >= 1
     limit_train: Optional[int] = None  # use the first N training samples; None: all
@@ -201,6 +204,7 @@ class RunConfig:
         _check_int("limit_train", self.limit_train, 1, optional=True)
         _check_int("limit_test", self.limit_test, 1, optional=True)
         _check_int("devices", self.devices, 1, optional=True)
+        self._check_layer_parallel()
         reals = {
             "lr": _check_real("lr", self.lr, 0.0, low_open=True),
             "momentum": _check_real("momentum", self.momentum, 0.0, 1.0, low_open=False),
@@ -247,6 +251,31 @@ class RunConfig:
             self.spec()  # parses the string and checks its shapes against the dataset's input
         except (ValueError, TypeError) as err:
             raise ConfigError("arch", f"{err} (dataset {self.dataset!r}, input shape {self.input_shape()})") from None
+
+    def _check_layer_parallel(self) -> None:
+        """stages and microbatches: ints >= 1; with stages >= 2, method 'dfa' and no devices; microbatches
+        only with stages >= 2."""
+        _check_int("stages", self.stages, 1, optional=True)
+        _check_int("microbatches", self.microbatches, 1, optional=True)
+        layered = self.stages is not None and self.stages >= 2
+        if self.microbatches not in (None, 1) and not layered:
+            raise ConfigError(
+                "microbatches",
+                f"expected None or 1 without stages >= 2 (micro-batches pipeline the stages of a layer-parallel "
+                f"run), got {self.microbatches!r} with stages {self.stages!r}",
+            )
+        if layered and self.method != "dfa":
+            raise ConfigError(
+                "stages",
+                f"expected None or 1 with method {self.method!r} (layer parallel trains method 'dfa' only: other "
+                f"rules carry their signal down from block to block), got {self.stages!r}",
+            )
+        if layered and self.devices is not None:
+            raise ConfigError(
+                "stages",
+                f"expected None or 1 with devices {self.devices!r} (data and layer parallel together are not "
+                f"supported), got {self.stages!r}",
+            )
 
     def _check_feedback_options(self) -> None:
         """Each preset option is set exactly when ``feedback_dist`` takes it, in range for the spec."""

@@ -30,7 +30,7 @@ import numpy as np
 from dfa_core import init as dfa_init
 from dfa_core.backend import ParamsLike
 from dfa_core.model import ModelSpec
-from dfa_core.parallel import launched_rank
+from dfa_core.parallel import launched_rank, launched_world_size
 from dfa_train import memory, run_files
 from dfa_train.cadence import CheckpointEvery, checkpoint_due
 from dfa_train.checkpoint import CHECKPOINT_NAME, Checkpoint, atomic_write_text, load_checkpoint, save_checkpoint
@@ -46,6 +46,8 @@ RESUME_MAY_CHANGE = (
     "backend",
     "device",
     "devices",
+    "stages",
+    "microbatches",
     "checkpoint_every",
     "data_dir",
     "no_download",
@@ -434,6 +436,8 @@ def _train(config: RunConfig, data: Data, params, feedback, state, on_epoch, bar
             mode=config.mode,
             optimizer=config.optimizer_spec(),
             devices=config.devices,
+            stages=config.stages,
+            microbatches=config.microbatches or 1,
             epochs=config.epochs,
             batch_size=config.batch_size,
             seed=config.seed,
@@ -550,6 +554,7 @@ def run(
         with interrupts.deferred():
             checkpointer.flush()
         metrics = _finish(config, out_dir, history, data)
+    _wait_for_every_rank()
     return RunResult(out_dir, metrics, history)
 
 
@@ -566,7 +571,19 @@ def _follow(config: RunConfig, out_dir: str, resume: bool, params, data: Data) -
         (params, feedback), state = _initial_state(config, params), None
     history = _train(config, data, params, feedback, state, None, Progress(False, "", 0, 0))
     metrics = run_files.metrics_of(config, history, data[0].shape[0], data[2].shape[0])
+    _wait_for_every_rank()
     return RunResult(out_dir, metrics, history)
+
+
+def _wait_for_every_rank() -> None:
+    """Under a torchrun launch, returns once every rank has finished its run (rank 0 has written the
+    folder), so a next run in the same processes (a resume) starts from the same checkpoint on every rank."""
+    if launched_world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def compare(

@@ -132,6 +132,7 @@ class _Settings:
     on_epoch: Optional[Callable[[EpochEnd], None]]
     on_batch: Optional[Callable[[int, int, int], None]]
     parallel: Any = None  # the backend's DataParallel (dfa_<backend>.parallel), or None on one device
+    layers: Any = None  # the backend's LayerParallel (dfa_<backend>.layer_parallel), or None: not layer parallel
 
     def place(self, tree: Any) -> Any:
         """Native arrays where the run keeps them: replicated over the devices in a data-parallel run."""
@@ -168,6 +169,8 @@ class _Loop:
     accuracies: List[float] = dataclasses.field(default_factory=list)
     times: List[float] = dataclasses.field(default_factory=list)
     records: List[AlignmentRecord] = dataclasses.field(default_factory=list)
+    staged: Any = None  # a layer-parallel run's stages (LayerParallel.place); params and opt_state are
+    # their gather after each epoch. None: not placed yet (or not layer parallel)
     pred: Optional[np.ndarray] = None  # (N,) labels predicted after the last epoch
     test_pred: Optional[np.ndarray] = None  # (M,)
     stopped_early: bool = False
@@ -195,6 +198,8 @@ def _settings(
     on_batch: Optional[Callable[[int, int, int], None]],
     projection: Optional[Projection] = None,
     devices: Optional[int] = None,
+    stages: Optional[int] = None,
+    microbatches: int = 1,
 ) -> _Settings:
     """Checks fit's options (not the data) and returns them as one frozen record."""
     be = resolve_backend(backend)
@@ -231,7 +236,10 @@ def _settings(
     for name, fn in (("on_epoch", on_epoch), ("on_batch", on_batch)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
-    parallel = _data_parallel(be, devices, engine, batch_size)
+    layers = _layer_parallel(
+        be, spec, optimizer, method, mode, stages, microbatches, devices, engine, align_every, projection, batch_size
+    )
+    parallel = _data_parallel(be, devices, engine, batch_size) if layers is None else None
     return _Settings(
         be,
         spec,
@@ -253,6 +261,7 @@ def _settings(
         on_epoch=on_epoch,
         on_batch=on_batch,
         parallel=parallel,
+        layers=layers,
     )
 
 
@@ -268,6 +277,68 @@ def _data_parallel(be: ModuleType, devices: Optional[int], engine: str, batch_si
         raise ValueError(f"fit: data-parallel training runs the compiled epoch; use engine='epoch', got {engine!r}")
     dfa_parallel.check_data_parallel(parallel.size, batch_size)
     return parallel
+
+
+def _layer_parallel(
+    be: ModuleType,
+    spec: NetSpec,
+    optimizer: OptimizerSpec,
+    method: Any,
+    mode: str,
+    stages: Optional[int],
+    microbatches: int,
+    devices: Optional[int],
+    engine: str,
+    align_every: int,
+    projection: Optional[Projection],
+    batch_size: int,
+) -> Any:
+    """The backend's LayerParallel for ``stages`` >= 2 (JAX: the first ``stages`` devices of this
+    process; torch: the torchrun launch this process belongs to, one stage per process), or None
+    for ``stages`` None or 1; checked before any data is touched."""
+    microbatches = validation.check_int("microbatches", microbatches, 1)
+    if stages is not None:
+        stages = validation.check_int("stages", stages, 1)
+    if stages is None or stages == 1:
+        if microbatches != 1:
+            raise ValueError(
+                f"fit: microbatches={microbatches} pipelines the stages of a layer-parallel run; "
+                f"set stages >= 2 (or microbatches=1), got stages={stages}"
+            )
+        return None
+    what = f"fit: layer-parallel training (stages={stages})"
+    dfa_parallel.check_layer_method(method)
+    if devices is not None:
+        raise ValueError(
+            f"{what} and data-parallel training (devices={devices}) together are not supported; "
+            "choose one: stages splits the blocks over devices, devices splits every batch"
+        )
+    if engine != "epoch":
+        raise ValueError(f"{what} runs its own per-batch steps; use engine='epoch' (the default), got {engine!r}")
+    if validation.check_int("align_every", align_every, 0):
+        raise ValueError(f"{what} measures no alignment angles; use align_every=0, got {align_every}")
+    if projection is not None:
+        raise ValueError(f"{what} trains exact DFA; projection (hardware effects) must be None, got {projection!r}")
+    if validation.check_int("batch_size", batch_size, 1) % microbatches:
+        raise ValueError(
+            f"{what}: batch_size={batch_size} is not divisible by microbatches={microbatches}: every micro-batch "
+            "of a batch has the same number of samples (a ragged last batch runs with fewer micro-batches)"
+        )
+    if be.NAME != "torch" and dfa_parallel.launched_world_size() > 1:
+        raise ValueError(
+            f"{what}: this process was launched by torchrun, but JAX runs one process over all its devices; "
+            "run it without torchrun"
+        )
+    joined = be.data_parallel(None)  # torch: joins this torchrun launch's process group; JAX: None
+    world = 1 if joined is None else joined.size
+    if be.NAME == "torch" and world != stages:
+        start = f"torchrun --standalone --nproc-per-node {stages} ..."
+        if world == 1:
+            raise ValueError(
+                f"{what}: torch runs one stage per process, but this process runs alone; launch with `{start}`"
+            )
+        raise ValueError(f"{what}: torch runs one stage per process, but this launch has {world}; launch `{start}`")
+    return be.layer_parallel(spec, optimizer, stages, microbatches, mode, method)
 
 
 def _start(run: _Settings, params_np, feedback, resume: Optional[ResumeState]) -> _Loop:
@@ -396,6 +467,42 @@ def _epoch_compiled(run: _Settings, data: _Data, loop: _Loop, epoch: int, order:
     return np.asarray(losses, dtype=np.float64)
 
 
+def _epoch_layer_parallel(run: _Settings, data: _Data, loop: _Loop, epoch: int, order: np.ndarray) -> np.ndarray:
+    """A layer-parallel epoch: one ``LayerParallel.step`` per batch, in the order of the other engines;
+    returns the (num_batches,) losses.
+
+    The stages are placed at the first epoch and kept across epochs; after each epoch they are
+    gathered into ``loop.params`` and ``loop.opt_state`` (the one-device layout), which the
+    evaluation, ``on_epoch`` and checkpoints read.
+    """
+    be, lp, n = run.be, run.layers, order.shape[0]
+    if loop.staged is None:
+        loop.staged = lp.place(loop.params, data.feedback, loop.opt_state)
+    order_nat, num_batches, batch_losses = be.asarray(order), -(-n // run.batch_size), []
+    for i, start in enumerate(range(0, n, run.batch_size)):
+        idx = order_nat[start : start + run.batch_size]
+        engine = _microbatched(run, min(run.batch_size, n - start))
+        loop.staged, batch_loss = engine.step(loop.staged, data.x[idx], data.y[idx])
+        batch_losses.append(batch_loss)
+        loop.global_step += 1
+        if run.on_batch is not None:
+            run.on_batch(epoch, i, num_batches)
+    loop.params, loop.opt_state = lp.gather(loop.staged)
+    # One host transfer per epoch; it also waits for the epoch's work to finish.
+    return np.asarray(be.to_numpy(tuple(batch_losses)), dtype=np.float64)
+
+
+def _microbatched(run: _Settings, rows: int) -> Any:
+    """The LayerParallel that steps a batch of ``rows`` samples: the run's, or, for a ragged last
+    batch that its micro-batches do not divide, the same stages with the most micro-batches (up to
+    the run's) that divide it. The step is the one-device step either way; only the pipelining differs."""
+    lp = run.layers
+    if rows % lp.microbatches == 0:
+        return lp
+    fewer = max(m for m in range(1, lp.microbatches) if rows % m == 0)
+    return run.be.layer_parallel(run.spec, run.optimizer, lp.size, fewer, run.mode, run.method)
+
+
 def _predict(run: _Settings, params, x) -> np.ndarray:
     """(rows,) int64 predicted labels of native inputs x (rows, n_0)."""
     if run.engine == "step":
@@ -416,7 +523,13 @@ def _run_epoch(run: _Settings, data: _Data, loop: _Loop, epoch: int) -> None:
     n = data.labels.shape[0]
     order = loop.rng.permutation(n).astype(np.int32)
     start_time = time.perf_counter()
-    run_batches = _epoch_compiled if run.engine == "epoch" else _epoch_by_steps
+    run_batches = (
+        _epoch_layer_parallel
+        if run.layers is not None
+        else _epoch_compiled
+        if run.engine == "epoch"
+        else _epoch_by_steps
+    )
     batch_losses = run_batches(run, data, loop, epoch, order)
     loop.times.append(time.perf_counter() - start_time)
     if run.spec.reduction == "mean":
@@ -549,6 +662,8 @@ def _history(run: _Settings, data: _Data, loop: _Loop, params_out, feedback_np, 
         settings["projection"] = projection_config(run.projection)
     if run.parallel is not None:  # likewise: one-device configs stay as they were
         settings["devices"] = run.parallel.size
+    if run.layers is not None:
+        settings["stages"], settings["microbatches"] = run.layers.size, run.layers.microbatches
     config = history_config(run.be, run.spec, settings, data.labels.shape[0], data.test_labels)
     return History(
         loss=tuple(loop.losses),
@@ -614,6 +729,8 @@ def fit(
     diverge_factor: Optional[float] = None,
     engine: str = "epoch",
     devices: Optional[int] = None,
+    stages: Optional[int] = None,
+    microbatches: int = 1,
 ) -> History:
     """Trains ``spec`` by DFA or BP on one backend and records a ``History``.
 
@@ -689,6 +806,16 @@ def fit(
         ``jax.devices()`` in this one process. torch: one process per device, launched by
         ``torchrun``; None takes the launch's world size (a given value must equal it). None
         outside a launch: one device.
+      stages: layer-parallel DFA (``<backend>.layer_parallel``) over this many stages, >= 2: the
+        blocks are cut into contiguous stages, stage s on device s; every batch (the same batches
+        in the same order) takes one step whose update is the one-device update, so the History
+        equals the one-device run's up to rounding. JAX: the first ``stages`` devices of
+        ``jax.devices()`` in this one process. torch: one process per stage, launched by
+        ``torchrun`` with ``stages`` processes. Method 'dfa' only (any mode), without
+        ``devices``, ``projection`` or ``align_every``, engine 'epoch'. None or 1: not layer parallel.
+      microbatches: micro-batches per batch in a layer-parallel run (they flow through the stages
+        as a pipeline), >= 1; a ragged last batch they do not divide runs with the most
+        micro-batches that divide it. Results do not depend on it (up to rounding).
 
     Returns:
       History: per epoch loss (mean per-sample loss over the epoch, each batch's loss
@@ -724,6 +851,8 @@ def fit(
         on_batch,
         projection,
         devices,
+        stages,
+        microbatches,
     )
     if (x_test is None) != (y_test is None):
         raise ValueError("x_test and y_test must be given together (or neither)")
