@@ -146,6 +146,10 @@ class OptimizerSpec:
     ``sgd``: update = -lr * g.
     ``momentum``: t = g + momentum * t; update = -lr * t (nesterov: -lr * (g + momentum * t)).
     ``adam``: optax.adam with bias correction, update = -lr * m_hat / (sqrt(v_hat) + eps).
+
+    ``weight_decay`` lambda >= 0 adds lambda * p to every parameter's gradient before the
+    optimizer sees it (L2 regularisation coupled to the gradient, as ``torch.optim``'s
+    ``weight_decay`` and ``optax.add_decayed_weights`` before the optimizer), on W and b alike.
     """
 
     name: str = "sgd"  # one of OPTIMIZERS
@@ -155,10 +159,11 @@ class OptimizerSpec:
     b1: float = 0.9  # adam first-moment decay, in [0, 1)
     b2: float = 0.999  # adam second-moment decay, in [0, 1)
     eps: float = 1e-8  # adam denominator offset, > 0
+    weight_decay: float = 0.0  # L2 coefficient lambda >= 0: the gradient of every parameter p gets + lambda * p
 
     def __post_init__(self):
         _check_choice("optimizer name", self.name, OPTIMIZERS)
-        for field in ("learning_rate", "momentum", "b1", "b2", "eps"):
+        for field in ("learning_rate", "momentum", "b1", "b2", "eps", "weight_decay"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{field} must be a real number, got {type(value).__name__} {value!r}")
@@ -172,6 +177,8 @@ class OptimizerSpec:
                 raise ValueError(f"{field} must be in [0, 1), got {getattr(self, field)}")
         if self.eps <= 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not isinstance(self.nesterov, bool):
             raise TypeError(f"nesterov must be a bool, got {self.nesterov!r}")
 
@@ -182,4 +189,6 @@ class OptimizerSpec:
             out.update(momentum=self.momentum, nesterov=self.nesterov)
         elif self.name == "adam":
             out.update(b1=self.b1, b2=self.b2, eps=self.eps)
+        if self.weight_decay:  # recorded only when set: the records of before stay as they were
+            out["weight_decay"] = self.weight_decay
         return out

@@ -32,7 +32,7 @@ from dfa_jax import alignment
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, bp_grads_and_loss, dfa_grads_and_loss
 from dfa_jax.mlp import Params, forward
-from dfa_jax.optim import apply_updates
+from dfa_jax.optim import apply_updates, with_weight_decay
 
 Array = jax.Array
 
@@ -45,6 +45,7 @@ class Hyper(NamedTuple):
     b1: Array  # (M,): 'adam' first-moment decay
     b2: Array  # (M,): 'adam' second-moment decay
     eps: Array  # (M,): 'adam' denominator offset
+    weight_decay: Array  # (M,): L2 coefficient added to the gradients (0: none)
 
 
 def stack_hyper(opts: Sequence[OptimizerSpec], dtype: str = "float32") -> Hyper:
@@ -63,12 +64,17 @@ def _check_structure(optimizer: str, nesterov: bool) -> Tuple[str, bool]:
 
 
 def _transform(optimizer: str, nesterov: bool, hyper: Hyper) -> optax.GradientTransformation:
-    """``make_optimizer``'s optax transform for one member, from its (traced) hyper-parameters ()."""
+    """``make_optimizer``'s optax transform for one member, from its (traced) hyper-parameters ().
+
+    Weight decay is always applied (a member without it adds 0 * p, exactly nothing): the members'
+    decays are traced values, so no member's setting can pick the program."""
     if optimizer == "sgd":
-        return optax.sgd(hyper.learning_rate)
-    if optimizer == "momentum":
-        return optax.sgd(hyper.learning_rate, momentum=hyper.momentum, nesterov=nesterov)
-    return optax.adam(hyper.learning_rate, b1=hyper.b1, b2=hyper.b2, eps=hyper.eps)
+        tx = optax.sgd(hyper.learning_rate)
+    elif optimizer == "momentum":
+        tx = optax.sgd(hyper.learning_rate, momentum=hyper.momentum, nesterov=nesterov)
+    else:
+        tx = optax.adam(hyper.learning_rate, b1=hyper.b1, b2=hyper.b2, eps=hyper.eps)
+    return with_weight_decay(tx, hyper.weight_decay)
 
 
 def init_opt_state_many(optimizer: str, nesterov: bool, params: Params, hyper: Hyper) -> Any:

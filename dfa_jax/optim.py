@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import optax
 
@@ -30,6 +32,8 @@ def make_optimizer(opt: OptimizerSpec, dtype: str = "float32") -> optax.Gradient
         tx = optax.sgd(opt.learning_rate, momentum=opt.momentum, nesterov=opt.nesterov)
     else:
         tx = optax.adam(opt.learning_rate, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+    if opt.weight_decay:
+        tx = with_weight_decay(tx, opt.weight_decay)
     if dtype != "float64":
         return tx
 
@@ -42,6 +46,19 @@ def make_optimizer(opt: OptimizerSpec, dtype: str = "float32") -> optax.Gradient
             return tx.update(updates, state, params)
 
     return optax.GradientTransformation(init, update)
+
+
+def with_weight_decay(tx: optax.GradientTransformation, weight_decay: Any) -> optax.GradientTransformation:
+    """``tx`` seeing g + weight_decay * p for every parameter p; its state is ``tx``'s own (so a
+    checkpoint's optimizer state is the same with or without decay, on both backends)."""
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("weight decay needs the params: call update(grads, state, params)")
+        decayed = jax.tree_util.tree_map(lambda g, p: g + weight_decay * p, grads, params)
+        return tx.update(decayed, state, params)
+
+    return optax.GradientTransformation(tx.init, update)
 
 
 def apply_updates(params: Params, updates: Params) -> Params:

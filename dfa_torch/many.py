@@ -44,6 +44,7 @@ class Hyper(NamedTuple):
     b1: Tensor  # (M,): 'adam' first-moment decay
     b2: Tensor  # (M,): 'adam' second-moment decay
     eps: Tensor  # (M,): 'adam' denominator offset
+    weight_decay: Tensor  # (M,): L2 coefficient added to the gradients (0: none)
 
 
 def stack_hyper(opts: Sequence[OptimizerSpec], dtype: str = "float32") -> Hyper:
@@ -73,8 +74,11 @@ def _init(optimizer: str, params: Params) -> Any:
     return AdamState(count, tree_map(torch.zeros_like, params), tree_map(torch.zeros_like, params))
 
 
-def _update(optimizer: str, nesterov: bool, hyper: Hyper, grads, state):
-    """One member's ``make_optimizer(...).update``, hyper-parameters as 0-d tensors: (updates, state)."""
+def _update(optimizer: str, nesterov: bool, hyper: Hyper, grads, state, params):
+    """One member's ``make_optimizer(...).update``, hyper-parameters as 0-d tensors: (updates, state).
+
+    Weight decay is always applied (0 * p adds exactly nothing), as on JAX."""
+    grads = tree_map(lambda g, p: g + hyper.weight_decay * p, grads, params)
     lr = hyper.learning_rate
     if optimizer == "sgd":
         return tree_map(lambda g: g * -lr, grads), state
@@ -175,7 +179,7 @@ def _member_step(spec, optimizer, nesterov, method):
             grads, batch_loss = dfa_grads_and_loss(spec, params, feedback, xb, yb, mode)
         else:
             grads, batch_loss = bp(params, xb, yb)
-        updates, opt_state = _update(optimizer, nesterov, hyper, grads, opt_state)
+        updates, opt_state = _update(optimizer, nesterov, hyper, grads, opt_state, params)
         return tree_map(torch.add, params, updates), opt_state, batch_loss
 
     return step

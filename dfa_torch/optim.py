@@ -98,7 +98,28 @@ def make_optimizer(opt: OptimizerSpec, dtype: str = "float32") -> GradientTransf
             step = torch._foreach_mul(torch._foreach_div(torch._foreach_div(mu, bc1), denom), -lr)
             return _unflatten(step, grads), AdamState(count, _unflatten(mu, grads), _unflatten(nu, grads))
 
-    return GradientTransformation(init, update)
+    tx = GradientTransformation(init, update)
+    return with_weight_decay(tx, opt.weight_decay) if opt.weight_decay else tx
+
+
+def with_weight_decay(tx: GradientTransformation, weight_decay: Any) -> GradientTransformation:
+    """``tx`` seeing g + weight_decay * p for every parameter p (optax.add_decayed_weights' order); its
+    state is ``tx``'s own. ``weight_decay`` a float, or a (M,) tensor broadcast over stacked members."""
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("weight decay needs the params: call update(grads, state, params)")
+        decay = _map(lambda p: p * _per_member(weight_decay, p), params)
+        return tx.update(_unflatten(torch._foreach_add(_flatten(grads), _flatten(decay)), grads), state, params)
+
+    return GradientTransformation(tx.init, update)
+
+
+def _per_member(value: Any, like: torch.Tensor) -> Any:
+    """A float as it is; a (M,) tensor shaped to broadcast over a stacked leaf (M, ...)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        return value.reshape(-1, *([1] * (like.dim() - 1)))
+    return value
 
 
 def _leaf(tree: Any) -> torch.Tensor:

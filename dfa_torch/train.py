@@ -125,7 +125,7 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
     _apply = apply_updates_ if donate else apply_updates
 
     def update(params, grads, opt_state):
-        if opt.name == "sgd":  # W - lr * g as one fused multiply-add per tensor, no update tensors
+        if opt.name == "sgd" and not opt.weight_decay:  # W - lr * g as one fused multiply-add per tensor
             flat_p, flat_g = _flatten(params), _flatten(grads)
             if donate:
                 torch._foreach_add_(flat_p, flat_g, alpha=-opt.learning_rate)

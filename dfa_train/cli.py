@@ -211,6 +211,12 @@ def _add_training_args(p: argparse.ArgumentParser, with_method: bool, lr_list: b
     else:
         p.add_argument("--lr", type=_positive_float, default=_DEFAULTS["lr"])
     p.add_argument("--momentum", type=float, default=_DEFAULTS["momentum"])
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=_DEFAULTS["weight_decay"],
+        help="L2 coefficient lambda >= 0: every gradient gets + lambda * p (as torch.optim's weight_decay)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS["batch_size"])
     p.add_argument("--epochs", type=_positive_int, default=_DEFAULTS["epochs"])
     p.add_argument(

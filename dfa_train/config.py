@@ -41,7 +41,7 @@ ADDED_IN: Dict[int, Dict[str, Any]] = {
     2: {"arch": None},
     3: {"feedback_density": None, "feedback_k": None, "feedback_rank": None},
     4: dict.fromkeys(HARDWARE_FIELDS),
-    5: {"devices": None, "stages": None, "microbatches": None},
+    5: {"devices": None, "stages": None, "microbatches": None, "weight_decay": 0.0},
 }
 """The fields each config version added, with the value that means "as before"."""
 
@@ -134,6 +134,7 @@ class RunConfig:
     optimizer: str = "sgd"  # 'sgd', 'momentum' or 'adam'
     lr: float = 1e-4  # learning rate, > 0
     momentum: float = 0.9  # momentum coefficient in [0, 1) (optimizer 'momentum' only)
+    weight_decay: float = 0.0  # L2 coefficient >= 0 added to every gradient (lambda * p); 0: none
     batch_size: int = 200  # samples per step, >= 1
     epochs: int = 80  # total epochs (a resumed run counts the ones already run), >= 1
     seed: int = 0  # seed of the batch order, >= 0
@@ -208,6 +209,7 @@ class RunConfig:
         reals = {
             "lr": _check_real("lr", self.lr, 0.0, low_open=True),
             "momentum": _check_real("momentum", self.momentum, 0.0, 1.0, low_open=False),
+            "weight_decay": _check_real("weight_decay", self.weight_decay, 0.0, low_open=False),
             "feedback_scale": _check_real("feedback_scale", self.feedback_scale, 0.0, low_open=True, optional=True),
             "tol": _check_real("tol", self.tol, 0.0, low_open=False, optional=True),
             "download_timeout": _check_real("download_timeout", self.download_timeout, 0.0, low_open=True),
@@ -386,8 +388,8 @@ class RunConfig:
         return MLPSpec(widths, self.activation, self.output, self.reduction, self.dtype)
 
     def optimizer_spec(self) -> OptimizerSpec:
-        """The optimizer: ``OptimizerSpec(optimizer, lr, momentum=momentum)``."""
-        return OptimizerSpec(self.optimizer, self.lr, momentum=self.momentum)
+        """The optimizer: ``OptimizerSpec(optimizer, lr, momentum=momentum, weight_decay=weight_decay)``."""
+        return OptimizerSpec(self.optimizer, self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
 
     def checkpoint_cadence(self) -> CheckpointEvery:
         """``checkpoint_every`` parsed (see ``dfa_train.cadence``)."""

@@ -153,7 +153,7 @@ def bp_grads(spec, params, x, y):
 
 
 class Optimizer:
-    """sgd / momentum / adam in closed form, stepping a list of float64 arrays."""
+    """sgd / momentum / adam (with optional weight decay) in closed form, stepping a list of float64 arrays."""
 
     def __init__(self, opt):
         self.opt, self.count, self.m, self.v = opt, 0, None, None
@@ -166,6 +166,7 @@ class Optimizer:
         self.count += 1
         out = []
         for i, (p, gr) in enumerate(zip(flat_params, flat_grads)):
+            gr = gr + o.weight_decay * p  # L2 coupled to the gradient (0: none)
             if o.name == "sgd":
                 d = gr
             elif o.name == "momentum":

@@ -19,6 +19,9 @@ OPTIMIZERS = {
     "momentum": OptimizerSpec("momentum", learning_rate=0.02, momentum=0.9),
     "nesterov": OptimizerSpec("momentum", learning_rate=0.02, momentum=0.8, nesterov=True),
     "adam": OptimizerSpec("adam", learning_rate=0.01),
+    # weight decay: sgd (torch's fused SGD step must step aside for it) and adam (L2 before the moments)
+    "sgd+wd": OptimizerSpec("sgd", learning_rate=0.05, weight_decay=0.05),
+    "adam+wd": OptimizerSpec("adam", learning_rate=0.01, weight_decay=0.01),
 }
 METHOD_MODES = [("dfa", "sample"), ("dfa", "batch_mean"), ("dfa", "class_mean"), ("bp", "sample")]
 

@@ -469,3 +469,20 @@ def test_offline_without_mnist_trains_on_the_bundled_slice_and_says_so(tmp_path,
     config = json.loads((out / "config.json").read_text())
     assert config["dataset"] == "mnist-slice"
     assert json.loads((out / "metrics.json").read_text())["n_train"] == 2000
+
+
+def test_weight_decay_reaches_the_optimizer_and_the_records(tmp_path):
+    """--weight-decay is stored in config.json, shrinks the weights against the same run without it,
+    and a resume keeps it."""
+    runs = {}
+    for label, extra in (("plain", []), ("decay", ["--weight-decay", "0.5"])):
+        out = tmp_path / label
+        argv = ["train", *XOR, "--layers", "2,6,4,1", "--epochs", "3", "--out", str(out), *extra]
+        assert cli.main(argv) == 0
+        runs[label] = out
+    assert json.loads((runs["decay"] / "config.json").read_text())["weight_decay"] == 0.5
+    assert json.loads((runs["plain"] / "config.json").read_text())["weight_decay"] == 0.0
+    with np.load(runs["plain"] / "params.npz") as plain, np.load(runs["decay"] / "params.npz") as decay:
+        assert np.linalg.norm(decay["W0"]) < np.linalg.norm(plain["W0"])
+    assert cli.main(["train", "--resume", str(runs["decay"]), "--epochs", "4"]) == 0
+    assert json.loads((runs["decay"] / "config.json").read_text())["weight_decay"] == 0.5

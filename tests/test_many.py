@@ -48,7 +48,11 @@ CASES = {
     "dfa_class_mean_adam_mean_reduction": (
         SPEC64_MEAN,
         dict(method="dfa", mode="class_mean", optimizer=OptimizerSpec("adam", 1e-2), batch_size=32, align_every=5),
-        [{"feedback_seed": 4}, {"optimizer": OptimizerSpec("adam", 3e-2, b1=0.8, b2=0.99, eps=1e-6)}],
+        [
+            {"feedback_seed": 4},
+            {"optimizer": OptimizerSpec("adam", 3e-2, b1=0.8, b2=0.99, eps=1e-6)},
+            {"optimizer": OptimizerSpec("adam", 1e-2, weight_decay=0.05)},  # decay per member
+        ],
     ),
     "bp_sample_sgd_and_adam": (
         SPEC64,

@@ -50,12 +50,22 @@ def test_spec_rejects_bad_fields_with_a_message(kwargs, error, fragment):
         (dict(momentum=1.0), "momentum must be in [0, 1)"),
         (dict(b2=-0.1), "b2 must be in [0, 1)"),
         (dict(eps=0.0), "eps must be > 0"),
+        (dict(weight_decay=-1e-4), "weight_decay must be >= 0"),
     ],
 )
 def test_optimizer_spec_rejects_bad_fields(kwargs, fragment):
     with pytest.raises(ValueError) as info:
         OptimizerSpec(**kwargs)
     assert fragment in str(info.value)
+
+
+def test_weight_decay_is_recorded_only_when_set():
+    assert "weight_decay" not in OptimizerSpec("adam", 1e-3).to_dict()
+    assert OptimizerSpec("sgd", 0.1, weight_decay=1e-3).to_dict() == {
+        "name": "sgd",
+        "learning_rate": 0.1,
+        "weight_decay": 1e-3,
+    }
 
 
 def test_init_params_draws_torch_linear_default_distribution():
