@@ -33,6 +33,7 @@ from dfa_core.spec import ACTIVATIONS, DTYPES, METHODS, MODES, OPTIMIZERS, OUTPU
 from dfa_train.cadence import parse_checkpoint_every
 from dfa_train.checkpoint import CHECKPOINT_NAME
 from dfa_train.config import DATASETS, ConfigError, RunConfig, field_names
+from dfa_train.schedule import parse_milestones
 from dfa_train.tables import model_table  # noqa: F401  (re-exported: `from dfa_train.cli import model_table`)
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_NONFINITE, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -211,6 +212,14 @@ def _add_training_args(p: argparse.ArgumentParser, with_method: bool, lr_list: b
     else:
         p.add_argument("--lr", type=_positive_float, default=_DEFAULTS["lr"])
     p.add_argument("--momentum", type=float, default=_DEFAULTS["momentum"])
+    p.add_argument(
+        "--lr-milestones",
+        type=_argument_type(parse_milestones),
+        default=_DEFAULTS["lr_milestones"],
+        metavar="E1,E2",
+        help="epochs at which the learning rate is multiplied by --lr-gamma (torch's MultiStepLR), e.g. 50,75",
+    )
+    p.add_argument("--lr-gamma", type=float, default=_DEFAULTS["lr_gamma"], help="--lr-milestones' factor (0.1)")
     p.add_argument(
         "--weight-decay",
         type=float,

@@ -25,6 +25,7 @@ from dfa_core.model import ModelSpec, NetSpec
 from dfa_core.registry import BACKEND_NAMES
 from dfa_core.spec import ACTIVATIONS, DTYPES, METHODS, MODES, OPTIMIZERS, OUTPUTS, REDUCTIONS, MLPSpec, OptimizerSpec
 from dfa_core.validation import GROUPING_RULES
+from dfa_train import schedule
 from dfa_train.arch import INPUT_SHAPES, parse_arch
 from dfa_train.cadence import CheckpointEvery, format_checkpoint_every, parse_checkpoint_every
 
@@ -41,7 +42,14 @@ ADDED_IN: Dict[int, Dict[str, Any]] = {
     2: {"arch": None},
     3: {"feedback_density": None, "feedback_k": None, "feedback_rank": None},
     4: dict.fromkeys(HARDWARE_FIELDS),
-    5: {"devices": None, "stages": None, "microbatches": None, "weight_decay": 0.0},
+    5: {
+        "devices": None,
+        "stages": None,
+        "microbatches": None,
+        "weight_decay": 0.0,
+        "lr_milestones": None,
+        "lr_gamma": 0.1,
+    },
 }
 """The fields each config version added, with the value that means "as before"."""
 
@@ -135,6 +143,8 @@ class RunConfig:
     lr: float = 1e-4  # learning rate, > 0
     momentum: float = 0.9  # momentum coefficient in [0, 1) (optimizer 'momentum' only)
     weight_decay: float = 0.0  # L2 coefficient >= 0 added to every gradient (lambda * p); 0: none
+    lr_milestones: Optional[Tuple[int, ...]] = None  # epochs at which lr is multiplied by lr_gamma; None: fixed lr
+    lr_gamma: float = 0.1  # the factor at each milestone, > 0
     batch_size: int = 200  # samples per step, >= 1
     epochs: int = 80  # total epochs (a resumed run counts the ones already run), >= 1
     seed: int = 0  # seed of the batch order, >= 0
@@ -210,6 +220,7 @@ class RunConfig:
             "lr": _check_real("lr", self.lr, 0.0, low_open=True),
             "momentum": _check_real("momentum", self.momentum, 0.0, 1.0, low_open=False),
             "weight_decay": _check_real("weight_decay", self.weight_decay, 0.0, low_open=False),
+            "lr_gamma": _check_real("lr_gamma", self.lr_gamma, 0.0, low_open=True),
             "feedback_scale": _check_real("feedback_scale", self.feedback_scale, 0.0, low_open=True, optional=True),
             "tol": _check_real("tol", self.tol, 0.0, low_open=False, optional=True),
             "download_timeout": _check_real("download_timeout", self.download_timeout, 0.0, low_open=True),
@@ -219,6 +230,12 @@ class RunConfig:
             raise ConfigError("diverge_factor", f"expected 0 (off) or a number > 1, got {self.diverge_factor!r}")
         for field, value in reals.items():
             object.__setattr__(self, field, value)
+        if self.lr_milestones is not None:
+            try:
+                milestones = schedule.check_milestones(self.lr_milestones, self.lr_gamma)[0]
+            except (ValueError, TypeError) as err:
+                raise ConfigError("lr_milestones", str(err)) from None
+            object.__setattr__(self, "lr_milestones", milestones or None)
         for field in ("standardize", "no_download", "no_plots"):
             if not isinstance(getattr(self, field), bool):
                 raise ConfigError(field, f"expected a bool, {_got(getattr(self, field))}")

@@ -30,7 +30,7 @@ from dfa_core.model import NetSpec
 from dfa_core.registry import resolve_backend
 from dfa_core.spec import METHODS, OptimizerSpec
 from dfa_core.tree import tree_map
-from dfa_train import memory
+from dfa_train import memory, schedule
 from dfa_train.state import AlignmentRecord, History
 from dfa_train.trainer import _check_data, _feedback_options, final_confusion, fit, history_config, labels_of
 
@@ -55,6 +55,8 @@ SHARED_OPTIONS = (
     "patience",
     "align_every",
     "eval_batch_size",
+    "lr_milestones",
+    "lr_gamma",
 )
 """``fit``'s keyword options that ``fit_many`` takes (with ``fit``'s defaults)."""
 
@@ -128,6 +130,7 @@ def _check_options(spec: NetSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, An
     if (opts["x_test"] is None) != (opts["y_test"] is None):
         raise ValueError("x_test and y_test must be given together (or neither)")
     opts["feedback_options"] = _feedback_options(opts["feedback_options"])
+    opts["lr_milestones"], opts["lr_gamma"] = schedule.check_milestones(opts["lr_milestones"], opts["lr_gamma"])
     opts["optimizer"] = OptimizerSpec() if opts["optimizer"] is None else opts["optimizer"]
     if not isinstance(opts["optimizer"], OptimizerSpec):
         raise TypeError(f"optimizer must be a dfa_core.OptimizerSpec, got {type(opts['optimizer']).__name__}")
@@ -290,6 +293,9 @@ def _run_group(be, spec: NetSpec, opts, members: Sequence[Member], feedback_np, 
         orders = be.asarray(np.stack([rng.permutation(n) for rng in rngs]).astype(np.int32))
         active = np.array([r.active for r in recs])
         step0 = epoch * num_batches
+        if opts["lr_milestones"]:  # each member's rate for this epoch (the optimizer state does not hold it)
+            at = [schedule.optimizer_at(m.optimizer, epoch, opts["lr_milestones"], opts["lr_gamma"]) for m in members]
+            hyper = be.stack_hyper(at, spec.dtype)
         start = time.perf_counter()
         params, opt_state, losses, angles = epoch_fn(
             params, feedback, opt_state, hyper, active, data.x, data.y, orders, step0
@@ -332,6 +338,8 @@ def _history(be, spec: NetSpec, opts, member: Member, rec: _Record, feedback_np,
         "patience": opts["patience"],
         "align_every": opts["align_every"],
     }
+    if opts["lr_milestones"]:  # as fit records it
+        settings["lr_milestones"], settings["lr_gamma"] = list(opts["lr_milestones"]), opts["lr_gamma"]
     config = history_config(be, spec, settings, data.labels.shape[0], data.test_labels)
     return History(
         loss=tuple(rec.losses),

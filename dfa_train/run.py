@@ -438,6 +438,8 @@ def _train(config: RunConfig, data: Data, params, feedback, state, on_epoch, bar
             devices=config.devices,
             stages=config.stages,
             microbatches=config.microbatches or 1,
+            lr_milestones=config.lr_milestones or (),
+            lr_gamma=config.lr_gamma,
             epochs=config.epochs,
             batch_size=config.batch_size,
             seed=config.seed,

@@ -145,6 +145,8 @@ def _fit_members(config: RunConfig, members: Sequence[Member], data: Data) -> Tu
             tol=config.tol,
             patience=config.patience,
             align_every=config.align_every,
+            lr_milestones=config.lr_milestones or (),
+            lr_gamma=config.lr_gamma,
         )
 
 

@@ -36,7 +36,7 @@ from dfa_core.init import init_feedback, init_params
 from dfa_core.model import ModelSpec, NetSpec
 from dfa_core.registry import resolve_backend
 from dfa_core.spec import METHODS, OptimizerSpec
-from dfa_train import memory
+from dfa_train import memory, schedule
 from dfa_train.arch import describe_layers
 from dfa_train.state import (
     AlignmentRecord,
@@ -132,6 +132,13 @@ class _Settings:
     on_epoch: Optional[Callable[[EpochEnd], None]]
     on_batch: Optional[Callable[[int, int, int], None]]
     parallel: Any = None  # the backend's DataParallel (dfa_<backend>.parallel), or None on one device
+    lr_milestones: Tuple[int, ...] = ()  # epochs at which the learning rate is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+
+    def optimizer_at(self, epoch: int) -> OptimizerSpec:
+        """The optimizer of epoch ``epoch`` (0-based): the learning rate after the milestones passed."""
+        return schedule.optimizer_at(self.optimizer, epoch, self.lr_milestones, self.lr_gamma)
+
     layers: Any = None  # the backend's LayerParallel (dfa_<backend>.layer_parallel), or None: not layer parallel
 
     def place(self, tree: Any) -> Any:
@@ -200,6 +207,8 @@ def _settings(
     devices: Optional[int] = None,
     stages: Optional[int] = None,
     microbatches: int = 1,
+    lr_milestones: Sequence[int] = (),
+    lr_gamma: float = 0.1,
 ) -> _Settings:
     """Checks fit's options (not the data) and returns them as one frozen record."""
     be = resolve_backend(backend)
@@ -240,6 +249,9 @@ def _settings(
         be, spec, optimizer, method, mode, stages, microbatches, devices, engine, align_every, projection, batch_size
     )
     parallel = _data_parallel(be, devices, engine, batch_size) if layers is None else None
+    milestones, gamma = schedule.check_milestones(lr_milestones, lr_gamma)
+    if milestones and layers is not None:
+        raise ValueError("fit: lr_milestones (a stepped learning rate) is not taken with stages (layer parallel) yet")
     return _Settings(
         be,
         spec,
@@ -261,6 +273,8 @@ def _settings(
         on_epoch=on_epoch,
         on_batch=on_batch,
         parallel=parallel,
+        lr_milestones=milestones,
+        lr_gamma=gamma,
         layers=layers,
     )
 
@@ -406,10 +420,12 @@ def _epoch_by_steps(run: _Settings, data: _Data, loop: _Loop, epoch: int, order:
     """engine='step': one ``train_step`` call per batch from Python; returns the (num_batches,) losses."""
     be, spec, n = run.be, run.spec, order.shape[0]
     hw = _hardware(run)
-    step = be.train_step(spec, run.optimizer, run.method, run.mode, run.donate, **hw)
+    step = be.train_step(spec, run.optimizer_at(epoch), run.method, run.mode, run.donate, **hw)
     align_step = None
     if run.align_every:
-        align_step = be.train_step(spec, run.optimizer, run.method, run.mode, run.donate, with_alignment=True, **hw)
+        align_step = be.train_step(
+            spec, run.optimizer_at(epoch), run.method, run.mode, run.donate, with_alignment=True, **hw
+        )
     order, num_batches, batch_losses = be.asarray(order), -(-n // run.batch_size), []
     for i, start in enumerate(range(0, n, run.batch_size)):
         idx = order[start : start + run.batch_size]
@@ -439,7 +455,7 @@ def _epoch_compiled(run: _Settings, data: _Data, loop: _Loop, epoch: int, order:
     be = run.be
     epoch_fn = be.train_epoch(
         run.spec,
-        run.optimizer,
+        run.optimizer_at(epoch),
         run.method,
         run.mode,
         run.batch_size,
@@ -662,6 +678,8 @@ def _history(run: _Settings, data: _Data, loop: _Loop, params_out, feedback_np, 
         settings["projection"] = projection_config(run.projection)
     if run.parallel is not None:  # likewise: one-device configs stay as they were
         settings["devices"] = run.parallel.size
+    if run.lr_milestones:  # likewise: runs at a fixed learning rate
+        settings["lr_milestones"], settings["lr_gamma"] = list(run.lr_milestones), run.lr_gamma
     if run.layers is not None:
         settings["stages"], settings["microbatches"] = run.layers.size, run.layers.microbatches
     config = history_config(run.be, run.spec, settings, data.labels.shape[0], data.test_labels)
@@ -731,6 +749,8 @@ def fit(
     devices: Optional[int] = None,
     stages: Optional[int] = None,
     microbatches: int = 1,
+    lr_milestones: Sequence[int] = (),
+    lr_gamma: float = 0.1,
 ) -> History:
     """Trains ``spec`` by DFA or BP on one backend and records a ``History``.
 
@@ -816,6 +836,10 @@ def fit(
       microbatches: micro-batches per batch in a layer-parallel run (they flow through the stages
         as a pipeline), >= 1; a ragged last batch they do not divide runs with the most
         micro-batches that divide it. Results do not depend on it (up to rounding).
+      lr_milestones: epochs (>= 1, increasing) at which the learning rate is multiplied by
+        ``lr_gamma``, as torch's MultiStepLR: milestone m changes it from epoch m on (0-based);
+        () keeps it fixed. Resumed runs pick the rate of their epoch (``dfa_train.schedule``).
+      lr_gamma: the factor at each milestone, > 0.
 
     Returns:
       History: per epoch loss (mean per-sample loss over the epoch, each batch's loss
@@ -853,6 +877,8 @@ def fit(
         devices,
         stages,
         microbatches,
+        lr_milestones,
+        lr_gamma,
     )
     if (x_test is None) != (y_test is None):
         raise ValueError("x_test and y_test must be given together (or neither)")
