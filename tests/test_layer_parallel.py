@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from dist_helpers import run_ranks
+from dist_helpers import run_on_simulated_devices, run_ranks
 
 from dfa_core import MLPSpec, OptimizerSpec, init_feedback, init_params
 
@@ -204,23 +201,7 @@ def run_cases():
 
 @functools.lru_cache(maxsize=None)
 def _jax_summary():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={DEVICES}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    tests = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, tests, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
-    )
-    if proc.returncode:
-        raise AssertionError(f"the {DEVICES}-device subprocess failed:\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_on_simulated_devices(__file__, DEVICES, timeout=SUBPROCESS_TIMEOUT_S)
 
 
 @pytest.mark.parametrize("case", JAX_CASES)

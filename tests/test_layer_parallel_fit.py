@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
-from dist_helpers import run_ranks
+from dist_helpers import run_on_simulated_devices, run_ranks
 
 from dfa_core import MLPSpec, OptimizerSpec
 from dfa_core.hardware import Projection
@@ -93,11 +92,6 @@ def _case(stages, microbatches, mode):
 # JAX: 4 simulated devices, in one subprocess (this file run as a script)
 
 JAX_DEVICES = 4
-JAX_ENV = {
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={JAX_DEVICES}",
-    "PJRT_NPROC": str(4 * JAX_DEVICES),
-    "JAX_PLATFORMS": "cpu",
-}
 
 
 def _jax_main(out_root):
@@ -128,19 +122,7 @@ def _jax_main(out_root):
 
 @pytest.fixture(scope="module")
 def jax_run(tmp_path_factory):
-    out_root = tmp_path_factory.mktemp("jaxstages")
-    env = {**os.environ, **JAX_ENV}
-    env.pop("DFA_DATA_DIR", None)
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), str(out_root)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_on_simulated_devices(__file__, JAX_DEVICES, str(tmp_path_factory.mktemp("jaxstages")))
 
 
 @pytest.mark.parametrize("case", [_case(*c) for c in JAX_CASES])

@@ -12,29 +12,23 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import json
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
+from dist_helpers import run_on_simulated_devices
 
 DEVICES = 4
 RTOL = 1e-10  # float64: only the order of the all-reduced sums differs from one device
 ATOL = 1e-13
 SUBPROCESS_TIMEOUT_S = 180
-SUBPROCESS_ENV = {
-    # 4 CPU devices; LLVM's cheap pipeline, as compiling ~60 small programs is what the cases cost
-    # (the SPMD partitioner is an HLO pass and runs all the same).
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES} --xla_backend_optimization_level=0 "
-    "--xla_llvm_disable_expensive_passes=true --xla_cpu_collective_call_terminate_timeout_seconds=30",
-    # XLA:CPU's thread pools are sized by the cores (PJRT_NPROC overrides it) and an all-reduce
-    # holds a thread until every device arrives: with 2 cases at a time (2 programs of 4 devices
-    # in flight, DataParallel.settle) a 2-core machine's pools would starve a device (a hang).
-    "PJRT_NPROC": str(4 * DEVICES),
-    "JAX_PLATFORMS": "cpu",
-}
+# LLVM's cheap pipeline, as compiling ~60 small programs is what the cases cost (the SPMD partitioner
+# is an HLO pass and runs all the same). With 2 cases at a time (2 programs of 4 devices in flight,
+# DataParallel.settle), run_on_simulated_devices' PJRT_NPROC keeps the pools from starving a device.
+XLA_FAST_COMPILE = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+    "--xla_cpu_collective_call_terminate_timeout_seconds=30"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,21 +247,7 @@ def run_cases(workers=2):
 
 @functools.lru_cache(maxsize=None)
 def _summary():
-    env = {**os.environ, **SUBPROCESS_ENV}
-    env.pop("WORLD_SIZE", None)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__)],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
-    )
-    if proc.returncode:
-        raise AssertionError(f"the 4-device subprocess failed:\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_on_simulated_devices(__file__, DEVICES, xla_flags=XLA_FAST_COMPILE, timeout=SUBPROCESS_TIMEOUT_S)
 
 
 def _case_names():
