@@ -13,16 +13,19 @@ u, v, which stays accurate near 0 degrees; it is NaN where either vector is zero
 
 from __future__ import annotations
 
-from typing import NamedTuple, cast
+from typing import NamedTuple, Optional, Tuple, cast
 
 import jax
 import jax.numpy as jnp
 
-from dfa_core import validation
+from dfa_core import hardware, validation
 from dfa_core.backend import ArrayLike, FeedbackLike, ParamsLike
-from dfa_core.model import Block, Conv2d, Dense, ModelSpec
+from dfa_core.hardware import Projection
+from dfa_core.model import Block, Conv2d, Dense, ModelSpec, NetSpec
+from dfa_core.rules import as_model
 from dfa_core.spec import MLPSpec
 from dfa_jax import blocks, nn
+from dfa_jax import rules as rules_
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, Feedback, _class_grouping, dfa_layer_grads, feedback_projection, group, prepare
 from dfa_jax.mlp import Params
@@ -72,16 +75,65 @@ def _weight_leaves(block: Block, leaves):
 def _block_angles(spec: ModelSpec, params, feedback: Feedback, x: Array, y: Array, mode: str) -> Angles:
     """Angles for a ModelSpec: per block, DFA's update vs BP's gradient and delta_l vs dLoss/da_l."""
     dfa_grads, _, dfa_deltas = blocks.dfa_signals(spec, params, feedback, x, y, mode, keep_deltas=True)
+    return _against_bp(spec, params, x, y, mode, dfa_grads, dfa_deltas)
+
+
+def _against_bp(spec: ModelSpec, params, x: Array, y: Array, mode: str, grads, deltas) -> Angles:
+    """Angles of a rule's per-block gradients and teaching signals (delta_1, ..., delta_{L-1}, e')
+    to BP's gradients and dLoss/da_l (grouped by ``mode`` as the rule's are)."""
     zeros = tuple(jnp.zeros((x.shape[0], *block.a_shape), dtype=x.dtype) for block in spec.blocks)
     loss = lambda p, eps: reduce_loss(spec, blocks._logits(spec, p, x, eps), y)
     bp_grads, bp_deltas = jax.grad(loss, argnums=(0, 1))(params, zeros)
     avg = blocks._grouping(mode, y)[0]
     regroup = (lambda t: t) if avg is None else avg
     weights = [
-        angle_degrees(_weight_leaves(b, d), _weight_leaves(b, g)) for b, d, g in zip(spec.blocks, dfa_grads, bp_grads)
+        angle_degrees(_weight_leaves(b, d), _weight_leaves(b, g)) for b, d, g in zip(spec.blocks, grads, bp_grads)
     ]
-    deltas = [angle_degrees(d, regroup(g)) for d, g in zip(dfa_deltas, bp_deltas)]
-    return Angles(jnp.stack(weights), jnp.stack(deltas))
+    signals = [angle_degrees(d, regroup(g)) for d, g in zip(deltas, bp_deltas)]
+    return Angles(jnp.stack(weights), jnp.stack(signals))
+
+
+def update_angles(
+    spec: NetSpec,
+    params,
+    feedback: Tuple[Array, ...],
+    x: Array,
+    y: Array,
+    rules: Tuple[str, ...],
+    mode: str,
+    key: Optional[Array] = None,
+    projection: Optional[Projection] = None,
+) -> Angles:
+    """Angles between the update a rule applies and BP's gradient, per block (pure, unchecked).
+
+    What ``train_step`` applies is measured: each block's gradients under its rule (``rules.signals``;
+    with an active ``projection``, every rule 'dfa', the quantised / noisy / device projections of
+    ``blocks.dfa_signals``) against BP's, and its teaching signal delta_l against dLoss/da_l. A
+    'shallow' block has a zero update: NaN. An MLPSpec runs as its Dense ModelSpec (same numbers).
+
+    Args:
+      spec: the network.
+      params: per block (W, b) or a composite's leaves, JAX arrays of spec.dtype.
+      feedback: ``rules.grads``'s feedback for ``rules`` (kp entries: the trained B), or ().
+      x: inputs, (batch, n_0) or (batch, *input_shape).
+      y: targets, (batch, n_L); one-hot for 'class_mean'.
+      rules: one rule per block (``dfa_core.validation.method_rules``).
+      mode: the grouping of the direct rules ('sample' when a chain rule is present).
+      key: the step's key: brsf's magnitudes, or the projection noise's draws (``train_step`` passes
+        the step's own, so the angles are those of the update it applies); None without draws.
+      projection: hardware effects on DFA's projections, or None.
+
+    Returns:
+      Angles(weights (L,), deltas (L,)) in degrees, NaN where either vector is zero.
+    """
+    model = as_model(spec)
+    if hardware.active(projection) is not None:
+        grads, _, deltas = blocks.dfa_signals(
+            model, params, feedback, x, y, mode, keep_deltas=True, projection=projection, key=key
+        )
+    else:
+        grads, _, deltas = rules_.signals(model, params, feedback, x, y, rules, mode, key, keep_deltas=True)
+    return _against_bp(model, params, x, y, mode, grads, deltas)
 
 
 def _alignment_angles(spec: MLPSpec, params: Params, feedback: Feedback, x: Array, y: Array, mode: str) -> Angles:
@@ -146,4 +198,4 @@ def alignment_angles(
         return alignment_angles_unchecked(spec, params_j, cast(Feedback, feedback_j), x, y, mode)
 
 
-__all__ = ["Angles", "alignment_angles", "alignment_angles_unchecked", "angle_degrees"]
+__all__ = ["Angles", "alignment_angles", "alignment_angles_unchecked", "angle_degrees", "update_angles"]

@@ -20,7 +20,6 @@ from dfa_core import hardware, validation
 from dfa_core.hardware import Projection
 from dfa_core.model import NetSpec
 from dfa_core.spec import OptimizerSpec
-from dfa_jax import alignment
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, Feedback
 from dfa_jax.mlp import Params, forward
@@ -61,8 +60,8 @@ def train_epoch(
     and returns params and opt_state after the epoch, ``losses`` (num_batches,) (each
     batch's loss before its update, as ``train_step`` returns it, on the device) and
     ``angles`` (num_batches, 2, L): rows i with (step0 + i) % align_every == 0 hold the
-    DFA-vs-BP angles (weights, deltas) in degrees measured before that step's update,
-    as ``train_step(..., with_alignment=True)`` gives them; other rows are NaN (a
+    angles to BP (weights, deltas) in degrees measured before that step's update, as
+    ``train_step(..., with_alignment=True)`` gives them; other rows are NaN (a
     ``lax.cond`` skips their cost). ``angles`` is None when align_every == 0.
 
     Args:
@@ -94,10 +93,6 @@ def train_epoch(
     method = validation.method_key(method)
     batch_size = validation.check_int("batch_size", batch_size, 1)
     align_every = validation.check_int("align_every", align_every, 0)
-    if align_every and method not in ("dfa", "bp"):
-        raise ValueError(
-            f"train_epoch: align_every > 0 measures DFA-vs-BP angles for 'dfa' and 'bp' only, got {method!r}"
-        )
     hw = hardware.check_step_projection(method, projection)
     dp = _check_parallel(parallel, batch_size)
     if dp is not None:
@@ -108,12 +103,20 @@ def train_epoch(
 
 
 def _angles_if_due(
-    spec: NetSpec, mode: str, due: Array, params: Params, feedback: Feedback, xb: Array, yb: Array
+    spec: NetSpec,
+    angles_fn: Callable[..., Any],
+    due: Array,
+    params: Params,
+    feedback: Feedback,
+    opt_state: Any,
+    xb: Array,
+    yb: Array,
 ) -> Array:
-    """(2, L) angles (weights, deltas) when ``due``, else NaN; the cond skips the measure."""
+    """(2, L) angles (weights, deltas) when ``due``, else NaN; the cond skips the measure.
+    ``angles_fn`` is the step's (``train_step``'s with_alignment angles)."""
 
     def measure():
-        angles = alignment.alignment_angles_unchecked(spec, params, feedback, xb, yb, mode)
+        angles = angles_fn(params, feedback, opt_state, xb, yb)
         return jnp.stack([angles.weights, angles.deltas])
 
     return lax.cond(due, measure, lambda: jnp.full((2, spec.num_layers), jnp.nan, dtype=xb.dtype))
@@ -122,9 +125,10 @@ def _angles_if_due(
 @functools.lru_cache(maxsize=None)
 def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, projection=None, parallel=None):
     if projection is None:
-        step = _build_step(spec, opt, method, mode, False, False).jitted
+        built = _build_step(spec, opt, method, mode, False, False)
     else:
-        step = _build_step(spec, opt, method, mode, False, False, KP_DECAY, projection).jitted
+        built = _build_step(spec, opt, method, mode, False, False, KP_DECAY, projection)
+    step = built.jitted
 
     def one_batch(state, feedback, x, y, idx_B, phase):
         params, opt_state = state
@@ -134,7 +138,7 @@ def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, proje
             xb, yb = parallel.constrain_batch(xb), parallel.constrain_batch(yb)
         angles = None
         if align_every:  # measured on the params before this step's update
-            angles = _angles_if_due(spec, mode, phase % align_every == 0, params, feedback, xb, yb)
+            angles = _angles_if_due(spec, built.angles, phase % align_every == 0, params, feedback, opt_state, xb, yb)
         params, opt_state, batch_loss = step(params, feedback, opt_state, xb, yb)
         return (params, opt_state), (batch_loss, angles)
 

@@ -68,6 +68,26 @@ def grads_and_loss(
 ) -> Tuple[Grads, Array]:
     """Every block's gradients under its rule, and the batch's loss (pure; compose under jax.jit).
 
+    ``signals`` without the teaching signals; the arguments are its.
+    """
+    grads, batch_loss, _ = signals(spec, params, feedback, x, y, rules, mode, key)
+    return grads, batch_loss
+
+
+def signals(
+    spec: NetSpec,
+    params: Params,
+    feedback: RuleFeedback,
+    x: Array,
+    y: Array,
+    rules: Tuple[str, ...],
+    mode: str,
+    key: Optional[Array] = None,
+    keep_deltas: bool = False,
+) -> Tuple[Grads, Array, Tuple[Array, ...]]:
+    """Every block's gradients under its rule, the batch's loss and, with ``keep_deltas``, each
+    block's teaching signal (pure; compose under jax.jit).
+
     Args:
       spec: the network.
       params: per block (W, b) or a composite's leaves, spec.dtype.
@@ -77,9 +97,12 @@ def grads_and_loss(
       rules: one rule per block, ``dfa_core.validation.method_rules`` (checked there).
       mode: grouping of the direct rules; 'sample' whenever a chain rule is present.
       key: a JAX key for brsf's draws (block l folds in l); None when no brsf draws.
+      keep_deltas: also return the teaching signals (``alignment.update_angles`` compares them
+        with BP's).
 
     Returns:
-      (per block its gradients, shaped like params; loss ()).
+      (per block its gradients, shaped like params; loss (); with keep_deltas (delta_1, ...,
+      delta_{L-1}, e'), delta_l (K, *a_shape_l), zeros for a shallow block, else ()).
     """
     model = as_model(spec)
     f = nn.activation(model.activation).fn
@@ -107,12 +130,14 @@ def grads_and_loss(
         e, target = e / count, target / count
     grads: list = [None] * len(chain)
     delta = e  # delta_{l+1}, walking down
+    deltas = [e]
     grads[-1] = blocks._block_vjp(chain[-1], params[-1], kept_u[-1], e, f)
     for l in reversed(range(len(chain) - 1)):
         rule = rules[l]
         entry = feedback[l] if feedback else None
         if rule == "shallow":
             grads[l] = tuple(jnp.zeros_like(t) for t in params[l])
+            deltas.append(jnp.zeros_like(kept_a[l]))
             continue
         if rule in validation.DIRECT_RULES:
             source = e if rule == "dfa" else target
@@ -124,8 +149,9 @@ def grads_and_loss(
                 leaves = (_mirror(rule, l, leaves[0], entry, key), *leaves[1:])
             p = _carry_back(above, leaves, inputs[l + 1], delta, f)
         delta = acts[l].backward(p, kept_a[l], kept_h[l])
+        deltas.append(delta)
         grads[l] = blocks._block_vjp(chain[l], params[l], kept_u[l], delta, f)
-    return tuple(grads), batch_loss
+    return tuple(grads), batch_loss, tuple(reversed(deltas)) if keep_deltas else ()
 
 
 def _grads(spec, params, feedback, x, y, rules, mode, key):
@@ -253,5 +279,6 @@ __all__ = [
     "grads_and_loss",
     "grads_unchecked",
     "init_rule_state",
+    "signals",
     "usf_scale",
 ]

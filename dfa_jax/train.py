@@ -49,10 +49,12 @@ def train_step(
       mode: DFA grouping, one of dfa_core.MODES ('sample' unless every rule is dfa/drtp).
       donate: let XLA reuse the params and opt_state buffers passed in (they become
         invalid after the call); for training loops that own their arrays.
-      with_alignment: the step also returns ``alignment.Angles`` (DFA update vs BP
-        gradient per layer) measured on the batch before the update, in the same
-        compiled program; 'dfa' and 'bp' only. With a ``projection`` the angles are still
-        those of the exact DFA direction e B_l^T (the one the hardware approximates).
+      with_alignment: the step also returns ``alignment.Angles`` per block, measured on the
+        batch before the update, in the same compiled program: for 'dfa' and 'bp' the exact DFA
+        direction (e B_l^T, the run's feedback) against BP's gradient, as
+        ``alignment.alignment_angles``; for every other rule, and for 'dfa' with a
+        ``projection``, the update the step applies (the rule's, the quantised / noisy one with
+        this step's draws) against BP's, as ``alignment.update_angles``.
       kp_decay: KP's lambda >= 0: W_{l+1} <- W_{l+1} + u - lambda W_{l+1} and
         B_l <- B_l + u - lambda B_l, u the optimizer's update of W_{l+1} (Akrout et al. 2019).
       projection: hardware effects on DFA's projections (dfa_core.hardware.Projection:
@@ -74,8 +76,6 @@ def train_step(
     validation.check_train_step(spec, opt, method, mode)
     method = validation.method_key(method)
     kp_decay = _check_decay(kp_decay)
-    if with_alignment and method not in ("dfa", "bp"):
-        raise ValueError(f"with_alignment measures DFA against BP: method 'dfa' or 'bp' only, got {method!r}")
     hw = hardware.check_step_projection(method, projection)
     dp = _check_parallel(parallel)
     if dp is not None:
@@ -123,20 +123,31 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
     stateful = any(r in validation.STATEFUL_RULES for r in rules_[:-1]) or noisy
     kp_blocks = tuple(l for l, r in enumerate(rules_[:-1]) if r == "kp")
 
+    def inputs(feedback, opt_state):
+        """This step's feedback for ``grads`` (kp entries from the state) and key (brsf, noise)."""
+        if method == "dfa":
+            return feedback, (_step_key(opt_state) if noisy else None)
+        if not stateful:
+            return feedback, None
+        key = _step_key(opt_state) if "brsf" in rules_[:-1] else None
+        return _rule_feedback(rules_, feedback, opt_state, spec.dtype), key
+
     def grads_and_loss(params, feedback, opt_state, x, y):
+        if method == "bp":
+            return bp_grads_and_loss(spec, params, x, y)
+        feedback, key = inputs(feedback, opt_state)
         if method == "dfa":
             if projection is None:
                 return dfa_grads_and_loss(spec, params, feedback, x, y, mode)
-            key = _step_key(opt_state) if noisy else None
             return dfa_grads_and_loss(spec, params, feedback, x, y, mode, projection, None, key)
-        if method == "bp":
-            return bp_grads_and_loss(spec, params, x, y)
-        key = None
-        if stateful:
-            feedback = _rule_feedback(rules_, feedback, opt_state, spec.dtype)
-            if "brsf" in rules_[:-1]:
-                key = _step_key(opt_state)
         return rules.grads_and_loss(spec, params, feedback, x, y, rules_, mode, key)
+
+    def angles(params, feedback, opt_state, x, y):
+        """The angles ``with_alignment`` measures, before the update (see ``train_step``)."""
+        if method == "bp" or (method == "dfa" and projection is None):
+            return alignment._alignment_angles(spec, params, feedback, x, y, mode)
+        feedback, key = inputs(feedback, opt_state)
+        return alignment.update_angles(spec, params, feedback, x, y, rules_, mode, key, projection)
 
     def step(params, feedback, opt_state, x, y):
         TRACE_COUNTS[f"train_step_{method}"] += 1
@@ -151,8 +162,7 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
         else:
             new_state = inner
         if with_alignment:
-            angles = alignment._alignment_angles(spec, params, feedback, x, y, mode)
-            return new_params, new_state, batch_loss, angles
+            return new_params, new_state, batch_loss, angles(params, feedback, opt_state, x, y)
         return new_params, new_state, batch_loss
 
     donate_argnums = (0, 2) if donate else ()
@@ -172,4 +182,5 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
             return jitted(params, feedback, opt_state, x, y)
 
     run.jitted = jitted  # type: ignore[attr-defined]  # a function attribute: the bare jitted program
+    run.angles = angles  # type: ignore[attr-defined]  # the pure angles function, for the compiled epoch
     return run

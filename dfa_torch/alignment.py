@@ -15,17 +15,19 @@ either vector is zero.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple, Tuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Tuple, cast
 
 import torch
 import torch.func
 
-from dfa_core import validation
+from dfa_core import hardware, validation
 from dfa_core.backend import ArrayLike, FeedbackLike, ParamsLike
+from dfa_core.hardware import Projection
 from dfa_core.model import Block, Conv2d, Dense, ModelSpec, NetSpec
 from dfa_core.rules import as_model
 from dfa_core.spec import MLPSpec
-from dfa_torch import blocks, nn, rules
+from dfa_torch import blocks, nn
+from dfa_torch import rules as rules_
 from dfa_torch.arrays import precision_scope
 from dfa_torch.dfa import Feedback, _class_grouping, dfa_layer_grads, feedback_projection, group, prepare
 from dfa_torch.mlp import Params
@@ -77,28 +79,88 @@ def _weight_leaves(block: Block, leaves) -> Tensor:
 
 def _block_angles(spec: ModelSpec, params, feedback: Feedback, x: Tensor, y: Tensor, mode: str) -> Angles:
     """Angles for a ModelSpec: per block, DFA's update vs BP's gradient and delta_l vs dLoss/da_l."""
+    with torch.no_grad():
+        dfa_grads, _, dfa_deltas = blocks.dfa_signals(spec, params, feedback, x, y, mode, keep_deltas=True)
+    return _against_bp(spec, params, x, y, mode, dfa_grads, dfa_deltas)
+
+
+def _against_bp(spec: ModelSpec, params, x: Tensor, y: Tensor, mode: str, grads, deltas) -> Angles:
+    """Angles of a rule's per-block gradients and teaching signals (delta_1, ..., delta_{L-1}, e')
+    to BP's gradients and dLoss/da_l (grouped by ``mode`` as the rule's are)."""
     zeros = tuple(torch.zeros((x.shape[0], *block.a_shape), dtype=x.dtype, device=x.device) for block in spec.blocks)
     loss = lambda p, eps: reduce_loss(spec, blocks._logits(spec, p, x, eps), y)
     bp_grads, bp_deltas = torch.func.grad(loss, argnums=(0, 1))(params, zeros)
     with torch.no_grad():
-        dfa_grads, _, dfa_deltas = blocks.dfa_signals(spec, params, feedback, x, y, mode, keep_deltas=True)
         avg = blocks._grouping(mode, y)[0]
         regroup = (lambda t: t) if avg is None else avg
         weights = [
-            angle_degrees(_weight_leaves(b, d), _weight_leaves(b, g))
-            for b, d, g in zip(spec.blocks, dfa_grads, bp_grads)
+            angle_degrees(_weight_leaves(b, d), _weight_leaves(b, g)) for b, d, g in zip(spec.blocks, grads, bp_grads)
         ]
-        deltas = [angle_degrees(d, regroup(g)) for d, g in zip(dfa_deltas, bp_deltas)]
-    return Angles(torch.stack(weights), torch.stack(deltas))
+        signals = [angle_degrees(d, regroup(g)) for d, g in zip(deltas, bp_deltas)]
+    return Angles(torch.stack(weights), torch.stack(signals))
+
+
+def update_angles(
+    spec: NetSpec,
+    params,
+    feedback: Tuple[Tensor, ...],
+    x: Tensor,
+    y: Tensor,
+    rules: Tuple[str, ...],
+    mode: str,
+    key: Optional[torch.Generator] = None,
+    projection: Optional[Projection] = None,
+) -> Angles:
+    """Angles between the update a rule applies and BP's gradient, per block (unchecked).
+
+    What ``train_step`` applies is measured: each block's gradients under its rule (``rules.signals``;
+    with an active ``projection``, every rule 'dfa', the quantised / noisy / device projections of
+    ``blocks.dfa_signals``) against BP's, and its teaching signal delta_l against dLoss/da_l. A
+    'shallow' block has a zero update: NaN. An MLPSpec runs as its Dense ModelSpec (same numbers).
+
+    Args:
+      spec: the network.
+      params: per block (W, b) or a composite's leaves, tensors of spec.dtype.
+      feedback: ``rules.grads``'s feedback for ``rules`` (kp entries: the trained B), or ().
+      x: inputs, (batch, n_0) or (batch, *input_shape).
+      y: targets, (batch, n_L); one-hot for 'class_mean'.
+      rules: one rule per block (``dfa_core.validation.method_rules``).
+      mode: the grouping of the direct rules ('sample' when a chain rule is present).
+      key: the step's generator: brsf's magnitudes, or the projection noise's draws (``train_step``
+        passes a generator seeded as its own, so the angles are those of the update it applies);
+        None without draws.
+      projection: hardware effects on DFA's projections, or None.
+
+    Returns:
+      Angles(weights (L,), deltas (L,)) in degrees, NaN where either vector is zero.
+    """
+    model = as_model(spec)
+    with torch.no_grad():
+        if hardware.active(projection) is not None:
+            grads, _, deltas = blocks.dfa_signals(
+                model, params, feedback, x, y, mode, keep_deltas=True, projection=projection, key=key
+            )
+        else:
+            grads, _, deltas = rules_.signals(model, params, feedback, x, y, rules, mode, key, keep_deltas=True)
+    return _against_bp(model, params, x, y, mode, grads, deltas)
 
 
 def _sharded_angles(
-    spec: NetSpec, params, feedback: Feedback, x: Tensor, y: Tensor, mode: str, reducer: Reducer
+    spec: NetSpec,
+    params,
+    feedback: Feedback,
+    x: Tensor,
+    y: Tensor,
+    mode: str,
+    reducer: Reducer,
+    rules: Optional[Tuple[str, ...]] = None,
+    key: Optional[torch.Generator] = None,
 ) -> Angles:
-    """``alignment_angles_unchecked`` of the global batch whose rows x, y (rows >= 0) are this
-    process's shard (data parallel), the same on every process.
+    """``alignment_angles_unchecked`` (``rules`` None) or ``update_angles`` (``rules`` given, no
+    projection) of the global batch whose rows x, y (rows >= 0) are this process's shard (data
+    parallel), the same on every process.
 
-    DFA's side is ``rules._signals`` with the reducer (global groups, gradients summed); BP's is
+    The rule's side is ``rules.signals`` with the reducer (global groups, gradients summed); BP's is
     this shard's part of the global loss, its gradients all-reduced. Grouped modes: BP's deltas
     are regrouped by the global groups in the same all-reduce as its gradients, then every angle
     is ``angle_degrees`` of global tensors. 'sample' mode: the deltas stay split by rows, so their
@@ -108,7 +170,7 @@ def _sharded_angles(
     """
     model = as_model(spec)
     chain = blocks._blocks(model)
-    if len(feedback) != len(chain) - 1:
+    if rules is None and len(feedback) != len(chain) - 1:
         raise ValueError(
             f"the DFA-vs-BP angles need DFA's feedback (B_1, ..., B_{len(chain) - 1}), also when training "
             f"with 'bp'; got {len(feedback)} entries"
@@ -118,8 +180,10 @@ def _sharded_angles(
     shard_loss = lambda p, eps: torch.sum(nn.per_sample_loss(model.output, blocks._logits(model, p, x, eps), y)) * scale
     bp_grads, bp_deltas = torch.func.grad(shard_loss, argnums=(0, 1))(params, zeros)
     with torch.no_grad():
-        dfa = ("dfa",) * len(chain)
-        dfa_grads, _, dfa_deltas = rules._signals(model, params, feedback, x, y, dfa, mode, None, reducer, True)
+        rules = ("dfa",) * len(chain) if rules is None else rules
+        dfa_grads, _, dfa_deltas = rules_.signals(
+            model, params, feedback, x, y, rules, mode, key, keep_deltas=True, reducer=reducer
+        )
         bp_w = [_weight_leaves(b, g) for b, g in zip(chain, bp_grads)]
         flat_w = torch.cat([w.reshape(-1) for w in bp_w])
         if mode == "sample":
@@ -209,4 +273,4 @@ def alignment_angles(
         return alignment_angles_unchecked(spec, params_t, cast(Feedback, feedback_t), x, y, mode)
 
 
-__all__ = ["Angles", "alignment_angles", "alignment_angles_unchecked", "angle_degrees"]
+__all__ = ["Angles", "alignment_angles", "alignment_angles_unchecked", "angle_degrees", "update_angles"]

@@ -87,10 +87,6 @@ def train_epoch(
     method = validation.method_key(method)
     batch_size = validation.check_int("batch_size", batch_size, 1)
     align_every = validation.check_int("align_every", align_every, 0)
-    if align_every and method not in ("dfa", "bp"):
-        raise ValueError(
-            f"train_epoch: align_every > 0 measures DFA-vs-BP angles for 'dfa' and 'bp' only, got {method!r}"
-        )
     hw = hardware.check_step_projection(method, projection)
     dp = _check_parallel(parallel, batch_size)
     if dp is not None:

@@ -107,13 +107,14 @@ def _grads_and_loss(
     reducer: Optional[Reducer] = None,
 ) -> Tuple[Grads, Tensor]:
     """``grads_and_loss``; with a ``reducer`` (data parallel), those of the global batch whose rows
-    x, y (rows >= 0) are this process's shard (``_signals``). Every process returns the same
+    x, y (rows >= 0) are this process's shard (``signals``). Every process returns the same
     gradients and loss."""
-    grads, batch_loss, _ = _signals(spec, params, feedback, x, y, rules, mode, key, reducer)
+    grads, batch_loss, _ = signals(spec, params, feedback, x, y, rules, mode, key, reducer=reducer)
     return grads, batch_loss
 
 
-def _signals(
+@torch.no_grad()
+def signals(
     spec: NetSpec,
     params: Params,
     feedback: RuleFeedback,
@@ -122,10 +123,12 @@ def _signals(
     rules: Tuple[str, ...],
     mode: str,
     key: Optional[torch.Generator] = None,
-    reducer: Optional[Reducer] = None,
     keep_deltas: bool = False,
+    reducer: Optional[Reducer] = None,
 ) -> Tuple[Grads, Tensor, Tuple[Tensor, ...]]:
-    """Every block's gradients, the loss and, with ``keep_deltas``, the teaching signals.
+    """Every block's gradients under its rule, the loss and, with ``keep_deltas``, each block's
+    teaching signal (``alignment.update_angles`` compares them with BP's); the other arguments are
+    ``grads_and_loss``'s.
 
     With a ``reducer`` (data parallel) x, y are this process's rows of the global batch. Grouped
     modes: the group sums of every grouped tensor (u'_l, a'_l, y_hat', y'), the class counts and
@@ -136,8 +139,8 @@ def _signals(
 
     Returns:
       (per block its gradients; loss (); with keep_deltas (delta_1, ..., delta_{L-1}, e'), delta_l
-      (K, *a_shape_l), else ()). Under a reducer in 'sample' mode the deltas are this shard's rows.
-      keep_deltas is for rules without 'shallow' (a shallow block has no delta).
+      (K, *a_shape_l), zeros for a shallow block, else ()). Under a reducer in 'sample' mode the
+      deltas are this shard's rows.
     """
     model = as_model(spec)
     f = nn.activation(model.activation).fn
@@ -188,6 +191,7 @@ def _signals(
         entry = feedback[l] if feedback else None
         if rule == "shallow":
             grads[l] = tuple(torch.zeros_like(t) for t in params[l])
+            deltas.append(torch.zeros_like(kept_a[l]))
             continue
         if rule in validation.DIRECT_RULES:
             source = e if rule == "dfa" else target
@@ -199,8 +203,7 @@ def _signals(
                 leaves = (_mirror(rule, l, leaves[0], entry, key), *leaves[1:])
             p = _carry_back(above, leaves, inputs[l + 1], delta, f)
         delta = acts[l].backward(p, kept_a[l], kept_h[l])
-        if keep_deltas:
-            deltas.append(delta)
+        deltas.append(delta)
         grads[l] = blocks._block_vjp(chain[l], params[l], kept_u[l], delta, f)
     kept = tuple(reversed(deltas)) if keep_deltas else ()
     if reducer is None:
@@ -358,6 +361,7 @@ __all__ = [
     "grads_and_loss",
     "grads_unchecked",
     "init_rule_state",
+    "signals",
     "step_generator",
     "usf_scale",
 ]

@@ -49,10 +49,12 @@ def train_step(
       mode: DFA grouping, one of dfa_core.MODES ('sample' unless every rule is dfa/drtp).
       donate: let the step write the new params into the tensors passed in (in place),
         as XLA's buffer donation does on JAX; for training loops that own their arrays.
-      with_alignment: the step also returns ``alignment.Angles`` (DFA update vs BP
-        gradient per layer) measured on the batch before the update, in the same step;
-        'dfa' and 'bp' only. With a ``projection`` the angles are still those of the exact
-        DFA direction e B_l^T (the one the hardware approximates).
+      with_alignment: the step also returns ``alignment.Angles`` per block, measured on the
+        batch before the update, in the same step: for 'dfa' and 'bp' the exact DFA direction
+        (e B_l^T, the run's feedback) against BP's gradient, as ``alignment.alignment_angles``;
+        for every other rule, and for 'dfa' with a ``projection``, the update the step applies
+        (the rule's, the quantised / noisy one with this step's draws) against BP's, as
+        ``alignment.update_angles``.
       kp_decay: KP's lambda >= 0: W_{l+1} <- W_{l+1} + u - lambda W_{l+1} and
         B_l <- B_l + u - lambda B_l, u the optimizer's update of W_{l+1} (Akrout et al. 2019).
       projection: hardware effects on DFA's projections (dfa_core.hardware.Projection:
@@ -76,8 +78,6 @@ def train_step(
     validation.check_train_step(spec, opt, method, mode)
     method = validation.method_key(method)
     kp_decay = _check_decay(kp_decay)
-    if with_alignment and method not in ("dfa", "bp"):
-        raise ValueError(f"with_alignment measures DFA against BP: method 'dfa' or 'bp' only, got {method!r}")
     hw = hardware.check_step_projection(method, projection)
     dp = _check_parallel(parallel)
     if dp is not None:
@@ -148,40 +148,52 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
 
     if parallel is not None:
         return _sharded_step(
-            spec, rules_, mode, stateful, parallel, rule_update if stateful else update, with_alignment
+            spec, method, rules_, mode, stateful, parallel, rule_update if stateful else update, with_alignment
         )
 
+    def inputs(feedback, opt_state, x):
+        """This step's feedback for ``grads`` (kp entries from the state) and generator (brsf, noise);
+        a new generator per call, seeded from the state, so every call draws the same numbers."""
+        if method == "dfa":
+            return feedback, (rules.step_generator(opt_state, x.device) if noisy else None)
+        if not stateful:
+            return feedback, None
+        key = rules.step_generator(opt_state, x.device) if "brsf" in rules_[:-1] else None
+        return _rule_feedback(rules_, feedback, opt_state, x), key
+
     def grads_and_loss(params, feedback, opt_state, x, y):
+        if method == "bp":
+            return bp_grads_and_loss(spec, params, x, y)
+        feedback, key = inputs(feedback, opt_state, x)
         if method == "dfa":
             if projection is None:
                 return dfa_grads_and_loss(spec, params, feedback, x, y, mode)
-            key = rules.step_generator(opt_state, x.device) if noisy else None
             return dfa_grads_and_loss(spec, params, feedback, x, y, mode, projection, None, key)
-        if method == "bp":
-            return bp_grads_and_loss(spec, params, x, y)
-        key = None
-        if stateful:
-            feedback = _rule_feedback(rules_, feedback, opt_state, x)
-            if "brsf" in rules_[:-1]:
-                key = rules.step_generator(opt_state, x.device)
         return rules.grads_and_loss(spec, params, feedback, x, y, rules_, mode, key)
+
+    def angles(params, feedback, opt_state, x, y):
+        """The angles ``with_alignment`` measures, before the update (see ``train_step``)."""
+        if method == "bp" or (method == "dfa" and projection is None):
+            return alignment.alignment_angles_unchecked(spec, params, feedback, x, y, mode)
+        feedback, key = inputs(feedback, opt_state, x)
+        return alignment.update_angles(spec, params, feedback, x, y, rules_, mode, key, projection)
 
     def step(params, feedback, opt_state, x, y):
         hardware.check_noise_state(projection, opt_state)
         params, feedback, x, y = _as_tensors(spec, params, feedback, x, y)
         # Measured before the update, which may write into params (donate=True).
-        angles = alignment.alignment_angles_unchecked(spec, params, feedback, x, y, mode) if with_alignment else None
+        measured = angles(params, feedback, opt_state, x, y) if with_alignment else None
         grads, batch_loss = grads_and_loss(params, feedback, opt_state, x, y)
         with torch.no_grad():
             params, opt_state = (rule_update if stateful else update)(params, grads, opt_state)
         if with_alignment:
-            return params, opt_state, batch_loss, angles
+            return params, opt_state, batch_loss, measured
         return params, opt_state, batch_loss
 
     return step
 
 
-def _sharded_step(spec, rules_, mode, stateful, parallel, update, with_alignment):
+def _sharded_step(spec, method, rules_, mode, stateful, parallel, update, with_alignment):
     """The data-parallel step: every rule through ``rules._grads_and_loss`` with the grouping hook
     (an MLPSpec runs as its Dense ModelSpec there, with the same numbers), then ``update``; with
     ``with_alignment`` the global batch's angles first (``alignment._sharded_angles``)."""
@@ -190,13 +202,17 @@ def _sharded_step(spec, rules_, mode, stateful, parallel, update, with_alignment
         params, feedback, x, y = _as_tensors(spec, params, feedback, x, y)
         rows = parallel.global_rows(x.shape[0], x.device) if rows is None else rows
         reducer = parallel.reducer(int(rows))
-        # Measured before the update, which may write into params (donate=True).
-        angles = alignment._sharded_angles(spec, params, feedback, x, y, mode, reducer) if with_alignment else None
         key = None
         if stateful:  # KP's B and brsf's seed and step are the same on every process, so are the draws
             feedback = _rule_feedback(rules_, feedback, opt_state, x)
             if "brsf" in rules_[:-1]:
                 key = rules.step_generator(opt_state, x.device)
+        angles = None
+        if with_alignment:  # measured before the update, which may write into params (donate=True)
+            # 'dfa' and 'bp': the exact DFA direction; other rules: their own update (see train_step)
+            rules_or_dfa = None if method in ("dfa", "bp") else rules_
+            fresh = rules.step_generator(opt_state, x.device) if key is not None else None
+            angles = alignment._sharded_angles(spec, params, feedback, x, y, mode, reducer, rules_or_dfa, fresh)
         grads, batch_loss = rules._grads_and_loss(spec, params, feedback or (), x, y, rules_, mode, key, reducer)
         with torch.no_grad():
             params, opt_state = update(params, grads, opt_state)

@@ -110,14 +110,17 @@ def plot_precision_recall(confusions: Mapping[str, np.ndarray], path: str) -> st
     return path
 
 
-def plot_alignment(records: Sequence[Mapping], path: str, steps_per_epoch: Optional[int] = None) -> Optional[str]:
-    """Angle between the DFA update and the BP gradient per layer, over training steps.
+def plot_alignment(
+    records: Sequence[Mapping], path: str, steps_per_epoch: Optional[int] = None, method: str = "DFA"
+) -> Optional[str]:
+    """Angles to BP per layer over training steps: the update (left) and the teaching signal (right).
 
     Args:
-      records: dicts with 'step' and 'weights' (one angle in degrees per layer, None for undefined),
-        as in ``History.to_dict()['alignment']``.
+      records: dicts with 'step', 'weights' and 'deltas' (one angle in degrees per layer, None for
+        undefined), as in ``History.to_dict()['alignment']``.
       path: the PNG to write.
       steps_per_epoch: if given, the x axis is in epochs.
+      method: the rule's name for the labels ('DFA', 'FA', ...).
 
     Returns:
       ``path``, or None when there are no records (nothing is written).
@@ -125,22 +128,22 @@ def plot_alignment(records: Sequence[Mapping], path: str, steps_per_epoch: Optio
     if not records:
         return None
     steps = np.asarray([r["step"] for r in records], dtype=float)
-    angles = np.asarray([[np.nan if v is None else v for v in r["weights"]] for r in records], dtype=float)
     x = steps / steps_per_epoch if steps_per_epoch else steps
-    fig = _figure(6, 4)
-    ax = fig.subplots()
-    for l in range(angles.shape[1]):
-        label = f"layer {l + 1}" + (" (output)" if l == angles.shape[1] - 1 else "")
-        ax.plot(x, angles[:, l], label=label)
-    ax.axhline(90, color="grey", ls=":", lw=1)
-    ax.set(
-        xlabel="epoch" if steps_per_epoch else "step",
-        ylabel="angle DFA vs BP (degrees)",
-        title="alignment of DFA updates with BP gradients",
-        ylim=(0, 180),
-    )
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig = _figure(11, 4)
+    for ax, key, what in zip(fig.subplots(1, 2), ("weights", "deltas"), ("update of W_l", "teaching signal delta_l")):
+        angles = np.asarray([[np.nan if v is None else v for v in r.get(key, ())] for r in records], dtype=float)
+        for l in range(angles.shape[1] if angles.ndim == 2 else 0):
+            label = f"layer {l + 1}" + (" (output)" if l == angles.shape[1] - 1 else "")
+            ax.plot(x, angles[:, l], label=label)
+        ax.axhline(90, color="grey", ls=":", lw=1)
+        ax.set(
+            xlabel="epoch" if steps_per_epoch else "step",
+            ylabel=f"angle {method} vs BP (degrees)",
+            title=f"{what}: {method} vs BP",
+            ylim=(0, 180),
+        )
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     return path

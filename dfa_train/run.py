@@ -421,7 +421,7 @@ def _restart(config: RunConfig, run_dir: str, checkpointer: Checkpointer, n_trai
 
 
 def _train(config: RunConfig, data: Data, params, feedback, state, on_epoch, bar: Progress) -> History:
-    from dfa_train.trainer import ALIGNED_RULES, fit
+    from dfa_train.trainer import fit
 
     x_train, y_train, x_test, y_test = data
     with device_scope(config.backend, config.device):
@@ -448,7 +448,7 @@ def _train(config: RunConfig, data: Data, params, feedback, state, on_epoch, bar
             projection=config.projection(),
             tol=config.tol,
             patience=config.patience,
-            align_every=config.align_every if config.method in ALIGNED_RULES else 0,
+            align_every=config.align_every,
             resume=state,
             on_epoch=on_epoch,
             on_batch=bar.batch,

@@ -239,7 +239,8 @@ def write_plots(
         )
     )
     alignment = [a for r in records for a in r.get("alignment", [])]
-    path = plots.plot_alignment(alignment, os.path.join(out_dir, "alignment.png"), steps_per_epoch)
+    method = next(iter(runs)) if len(runs) == 1 else "DFA"  # 'dfa compare' draws its DFA run's angles
+    path = plots.plot_alignment(alignment, os.path.join(out_dir, "alignment.png"), steps_per_epoch, method)
     if path:
         written.append(path)
     return written

@@ -32,7 +32,7 @@ _KNOWN_FIELDS = _TREE_FIELDS + _SCALAR_FIELDS + _RULE_TREE_FIELDS + _RULE_SCALAR
 
 
 class AlignmentRecord(NamedTuple):
-    """Angles between the DFA update and the BP gradient, measured on one batch before its update."""
+    """Angles to BP of a rule's update and teaching signal per block, measured on one batch before its update."""
 
     step: int  # global step (0-based) whose batch was measured
     epoch: int  # 0-based epoch of that step

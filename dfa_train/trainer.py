@@ -51,14 +51,11 @@ from dfa_train.state import (
 
 ENGINES = ("epoch", "step")
 
-ALIGNED_RULES = ("dfa", "bp")
-"""Methods whose runs can measure DFA-vs-BP alignment angles (align_every > 0)."""
-
 
 def feedback_rule(method: Any) -> Any:
     """The ``method`` whose feedback layout a run draws: DFA's B_l for 'dfa' and 'bp' (a BP run keeps
     DFA's matrices, against which its alignment angles are measured), the rule's own otherwise."""
-    return "dfa" if method in ALIGNED_RULES else method
+    return "dfa" if method in ("dfa", "bp") else method
 
 
 """fit's engines: 'epoch' runs each epoch as one compiled call, 'step' one call per batch."""
@@ -216,11 +213,6 @@ def _settings(
     rules = validation.method_rules(spec, method)  # one rule name, or one per block
     validation.check_rules_mode(rules, mode)
     method = validation.method_key(method)
-    if align_every and not set(rules) <= set(ALIGNED_RULES):
-        raise ValueError(
-            f"fit: alignment angles are measured for {list(ALIGNED_RULES)} runs so far, not for method "
-            f"{method!r}; use align_every=0"
-        )
     optimizer = OptimizerSpec() if optimizer is None else optimizer
     if not isinstance(optimizer, OptimizerSpec):
         raise TypeError(f"optimizer must be a dfa_core.OptimizerSpec, got {type(optimizer).__name__}")
@@ -794,9 +786,11 @@ def fit(
         epochs, ``patience`` times in a row (compared from the second epoch on); None
         never stops early.
       patience: consecutive epochs within ``tol`` needed to stop, >= 1.
-      align_every: every ``align_every`` steps (step 0 included), measure the angles
-        between the DFA update and the BP gradient on the step's batch, before its update
-        (``<backend>.alignment.alignment_angles``); 0 never measures.
+      align_every: every ``align_every`` steps (step 0 included), measure per block the angles
+        to BP's gradient and teaching signal on the step's batch, before its update: of the
+        exact DFA direction for 'dfa' and 'bp' (``<backend>.alignment.alignment_angles``), of the
+        update the step applies for every other rule and for a projection
+        (``<backend>.alignment.update_angles``); 0 never measures.
       eval_batch_size: rows per forward pass when measuring errors, >= 1.
       donate: let each step reuse the buffers of the previous parameters (see
         ``train_step``); the trainer owns its copies, so this is safe.

@@ -61,8 +61,9 @@ def _signals(spec_reduction, y_hat, y, G):
     return e, t
 
 
-def mlp_grads(spec, params, feedback, x, y, method, mode="sample"):
-    """[(gW_l, gb_l)] of an MLPSpec under ``method`` (a rule or one per layer)."""
+def mlp_grads(spec, params, feedback, x, y, method, mode="sample", with_deltas=False):
+    """[(gW_l, gb_l)] of an MLPSpec under ``method`` (a rule or one per layer); with ``with_deltas``
+    also [delta_1, ..., delta_{L-1}, e'] (zeros for a shallow layer)."""
     params, y = _f64(params), np.asarray(y, np.float64)
     rules = expand(method, spec.num_layers)
     h, a = [np.asarray(x, np.float64)], []
@@ -75,18 +76,21 @@ def mlp_grads(spec, params, feedback, x, y, method, mode="sample"):
     grads = [None] * spec.num_layers
     grads[-1] = (e.T @ (G @ h[-1]), e.sum(axis=0))
     delta = e
+    deltas = [None] * (spec.num_layers - 1) + [e]
     for l in range(spec.num_layers - 2, -1, -1):
         rule = rules[l]
         if rule == "shallow":
             grads[l] = (np.zeros_like(params[l][0]), np.zeros_like(params[l][1]))
+            deltas[l] = np.zeros((e.shape[0], params[l][0].shape[0]))
             continue
         if rule in DIRECT:
             p = (e if rule == "dfa" else t) @ np.asarray(feedback[l], np.float64).T
         else:
             p = delta @ stand_in(rule, params[l + 1][0], feedback[l] if feedback else None)
         delta = p * df(spec.activation, G @ a[l])
+        deltas[l] = delta
         grads[l] = (delta.T @ (G @ h[l]), delta.sum(axis=0))
-    return grads
+    return (grads, deltas) if with_deltas else grads
 
 
 def block_grads(spec, params, feedback, x, y, method, mode="sample"):

@@ -14,7 +14,6 @@ from dfa_core.hardware import Projection
 from dfa_train import cli
 from dfa_train.checkpoint import load_checkpoint
 from dfa_train.config import CONFIG_VERSION, ConfigError, RunConfig
-from dfa_train.many import fit_many
 from dfa_train.trainer import fit
 
 BACKENDS = ("torch", "jax")
@@ -143,7 +142,7 @@ def test_a_plug_in_device_trains_inside_the_epoch_as_the_compiled_projection(nam
 @pytest.mark.parametrize("name", BACKENDS)
 def test_no_projection_keeps_todays_steps_and_bad_uses_are_refused(name):
     """None and an identity Projection build the very step of before; a projection with another
-    method, a noisy step without a RuleState and fit_many with a projection are refused."""
+    method and a noisy step without a RuleState are refused."""
     be = get_backend(name)
     spec, params_np, feedback_np, x, y = case()
     opt = OptimizerSpec("sgd", 1e-2)
@@ -163,8 +162,6 @@ def test_no_projection_keeps_todays_steps_and_bad_uses_are_refused(name):
     step = be.train_step(spec, opt, projection=NOISY)
     with pytest.raises(TypeError, match="draws each step's key from a RuleState opt_state"):
         step(be.asarray(params_np), be.asarray(feedback_np), plain, be.asarray(x), be.asarray(y))
-    with pytest.raises(ValueError, match="fit_many does not train with a hardware projection"):
-        fit_many(name, spec, x, y, members=[{}], projection=NOISY, epochs=1)
     with pytest.raises(ValueError, match="method 'dfa' only, got 'fa'"):
         fit(name, spec, x, y, method="fa", projection=NOISY, epochs=1)
 

@@ -71,7 +71,13 @@ SETUPS = {
 METHOD_MODES = tuple((m, mode) for m in METHODS for mode in (MODES if m in DIRECT_RULES else ("sample",)))
 CASES = tuple(f"{name}-{m}-{mode}" for name in SETUPS for m, mode in METHOD_MODES)
 ALIGN_EVERY = 2  # global steps 0, 2, 4 of the two epochs' 6 (step0 = 0, 3): both ragged last batches of epoch 1
-ALIGN_CASES = tuple(f"{name}-{m}-{mode}" for name in SETUPS for m, mode in METHOD_MODES if m in ("dfa", "bp"))
+ALIGN_CASES = tuple(f"{name}-{m}-{mode}" for name in SETUPS for m, mode in METHOD_MODES if m in ("dfa", "bp")) + (
+    "mlp-fa-sample",  # other rules: the angles of their own update (alignment.update_angles)
+    "mlp-kp-sample",
+    "mlp-brsf-sample",
+    "mlp-drtp-class_mean",
+    "conv-fa-sample",
+)
 
 
 def _data(name):
@@ -107,7 +113,7 @@ def _train(case, parallel=None, align_every=0):
     name, method, mode = case.split("-")
     spec, opt, _, batch_size = SETUPS[name]
     x, y, orders = _data(name)
-    params, feedback, state = _start(name, "dfa" if align_every else method)  # bp's angles: against DFA's B
+    params, feedback, state = _start(name, "dfa" if align_every and method == "bp" else method)  # against DFA's B
     donate = name == "conv"  # the in-place update too, on one model
     epoch = train_epoch(
         spec, opt, method, mode, batch_size=batch_size, donate=donate, align_every=align_every, parallel=parallel
@@ -234,8 +240,6 @@ def test_bad_parallel_setups_are_refused_before_anything_runs():
         train_epoch(spec, opt, "dfa", batch_size=4, parallel=2)
     with pytest.raises(TypeError, match="parallel must be None"):
         train_step(spec, opt, "dfa", parallel="data")
-    with pytest.raises(ValueError, match="align_every > 0 measures DFA-vs-BP angles for 'dfa' and 'bp' only"):
-        train_epoch(spec, opt, "fa", batch_size=4, align_every=2, parallel=FAKE)
     noisy = Projection(noise="additive", sigma=0.1)
     with pytest.raises(ValueError, match="projection.*not supported under torch data parallel"):
         train_epoch(spec, opt, "dfa", batch_size=4, projection=noisy, parallel=FAKE)

@@ -70,8 +70,6 @@ def test_grads_errors_name_what_is_missing(be_name):
         be.grads(SPEC, PARAMS, (np.zeros((5, 2)), np.zeros((2, 3))), X, Y, method="fa")
     with pytest.raises(ValueError, match="expected 2 entries"):
         be.grads(SPEC, PARAMS, (), X, Y, method="dfa")
-    with pytest.raises(ValueError, match="with_alignment"):
-        be.train_step(SPEC, OptimizerSpec(), "fa", with_alignment=True)
     with pytest.raises(ValueError, match="kp_decay"):
         be.train_step(SPEC, OptimizerSpec(), "kp", kp_decay=-1.0)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dfa_core import MLPSpec, OptimizerSpec
-from dfa_train import fit, fit_many
+from dfa_train import fit
 from dfa_train.checkpoint import load_checkpoint
 from dfa_train.cli import main
 
@@ -68,12 +68,7 @@ def test_brsf_trains_on_each_backend():
         assert np.all(np.isfinite(h.loss)) and h.loss[-1] < h.loss[0]
 
 
-def test_rules_without_alignment_or_many_members_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"alignment angles are measured for \['dfa', 'bp'\].*'fa'"):
-        _fit("jax", "fa", align_every=2)
-    x, y = _data()
-    with pytest.raises(ValueError, match="fit_many trains members by"):
-        fit_many("jax", SPEC, x, y, members=[{"seed": 0}], method="fa")
+def test_chain_rules_with_a_grouping_mode_are_refused_by_name():
     with pytest.raises(ValueError, match="grouping mode"):
         _fit("jax", "fa", mode="class_mean")
 
@@ -90,3 +85,48 @@ def test_cli_trains_and_resumes_kp_exactly(tmp_path):
         for u, v in zip(pa, pb):
             np.testing.assert_array_equal(u, v)
     assert any(k.startswith("kp_feedback/") for k in a.resume.opt_state)
+
+
+def _angles(history):
+    return np.array([[r.weights, r.deltas] for r in history.alignment], dtype=float)
+
+
+@pytest.mark.parametrize("method", ["fa", "kp", ("usf", "dfa", "bp")])
+def test_every_rule_records_the_same_angles_on_both_backends(method):
+    """fit(align_every=3) of a rule other than dfa/bp: the angles of its own update, per block,
+    equal on both backends and from the compiled epoch and the per-step engine."""
+    h_jax, h_torch = _fit("jax", method, align_every=3), _fit("torch", method, align_every=3)
+    h_step = _fit("jax", method, align_every=3, engine="step")
+    assert [r.step for r in h_jax.alignment] == [0, 3, 6, 9, 12] and h_jax.alignment[1].epoch == 0
+    a = _angles(h_jax)
+    assert np.all(np.isfinite(a)) and np.all(a[:, :, :-1] > 1)  # hidden blocks: not BP's direction
+    np.testing.assert_allclose(_angles(h_torch), a, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(_angles(h_step), a, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_drawn_updates_record_the_angles_of_this_steps_draws(backend):
+    """brsf's magnitudes and projection noise are drawn per step: the compiled epoch's angles are
+    the per-step engine's (the same draws), and noise moves them off the exact DFA direction's."""
+    from dfa_core.hardware import Projection
+
+    noisy = Projection(noise="additive", sigma=1.0)
+    for method, kw in (("brsf", {}), ("dfa", {"projection": noisy})):
+        epoch = _fit(backend, method, align_every=2, **kw)
+        step = _fit(backend, method, align_every=2, engine="step", **kw)
+        np.testing.assert_allclose(_angles(epoch), _angles(step), rtol=1e-10, atol=1e-10, err_msg=method)
+    exact = _angles(_fit(backend, "dfa", align_every=2))
+    assert np.max(np.abs(_angles(epoch)[:, 0, :-1] - exact[:, 0, :-1])) > 1.0
+
+
+def test_cli_records_and_plots_the_angles_of_any_rule(tmp_path):
+    import json
+
+    out = str(tmp_path / "fa")
+    args = ["train", "--backend", "torch", "--dataset", "xor", "--method", "fa", "--lr", "0.5", "--batch-size", "2"]
+    assert main([*args, "--epochs", "2", "--align-every", "1", "--progress", "off", "--out", out]) == 0
+    with open(os.path.join(out, "history.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    angles = [a for r in records for a in r["alignment"]]
+    assert len(angles) == 4 and all(a["weights"][0] is not None for a in angles)  # xor: 4 samples, 2 steps/epoch
+    assert os.path.getsize(os.path.join(out, "alignment.png")) > 1000
