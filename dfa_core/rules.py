@@ -11,6 +11,16 @@ from typing import Tuple
 
 from dfa_core.model import Dense, ModelSpec, NetSpec
 
+KP_DECAY = 1e-3
+"""Kolen-Pollack's default weight decay lambda per step, on W_{l+1} and B_l of kp blocks."""
+
+
+def check_kp_decay(kp_decay: object) -> float:
+    """``kp_decay`` as a float in [0, 1), or a ValueError naming what arrived."""
+    if isinstance(kp_decay, bool) or not isinstance(kp_decay, (int, float)) or not 0.0 <= float(kp_decay) < 1.0:
+        raise ValueError(f"kp_decay must be a number in [0, 1), got {kp_decay!r}")
+    return float(kp_decay)
+
 
 @functools.lru_cache(maxsize=None)
 def as_model(spec: NetSpec) -> ModelSpec:
@@ -39,4 +49,4 @@ def brsf_bound(w_shape: Tuple[int, ...]) -> float:
     return math.sqrt(6.0 / (fan_in + fan_out))
 
 
-__all__ = ["as_model", "brsf_bound", "usf_scale"]
+__all__ = ["KP_DECAY", "as_model", "brsf_bound", "check_kp_decay", "usf_scale"]

@@ -19,12 +19,13 @@ from jax import lax
 from dfa_core import hardware, validation
 from dfa_core.hardware import Projection
 from dfa_core.model import NetSpec
+from dfa_core.rules import KP_DECAY, check_kp_decay
 from dfa_core.spec import OptimizerSpec
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, Feedback
 from dfa_jax.mlp import Params, forward
 from dfa_jax.parallel import DataParallel, _check_parallel
-from dfa_jax.train import KP_DECAY, _build_step
+from dfa_jax.train import _build_step
 
 Array = jax.Array
 
@@ -39,6 +40,7 @@ def train_epoch(
     align_every: int = 0,
     projection: Optional[Projection] = None,
     parallel: Optional[DataParallel] = None,
+    kp_decay: float = KP_DECAY,
 ) -> Callable[..., Tuple[Any, Any, Array, Optional[Array]]]:
     """Builds epoch(params, feedback, opt_state, x, y, order, step0) -> (params, opt_state, losses, angles).
 
@@ -83,6 +85,7 @@ def train_epoch(
         update of the global batch and the outputs come back replicated. batch_size must be a
         multiple of the devices; a ragged last batch they do not divide runs replicated (every
         device computes it whole: exact, without the speed-up for that one step).
+      kp_decay: KP's lambda in [0, 1) (``train_step``'s), for kp blocks.
 
     Raises:
       ValueError, TypeError: a bad spec, optimizer, method, mode, batch_size,
@@ -95,11 +98,9 @@ def train_epoch(
     align_every = validation.check_int("align_every", align_every, 0)
     hw = hardware.check_step_projection(method, projection)
     dp = _check_parallel(parallel, batch_size)
-    if dp is not None:
-        return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every, hw, dp)
-    if hw is None:  # today's call, so today's cached epoch
-        return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
-    return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every, hw)
+    return _build_epoch(
+        spec, opt, method, mode, batch_size, bool(donate), align_every, hw, dp, check_kp_decay(kp_decay)
+    )
 
 
 def _angles_if_due(
@@ -123,11 +124,8 @@ def _angles_if_due(
 
 
 @functools.lru_cache(maxsize=None)
-def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, projection=None, parallel=None):
-    if projection is None:
-        built = _build_step(spec, opt, method, mode, False, False)
-    else:
-        built = _build_step(spec, opt, method, mode, False, False, KP_DECAY, projection)
+def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, projection, parallel, kp_decay):
+    built = _build_step(spec, opt, method, mode, False, False, kp_decay, projection)
     step = built.jitted
 
     def one_batch(state, feedback, x, y, idx_B, phase):

@@ -11,15 +11,13 @@ import jax.numpy as jnp
 from dfa_core import hardware, validation
 from dfa_core.backend import RuleState
 from dfa_core.hardware import Projection
+from dfa_core.rules import KP_DECAY, check_kp_decay
 from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec  # noqa: F401  (METHODS re-exported)
 from dfa_jax import alignment, rules
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS, bp_grads_and_loss, dfa_grads_and_loss
 from dfa_jax.optim import apply_updates, make_optimizer
 from dfa_jax.parallel import DataParallel, _check_parallel
-
-KP_DECAY = 1e-3
-"""Kolen-Pollack's default weight decay lambda per step, on W_{l+1} and B_l of kp blocks."""
 
 
 def train_step(
@@ -75,7 +73,7 @@ def train_step(
     """
     validation.check_train_step(spec, opt, method, mode)
     method = validation.method_key(method)
-    kp_decay = _check_decay(kp_decay)
+    kp_decay = check_kp_decay(kp_decay)
     hw = hardware.check_step_projection(method, projection)
     dp = _check_parallel(parallel)
     if dp is not None:
@@ -88,12 +86,6 @@ def train_step(
 def _step_key(opt_state: RuleState) -> jax.Array:
     """Step t's key, fold_in(PRNGKey(rule_seed), t): brsf's magnitudes and the projection noise."""
     return jax.random.fold_in(jax.random.PRNGKey(opt_state.rule_seed), opt_state.rule_step)
-
-
-def _check_decay(kp_decay: object) -> float:
-    if isinstance(kp_decay, bool) or not isinstance(kp_decay, (int, float)) or not 0.0 <= float(kp_decay) < 1.0:
-        raise ValueError(f"kp_decay must be a number in [0, 1), got {kp_decay!r}")
-    return float(kp_decay)
 
 
 def _rule_feedback(rules_: Tuple[str, ...], feedback: Any, opt_state: Any, dtype: str) -> Tuple[Any, ...]:

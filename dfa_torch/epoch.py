@@ -18,10 +18,11 @@ from dfa_core import hardware, validation
 from dfa_core.hardware import Projection
 from dfa_core.model import NetSpec
 from dfa_core.parallel import shard_bounds
+from dfa_core.rules import KP_DECAY, check_kp_decay
 from dfa_core.spec import OptimizerSpec
 from dfa_torch.mlp import Params, forward
 from dfa_torch.parallel import DataParallel, _check_parallel, _refuse
-from dfa_torch.train import KP_DECAY, _build_step
+from dfa_torch.train import _build_step
 
 Tensor = torch.Tensor
 
@@ -36,6 +37,7 @@ def train_epoch(
     align_every: int = 0,
     projection: Optional[Projection] = None,
     parallel: Optional[DataParallel] = None,
+    kp_decay: float = KP_DECAY,
 ) -> Callable[..., Tuple[Any, Any, Tensor, Optional[Tensor]]]:
     """Builds epoch(params, feedback, opt_state, x, y, order, step0) -> (params, opt_state, losses, angles).
 
@@ -78,6 +80,7 @@ def train_epoch(
         opt_state, losses) on every process. batch_size must be a multiple of parallel.size
         (the ragged last batch splits unevenly; a process may get no rows of it). The angles
         (align_every > 0) are the global batches', on every process. Not with a projection.
+      kp_decay: KP's lambda in [0, 1) (``train_step``'s), for kp blocks.
 
     Raises:
       ValueError, TypeError: a bad spec, optimizer, method, mode, batch_size,
@@ -89,22 +92,19 @@ def train_epoch(
     align_every = validation.check_int("align_every", align_every, 0)
     hw = hardware.check_step_projection(method, projection)
     dp = _check_parallel(parallel, batch_size)
-    if dp is not None:
-        if hw is not None:
-            raise _refuse("projection (hardware effects)")
-        return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every, None, dp)
-    if hw is None:  # today's call, so today's cached epoch
-        return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every)
-    return _build_epoch(spec, opt, method, mode, batch_size, bool(donate), align_every, hw)
+    if dp is not None and hw is not None:
+        raise _refuse("projection (hardware effects)")
+    return _build_epoch(
+        spec, opt, method, mode, batch_size, bool(donate), align_every, hw, dp, check_kp_decay(kp_decay)
+    )
 
 
 @functools.lru_cache(maxsize=None)
-def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, projection=None, parallel=None):
+def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, projection, parallel, kp_decay):
     if parallel is not None:
-        return _sharded_epoch(spec, opt, method, mode, batch_size, donate, align_every, parallel)
-    hw = () if projection is None else (KP_DECAY, projection)  # no projection: today's cached steps
-    step = _build_step(spec, opt, method, mode, donate, False, *hw)
-    align_step = _build_step(spec, opt, method, mode, donate, True, *hw) if align_every else None
+        return _sharded_epoch(spec, opt, method, mode, batch_size, donate, align_every, parallel, kp_decay)
+    step = _build_step(spec, opt, method, mode, donate, False, kp_decay, projection)
+    align_step = _build_step(spec, opt, method, mode, donate, True, kp_decay, projection) if align_every else None
 
     def epoch(params, feedback, opt_state, x, y, order, step0=0):
         order = torch.as_tensor(order, device=x.device)
@@ -128,11 +128,11 @@ def _build_epoch(spec, opt, method, mode, batch_size, donate, align_every, proje
     return epoch
 
 
-def _sharded_epoch(spec, opt, method, mode, batch_size, donate, align_every, parallel):
+def _sharded_epoch(spec, opt, method, mode, batch_size, donate, align_every, parallel, kp_decay):
     """``_build_epoch``'s loop under data parallel: each global batch's rows ``shard_bounds`` here;
     the angles of the global batches measured, as on one process."""
-    step = _build_step(spec, opt, method, mode, donate, False, KP_DECAY, None, parallel)
-    align_step = _build_step(spec, opt, method, mode, donate, True, KP_DECAY, None, parallel) if align_every else None
+    step = _build_step(spec, opt, method, mode, donate, False, kp_decay, None, parallel)
+    align_step = _build_step(spec, opt, method, mode, donate, True, kp_decay, None, parallel) if align_every else None
 
     def epoch(params, feedback, opt_state, x, y, order, step0=0):
         order = torch.as_tensor(order, device=x.device)

@@ -10,6 +10,7 @@ import torch
 from dfa_core import hardware, validation
 from dfa_core.backend import RuleState
 from dfa_core.hardware import Projection
+from dfa_core.rules import KP_DECAY, check_kp_decay
 from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec  # noqa: F401  (METHODS re-exported)
 from dfa_core.tree import tree_map
 from dfa_torch import alignment, rules
@@ -17,9 +18,6 @@ from dfa_torch.arrays import as_input
 from dfa_torch.dfa import bp_grads_and_loss, dfa_grads_and_loss
 from dfa_torch.optim import _flatten, _unflatten, apply_updates, apply_updates_, make_optimizer
 from dfa_torch.parallel import DataParallel, _check_parallel, _refuse
-
-KP_DECAY = 1e-3
-"""Kolen-Pollack's default weight decay lambda per step, on W_{l+1} and B_l of kp blocks."""
 
 
 def train_step(
@@ -77,7 +75,7 @@ def train_step(
     """
     validation.check_train_step(spec, opt, method, mode)
     method = validation.method_key(method)
-    kp_decay = _check_decay(kp_decay)
+    kp_decay = check_kp_decay(kp_decay)
     hw = hardware.check_step_projection(method, projection)
     dp = _check_parallel(parallel)
     if dp is not None:
@@ -87,12 +85,6 @@ def train_step(
     if hw is None:  # today's call, so today's cached step
         return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment), kp_decay)
     return _build_step(spec, opt, method, mode, bool(donate), bool(with_alignment), kp_decay, hw)
-
-
-def _check_decay(kp_decay: object) -> float:
-    if isinstance(kp_decay, bool) or not isinstance(kp_decay, (int, float)) or not 0.0 <= float(kp_decay) < 1.0:
-        raise ValueError(f"kp_decay must be a number in [0, 1), got {kp_decay!r}")
-    return float(kp_decay)
 
 
 def _rule_feedback(rules_: Tuple[str, ...], feedback: Any, opt_state: Any, like: torch.Tensor) -> Tuple[Any, ...]:

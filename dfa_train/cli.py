@@ -226,6 +226,12 @@ def _add_training_args(p: argparse.ArgumentParser, with_method: bool, lr_list: b
         default=_DEFAULTS["weight_decay"],
         help="L2 coefficient lambda >= 0: every gradient gets + lambda * p (as torch.optim's weight_decay)",
     )
+    p.add_argument(
+        "--kp-decay",
+        type=float,
+        default=_DEFAULTS["kp_decay"],
+        help="Kolen-Pollack's lambda in [0, 1): W_{l+1} and B_l of kp blocks decay by lambda per step (1e-3)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS["batch_size"])
     p.add_argument("--epochs", type=_positive_int, default=_DEFAULTS["epochs"])
     p.add_argument(

@@ -29,11 +29,12 @@ from dfa_train import schedule
 from dfa_train.arch import INPUT_SHAPES, parse_arch
 from dfa_train.cadence import CheckpointEvery, format_checkpoint_every, parse_checkpoint_every
 
-CONFIG_VERSION = 5
+CONFIG_VERSION = 6
 """Bumped whenever RunConfig's fields change meaning; ``from_json`` refuses other versions.
 Versions 1 (before ``arch``), 2 (before the feedback presets' options), 3 (before the
-hardware projection) and 4 (before ``devices``, ``stages`` and ``microbatches``) still read,
-the fields added since set to None (``ADDED_IN``): the run they describe is unchanged."""
+hardware projection), 4 (before ``devices``, ``stages`` and ``microbatches``) and 5 (before
+``kp_decay``) still read, the fields added since set to the value meaning "as before" (``ADDED_IN``):
+the run they describe is unchanged."""
 
 HARDWARE_FIELDS = ("quantize", "threshold", "noise", "noise_sigma", "noise_mu")
 """The fields of DFA's hardware projection (``RunConfig.projection``); all None: exact DFA."""
@@ -50,6 +51,7 @@ ADDED_IN: Dict[int, Dict[str, Any]] = {
         "lr_milestones": None,
         "lr_gamma": 0.1,
     },
+    6: {"kp_decay": 1e-3},
 }
 """The fields each config version added, with the value that means "as before"."""
 
@@ -145,6 +147,7 @@ class RunConfig:
     weight_decay: float = 0.0  # L2 coefficient >= 0 added to every gradient (lambda * p); 0: none
     lr_milestones: Optional[Tuple[int, ...]] = None  # epochs at which lr is multiplied by lr_gamma; None: fixed lr
     lr_gamma: float = 0.1  # the factor at each milestone, > 0
+    kp_decay: float = 1e-3  # Kolen-Pollack's weight decay lambda in [0, 1) per step (kp blocks only)
     batch_size: int = 200  # samples per step, >= 1
     epochs: int = 80  # total epochs (a resumed run counts the ones already run), >= 1
     seed: int = 0  # seed of the batch order, >= 0
@@ -221,6 +224,7 @@ class RunConfig:
             "momentum": _check_real("momentum", self.momentum, 0.0, 1.0, low_open=False),
             "weight_decay": _check_real("weight_decay", self.weight_decay, 0.0, low_open=False),
             "lr_gamma": _check_real("lr_gamma", self.lr_gamma, 0.0, low_open=True),
+            "kp_decay": _check_real("kp_decay", self.kp_decay, 0.0, 1.0, low_open=False),
             "feedback_scale": _check_real("feedback_scale", self.feedback_scale, 0.0, low_open=True, optional=True),
             "tol": _check_real("tol", self.tol, 0.0, low_open=False, optional=True),
             "download_timeout": _check_real("download_timeout", self.download_timeout, 0.0, low_open=True),
@@ -469,7 +473,7 @@ class RunConfig:
         if not isinstance(data, Mapping):
             raise ValueError(f"RunConfig.from_json: expected a JSON object, {_got(data)}")
         version = data.get("version")
-        if version in (1, 2, 3, 4) and not isinstance(version, bool):
+        if version in (1, 2, 3, 4, 5) and not isinstance(version, bool):
             # An older layout: the fields added since (where missing) take the value meaning "as before".
             added = {k: v for since, fields in ADDED_IN.items() if since > version for k, v in fields.items()}
             data, version = {**added, **data, "version": CONFIG_VERSION}, CONFIG_VERSION

@@ -440,6 +440,7 @@ def _train(config: RunConfig, data: Data, params, feedback, state, on_epoch, bar
             microbatches=config.microbatches or 1,
             lr_milestones=config.lr_milestones or (),
             lr_gamma=config.lr_gamma,
+            kp_decay=config.kp_decay,
             epochs=config.epochs,
             batch_size=config.batch_size,
             seed=config.seed,

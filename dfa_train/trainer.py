@@ -35,6 +35,7 @@ from dfa_core.hardware import Projection
 from dfa_core.init import init_feedback, init_params
 from dfa_core.model import ModelSpec, NetSpec
 from dfa_core.registry import resolve_backend
+from dfa_core.rules import KP_DECAY, check_kp_decay
 from dfa_core.spec import METHODS, OptimizerSpec
 from dfa_train import memory, schedule
 from dfa_train.arch import describe_layers
@@ -131,6 +132,7 @@ class _Settings:
     parallel: Any = None  # the backend's DataParallel (dfa_<backend>.parallel), or None on one device
     lr_milestones: Tuple[int, ...] = ()  # epochs at which the learning rate is multiplied by lr_gamma
     lr_gamma: float = 0.1
+    kp_decay: float = KP_DECAY  # Kolen-Pollack's lambda per step (kp blocks only)
 
     def optimizer_at(self, epoch: int) -> OptimizerSpec:
         """The optimizer of epoch ``epoch`` (0-based): the learning rate after the milestones passed."""
@@ -206,6 +208,7 @@ def _settings(
     microbatches: int = 1,
     lr_milestones: Sequence[int] = (),
     lr_gamma: float = 0.1,
+    kp_decay: float = KP_DECAY,
 ) -> _Settings:
     """Checks fit's options (not the data) and returns them as one frozen record."""
     be = resolve_backend(backend)
@@ -267,6 +270,7 @@ def _settings(
         parallel=parallel,
         lr_milestones=milestones,
         lr_gamma=gamma,
+        kp_decay=check_kp_decay(kp_decay),
         layers=layers,
     )
 
@@ -411,7 +415,7 @@ def _record_angles(loop: _Loop, epoch: int, step: int, weights, deltas) -> None:
 def _epoch_by_steps(run: _Settings, data: _Data, loop: _Loop, epoch: int, order: np.ndarray) -> np.ndarray:
     """engine='step': one ``train_step`` call per batch from Python; returns the (num_batches,) losses."""
     be, spec, n = run.be, run.spec, order.shape[0]
-    hw = _hardware(run)
+    hw = {"kp_decay": run.kp_decay, **_hardware(run)}
     step = be.train_step(spec, run.optimizer_at(epoch), run.method, run.mode, run.donate, **hw)
     align_step = None
     if run.align_every:
@@ -455,6 +459,7 @@ def _epoch_compiled(run: _Settings, data: _Data, loop: _Loop, epoch: int, order:
         run.align_every,
         **_hardware(run),
         **run.parallel_kwargs(),
+        kp_decay=run.kp_decay,
     )
     loop.params, loop.opt_state, losses, angles = epoch_fn(
         loop.params, data.feedback, loop.opt_state, data.x, data.y, be.asarray(order), loop.global_step
@@ -672,6 +677,8 @@ def _history(run: _Settings, data: _Data, loop: _Loop, params_out, feedback_np, 
         settings["devices"] = run.parallel.size
     if run.lr_milestones:  # likewise: runs at a fixed learning rate
         settings["lr_milestones"], settings["lr_gamma"] = list(run.lr_milestones), run.lr_gamma
+    if "kp" in validation.method_rules(run.spec, run.method):  # likewise: runs without a kp block
+        settings["kp_decay"] = run.kp_decay
     if run.layers is not None:
         settings["stages"], settings["microbatches"] = run.layers.size, run.layers.microbatches
     config = history_config(run.be, run.spec, settings, data.labels.shape[0], data.test_labels)
@@ -743,6 +750,7 @@ def fit(
     microbatches: int = 1,
     lr_milestones: Sequence[int] = (),
     lr_gamma: float = 0.1,
+    kp_decay: float = KP_DECAY,
 ) -> History:
     """Trains ``spec`` by DFA or BP on one backend and records a ``History``.
 
@@ -834,6 +842,8 @@ def fit(
         ``lr_gamma``, as torch's MultiStepLR: milestone m changes it from epoch m on (0-based);
         () keeps it fixed. Resumed runs pick the rate of their epoch (``dfa_train.schedule``).
       lr_gamma: the factor at each milestone, > 0.
+      kp_decay: Kolen-Pollack's weight decay lambda in [0, 1) per step on W_{l+1} and B_l of every
+        'kp' block (``train_step``'s); recorded in History.config when a block is 'kp'.
 
     Returns:
       History: per epoch loss (mean per-sample loss over the epoch, each batch's loss
@@ -873,6 +883,7 @@ def fit(
         microbatches,
         lr_milestones,
         lr_gamma,
+        kp_decay,
     )
     if (x_test is None) != (y_test is None):
         raise ValueError("x_test and y_test must be given together (or neither)")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dfa_core import FEEDBACK_DISTS, MLPSpec, OptimizerSpec, init_feedback
+from dfa_core.rules import KP_DECAY
 from dfa_train.cadence import AUTO_RATIO, CheckpointEvery, checkpoint_due, parse_checkpoint_every
 from dfa_train.config import ADDED_IN, CONFIG_VERSION, ConfigError, RunConfig, field_names
 from dfa_train.run import Checkpointer
@@ -116,6 +117,8 @@ BAD_FIELDS = {
     "lr_str": ("lr", "1e-4", "str '1e-4'"),
     "lr_nan": ("lr", float("nan"), "finite"),
     "momentum": ("momentum", 1.0, "< 1.0"),
+    "kp_decay": ("kp_decay", 1.0, ">= 0.0 and < 1.0"),
+    "kp_decay_neg": ("kp_decay", -0.1, ">= 0.0 and < 1.0"),
     "epochs_zero": ("epochs", 0, "int >= 1"),
     "epochs_float": ("epochs", 2.0, "got float 2.0"),
     "epochs_bool": ("epochs", True, "got bool"),
@@ -205,11 +208,14 @@ def test_feedback_options_are_set_exactly_when_the_preset_takes_them(changes, fi
     assert err.value.field == field and expected in str(err.value), str(err.value)
 
 
-def test_version_1_to_4_configs_still_read_as_the_same_run():
-    """Fields added since (arch in 2, the preset options in 3, the hardware projection in 4, devices in 5)
-    read as None: the same run as before."""
-    assert set(ADDED_IN) == {2, 3, 4, 5} and CONFIG_VERSION == 5
-    v4 = {k: v for k, v in CUSTOM.to_dict().items() if k not in ADDED_IN[5]}
+def test_version_1_to_5_configs_still_read_as_the_same_run():
+    """Fields added since (arch in 2, the preset options in 3, the hardware projection in 4, devices in 5,
+    kp_decay in 6) read as the value meaning "as before": the same run as before."""
+    assert set(ADDED_IN) == {2, 3, 4, 5, 6} and CONFIG_VERSION == 6
+    v5 = {k: v for k, v in CUSTOM.to_dict().items() if k not in ADDED_IN[6]}
+    v5["version"] = 5
+    assert RunConfig.from_json(json.dumps(v5)) == CUSTOM and RunConfig.from_json(v5).kp_decay == KP_DECAY
+    v4 = {k: v for k, v in v5.items() if k not in ADDED_IN[5]}
     v4["version"] = 4
     assert RunConfig.from_json(json.dumps(v4)) == CUSTOM and RunConfig.from_json(v4).devices is None
     v3 = {k: v for k, v in v4.items() if k not in ADDED_IN[4]}

@@ -130,3 +130,31 @@ def test_cli_records_and_plots_the_angles_of_any_rule(tmp_path):
     angles = [a for r in records for a in r["alignment"]]
     assert len(angles) == 4 and all(a["weights"][0] is not None for a in angles)  # xor: 4 samples, 2 steps/epoch
     assert os.path.getsize(os.path.join(out, "alignment.png")) > 1000
+
+
+@pytest.mark.parametrize("engine", ["epoch", "step"])
+def test_kp_decay_is_an_option_of_fit_recorded_in_the_history(engine):
+    """fit(kp_decay=0.2): ||W_{l+1} - B_l|| shrinks by exactly (1 - 0.2) per step on both backends."""
+    from dfa_core import init_feedback, init_params
+
+    b0, p0 = init_feedback(SPEC, 1, method="kp"), init_params(SPEC, 0)
+    for backend in ("jax", "torch"):
+        h = _fit(backend, "kp", kp_decay=0.2, engine=engine)  # 15 steps
+        assert h.config["kp_decay"] == 0.2
+        for l, b in enumerate(h.feedback):
+            expected = 0.8**15 * np.linalg.norm(b0[l] - p0[l + 1][0])
+            np.testing.assert_allclose(np.linalg.norm(b - h.params[l + 1][0]), expected, rtol=1e-9)
+    assert "kp_decay" not in _fit("jax", "fa").config
+    for bad in (1.0, -0.1, "0.1"):
+        with pytest.raises(ValueError, match=r"kp_decay must be a number in \[0, 1\)"):
+            _fit("jax", "kp", kp_decay=bad)
+
+
+def test_cli_kp_decay_reaches_the_run(tmp_path):
+    out = str(tmp_path / "kp")
+    args = ["train", "--backend", "jax", "--dataset", "xor", "--method", "kp", "--kp-decay", "0.05", "--epochs", "1"]
+    assert main([*args, "--no-plots", "--progress", "off", "--out", out]) == 0
+    from dfa_train.config import RunConfig
+
+    with open(os.path.join(out, "config.json")) as f:
+        assert RunConfig.from_json(f.read()).kp_decay == 0.05
