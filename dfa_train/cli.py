@@ -77,6 +77,14 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _method(text: str) -> str:
+    """A rule name, or a comma-separated rule per block; kept as the string RunConfig.method holds."""
+    bad = [part for part in text.split(",") if part not in METHODS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected rules among {', '.join(METHODS)} (comma-separated), got {text!r}")
+    return text
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -193,13 +201,17 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_training_args(p: argparse.ArgumentParser, with_method: bool, lr_list: bool) -> None:
     if with_method:
-        rules = ("dfa", "bp") if lr_list else METHODS  # a sweep trains through fit_many: dfa and bp
-        p.add_argument(
-            "--method",
-            choices=rules,
-            default=_DEFAULTS["method"],
-            help="learning rule: dfa, bp, fa, usf, brsf, frsf, kp, drtp or shallow (sweep: dfa or bp)",
-        )
+        if lr_list:  # a sweep trains through fit_many: dfa and bp
+            p.add_argument("--method", choices=("dfa", "bp"), default=_DEFAULTS["method"], help="dfa or bp")
+        else:
+            p.add_argument(
+                "--method",
+                type=_method,
+                default=_DEFAULTS["method"],
+                metavar="RULE[,RULE...]",
+                help=f"learning rule, one of {', '.join(METHODS)}; or one per block, comma-separated "
+                "(a hybrid, e.g. dfa,bp,bp: DFA in the first block, BP above)",
+            )
     p.add_argument("--mode", choices=MODES, default=_DEFAULTS["mode"], help="DFA grouping (BP always uses sample)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=_DEFAULTS["optimizer"])
     if lr_list:

@@ -19,6 +19,7 @@ import math
 import numbers
 from typing import Any, Dict, Mapping, Optional, Tuple, Union, cast
 
+from dfa_core import validation
 from dfa_core.feedback import FEEDBACK_DISTS, FEEDBACK_PRESETS, OPTION_CHECKS
 from dfa_core.hardware import DEFAULT_THRESHOLD, NOISES, QUANTIZERS, Projection
 from dfa_core.model import ModelSpec, NetSpec
@@ -95,6 +96,17 @@ def _check_choice(field: str, value, choices) -> None:
         raise ConfigError(field, f"expected one of {list(choices)}, {_got(value)}")
 
 
+def _method_parts(method: object) -> Tuple[str, ...]:
+    """A method string's rules: ('fa',) for 'fa', one per block for a hybrid 'dfa,bp,bp'."""
+    if not isinstance(method, str):
+        raise ConfigError("method", f"expected a rule among {list(METHODS)} or one per block, {_got(method)}")
+    parts = tuple(method.split(","))
+    bad = [p for p in parts if p not in METHODS]
+    if bad:
+        raise ConfigError("method", f"expected rules among {list(METHODS)} (comma-separated), got {method!r}")
+    return parts
+
+
 def _check_int(field: str, value, minimum: int, optional: bool = False) -> None:
     if optional and value is None:
         return
@@ -139,7 +151,7 @@ class RunConfig:
     output: str = "sigmoid"  # output function and its paired loss, one of dfa_core.OUTPUTS
     reduction: str = "sum"  # per-group updates summed ('sum', the report's) or averaged ('mean')
     dtype: str = "float32"  # 'float32' or 'float64' for data, parameters and arithmetic
-    method: str = "dfa"  # learning rule, one of dfa_core.METHODS (dfa, bp, fa, kp, usf, brsf, frsf, drtp, shallow)
+    method: str = "dfa"  # learning rule in dfa_core.METHODS, or one per block comma-separated ('dfa,bp,bp')
     mode: str = "sample"  # DFA grouping, one of dfa_core.MODES; 'sample' for BP
     optimizer: str = "sgd"  # 'sgd', 'momentum' or 'adam'
     lr: float = 1e-4  # learning rate, > 0
@@ -188,14 +200,14 @@ class RunConfig:
             ("output", OUTPUTS),
             ("reduction", REDUCTIONS),
             ("dtype", DTYPES),
-            ("method", METHODS),
             ("mode", MODES),
             ("optimizer", OPTIMIZERS),
         ):
             _check_choice(field, getattr(self, field), choices)
         if self.feedback_dist is not None:
             _check_choice("feedback_dist", self.feedback_dist, FEEDBACK_DISTS)
-        if self.method not in GROUPING_RULES and self.mode != "sample":
+        parts = _method_parts(self.method)
+        if not set(parts) <= set(GROUPING_RULES) and self.mode != "sample":
             raise ConfigError(
                 "mode",
                 f"expected 'sample' with method {self.method!r} (grouping modes apply to {list(GROUPING_RULES)} "
@@ -205,6 +217,11 @@ class RunConfig:
             object.__setattr__(self, "layers", self._checked_layers())
         else:
             self._check_arch()
+        if len(parts) > 1:
+            try:
+                validation.method_rules(self.spec(), parts)
+            except (ValueError, TypeError) as err:
+                raise ConfigError("method", f"expected a valid rule per block ({err})") from None
         for field, minimum in (
             ("batch_size", 1),
             ("epochs", 1),
@@ -407,6 +424,11 @@ class RunConfig:
             return ModelSpec(self.input_shape(), layers, self.activation, self.output, self.reduction, self.dtype)
         widths = cast(Tuple[int, ...], self.layers)  # never None without arch: __post_init__ filled in the default
         return MLPSpec(widths, self.activation, self.output, self.reduction, self.dtype)
+
+    def rule(self) -> Any:
+        """The method ``fit`` takes: the rule's name, or for a hybrid ('dfa,bp,bp') a tuple of one per block."""
+        parts = _method_parts(self.method)
+        return parts[0] if len(parts) == 1 else parts
 
     def optimizer_spec(self) -> OptimizerSpec:
         """The optimizer: ``OptimizerSpec(optimizer, lr, momentum=momentum, weight_decay=weight_decay)``."""

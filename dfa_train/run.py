@@ -388,7 +388,7 @@ def _initial_state(config: RunConfig, params):
         config.feedback_seed,
         config.feedback_dist,
         config.feedback_scale,
-        method=feedback_rule(config.method),
+        method=feedback_rule(config.rule()),
         **config.feedback_options(),
     )
     return params, feedback
@@ -432,7 +432,7 @@ def _train(config: RunConfig, data: Data, params, feedback, state, on_epoch, bar
             y_train,
             x_test=x_test,
             y_test=y_test,
-            method=config.method,
+            method=config.rule(),
             mode=config.mode,
             optimizer=config.optimizer_spec(),
             devices=config.devices,
@@ -516,7 +516,7 @@ def run(
         config.batch_size,
         10000,
         config.optimizer,
-        config.method,
+        config.rule(),
         bool(config.align_every),
     )
     if launched_rank() != 0:

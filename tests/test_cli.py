@@ -187,7 +187,7 @@ BAD_ARGS = {
     "not_ints": (["train", "--layers", "784,a,10"], "784,a,10"),
     "one_width": (["summary", "--layers", "784"], "'784'"),
     "backend": (["train", "--backend", "numpy"], "choose from 'torch', 'jax'"),
-    "method": (["train", "--method", "hebb"], "choose from 'dfa', 'bp'"),
+    "method": (["train", "--method", "hebb"], "argument --method: expected rules among dfa, bp, fa"),
     "optimizer": (["train", "--optimizer", "rmsprop"], "'sgd', 'momentum', 'adam'"),
     "lr": (["train", "--lr", "-1"], "--lr"),
     "epochs": (["train", "--epochs", "0"], "--epochs"),

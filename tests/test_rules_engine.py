@@ -158,3 +158,29 @@ def test_cli_kp_decay_reaches_the_run(tmp_path):
 
     with open(os.path.join(out, "config.json")) as f:
         assert RunConfig.from_json(f.read()).kp_decay == 0.05
+
+
+def test_cli_trains_a_hybrid_given_as_a_rule_per_block(tmp_path):
+    """--method fa,fa,bp is FA (the output block always learns from e'); dfa,fa,bp is neither DFA nor
+    FA; a wrong count or a grouping mode with a chain rule is refused before anything runs."""
+    from dfa_train.config import RunConfig
+
+    def params_of(method):
+        out = str(tmp_path / method.replace(",", "_"))
+        args = ["train", "--backend", "torch", "--dataset", "xor", "--layers", "2,8,8,1", "--lr", "0.5"]
+        assert main([*args, "--method", method, "--epochs", "3", "--no-plots", "--progress", "off", "--out", out]) == 0
+        with open(os.path.join(out, "config.json")) as f:
+            assert RunConfig.from_json(f.read()).rule() == (tuple(method.split(",")) if "," in method else method)
+        with np.load(os.path.join(out, "params.npz")) as z:
+            return [z[k] for k in sorted(z.files)]
+
+    fa, hybrid, dfa = params_of("fa"), params_of("dfa,fa,bp"), params_of("dfa")
+    for a, b in zip(params_of("fa,fa,bp"), fa):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(hybrid[0], fa[0]) and not np.allclose(hybrid[0], dfa[0])
+    base = ["train", "--dataset", "xor", "--layers", "2,8,8,1", "--epochs", "1", "--out", str(tmp_path / "no")]
+    with pytest.raises(SystemExit):
+        main([*base, "--method", "fa,dfa"])  # 3 blocks
+    with pytest.raises(SystemExit):
+        main([*base, "--method", "dfa,fa,bp", "--mode", "class_mean"])
+    assert not os.path.exists(tmp_path / "no")
