@@ -212,6 +212,9 @@ def _cases(dp):
     cases["epoch-mlp-dfa-sample-noise-align"] = functools.partial(
         _epoch_case, "mlp", "dfa", "sample", "sgd", dp, noise, align_every=2
     )
+    cases["epoch-mlp-brsf-sample-align"] = functools.partial(  # another rule's angles: its own update
+        _epoch_case, "mlp", "brsf", "sample", "adam", dp, None, align_every=2
+    )
     cases["epoch-mlp-dfa-class_mean-device"] = functools.partial(_device_case, dp, device)
     cases["step-mlp-dfa-class_mean-even"] = functools.partial(_step_case, "mlp", "dfa", "class_mean", "adam", dp, 8)
     cases["step-mlp-kp-sample-ragged"] = functools.partial(_step_case, "mlp", "kp", "sample", "sgd", dp, 6)
@@ -258,6 +261,7 @@ def _case_names():
     assert {m for m, _ in METHOD_MODES} == set(METHODS)
     return names + [
         "epoch-mlp-dfa-sample-noise-align",
+        "epoch-mlp-brsf-sample-align",
         "epoch-mlp-dfa-class_mean-device",
         "step-mlp-dfa-class_mean-even",
         "step-mlp-kp-sample-ragged",
