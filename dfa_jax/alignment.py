@@ -27,7 +27,8 @@ from dfa_core.spec import MLPSpec
 from dfa_jax import blocks, nn
 from dfa_jax import rules as rules_
 from dfa_jax.arrays import precision_scope
-from dfa_jax.dfa import TRACE_COUNTS, Feedback, _class_grouping, dfa_layer_grads, feedback_projection, group, prepare
+from dfa_jax.blocks import _class_grouping
+from dfa_jax.dfa import TRACE_COUNTS, Feedback, dfa_layer_grads, feedback_projection, group, prepare
 from dfa_jax.mlp import Params
 from dfa_jax.mlp import _forward_with_activations as forward_with_activations
 from dfa_jax.nn import reduce_loss

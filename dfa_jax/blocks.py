@@ -465,23 +465,32 @@ def hardware_projections(
 # -- DFA and BP ----------------------------------------------------------------------------------
 
 
-def _grouping(mode: str, y_BxO: Array) -> Tuple[Optional[Callable[[Array], Array]], Any]:
-    """(avg, K): t (batch, ...) -> G t (K, ...) for ``mode`` (None for 'sample') and K.
+def _class_grouping(y_BxC: Array) -> Array:
+    """G for 'class_mean': row c averages the samples whose argmax label is c; (C, batch).
 
-    As dfa_jax.dfa._grouping, with G applied over the batch axis of any trailing shape.
-    'class_mean': row c of G averages the samples whose argmax label is c; rows of absent
-    classes are zero (they add nothing; shapes stay static) and K counts the present ones.
+    Rows of classes absent from the batch are all zero, so they add nothing to the
+    sum-reduced gradients; shapes stay static under jit.
     """
+    members_BxC = jax.nn.one_hot(jnp.argmax(y_BxC, axis=1), y_BxC.shape[1], dtype=y_BxC.dtype)
+    counts_C = jnp.sum(members_BxC, axis=0)
+    return members_BxC.T / jnp.maximum(counts_C, 1)[:, None]
+
+
+def _grouping(mode: str, y_BxO: Array) -> Tuple[Optional[Callable[[Array], Array]], Any]:
+    """(avg, K): t (batch, ...) -> G t (K, ...) for ``mode`` (None for 'sample') and K; MLPs and
+    blocks alike ('class_mean': K counts the classes present, ``_class_grouping``)."""
     if mode == "sample":
         return None, y_BxO.shape[0]
     if mode == "batch_mean":
         return (lambda t: jnp.mean(t, axis=0, keepdims=True)), 1
     if mode != "class_mean":
         raise ValueError(f"unknown mode {mode!r}")
-    members_BxC = jax.nn.one_hot(jnp.argmax(y_BxO, axis=1), y_BxO.shape[1], dtype=y_BxO.dtype)
-    g_CxB = members_BxC.T / jnp.maximum(jnp.sum(members_BxC, axis=0), 1)[:, None]
-    count = jnp.sum(jnp.any(g_CxB > 0, axis=1)).astype(y_BxO.dtype)
-    return (lambda t: jnp.tensordot(g_CxB, t, axes=1)), count
+    g_CxB = _class_grouping(y_BxO)
+
+    def avg(t: Array) -> Array:  # G over the batch axis, whatever the trailing shape
+        return (g_CxB @ t.reshape(t.shape[0], -1)).reshape(g_CxB.shape[0], *t.shape[1:])
+
+    return avg, jnp.sum(jnp.any(g_CxB > 0, axis=1)).astype(y_BxO.dtype)
 
 
 def dfa_grads_and_loss(

@@ -23,6 +23,7 @@ from dfa_core.model import ModelSpec
 from dfa_core.spec import MLPSpec
 from dfa_jax import blocks, nn
 from dfa_jax.arrays import as_input, precision_scope
+from dfa_jax.blocks import _class_grouping, _grouping
 from dfa_jax.mlp import Activations, Params
 from dfa_jax.mlp import _loss as loss
 from dfa_jax.nn import reduce_loss
@@ -43,17 +44,6 @@ class Grouped(NamedTuple):
     h: Tuple[Array, ...]  # post-activations h'_0..h'_{L-1}, each (K, n_l)
     e: Array  # error e' = G y_hat - G y, (K, n_L)
     count: Array  # type: ignore[assignment]  # K, non-empty groups, (); shadows tuple.count
-
-
-def _class_grouping(y_BxC: Array) -> Array:
-    """G for 'class_mean': row c averages the samples whose argmax label is c; (C, batch).
-
-    Rows of classes absent from the batch are all zero, so they add nothing to the
-    sum-reduced gradients; shapes stay static under jit.
-    """
-    members_BxC = jax.nn.one_hot(jnp.argmax(y_BxC, axis=1), y_BxC.shape[1], dtype=y_BxC.dtype)
-    counts_C = jnp.sum(members_BxC, axis=0)
-    return members_BxC.T / jnp.maximum(counts_C, 1)[:, None]
 
 
 def group(spec: MLPSpec, acts: Activations, y: Array, mode: str) -> Grouped:
@@ -143,16 +133,6 @@ def _projector(spec: MLPSpec, feedback: Feedback, e: Array) -> Callable[[int], A
     if e.shape[0] * sum(spec.hidden_sizes) <= PROJECT_PER_LAYER_ELEMENTS:
         return feedback_projection(spec, feedback, e).__getitem__
     return lambda l: e @ feedback[l].T
-
-
-def _grouping(mode: str, y: Array) -> Tuple[Optional[Callable[[Array], Array]], Any]:
-    """(avg, K): the function t -> G t of ``mode`` (None for 'sample') and the group count K."""
-    if mode == "sample":
-        return None, y.shape[0]
-    if mode == "batch_mean":
-        return (lambda t: jnp.mean(t, axis=0, keepdims=True)), 1
-    g_CxB = _class_grouping(y)
-    return (lambda t: g_CxB @ t), jnp.sum(jnp.any(g_CxB > 0, axis=1)).astype(y.dtype)
 
 
 def dfa_grads_and_loss(

@@ -29,7 +29,8 @@ from dfa_core.spec import MLPSpec
 from dfa_torch import blocks, nn
 from dfa_torch import rules as rules_
 from dfa_torch.arrays import precision_scope
-from dfa_torch.dfa import Feedback, _class_grouping, dfa_layer_grads, feedback_projection, group, prepare
+from dfa_torch.blocks import _class_grouping
+from dfa_torch.dfa import Feedback, dfa_layer_grads, feedback_projection, group, prepare
 from dfa_torch.mlp import Params
 from dfa_torch.mlp import _forward_with_activations as forward_with_activations
 from dfa_torch.nn import reduce_loss

@@ -10,7 +10,7 @@ autodiff of the loss through the whole model.
 The functions here take tensors of ``spec.dtype`` and do no validation; the checked
 entry points (``dfa_torch.forward``, ``loss``, ``dfa_grads``, ``bp_grads``, ...) route a
 ModelSpec here. This module imports neither ``dfa_torch.mlp`` nor ``dfa_torch.dfa`` (they
-import it to dispatch), so the few lines it shares with them are written out again.
+import it to dispatch); the grouping of a batch lives here and dfa_torch.dfa reads it.
 """
 
 from __future__ import annotations
@@ -508,14 +508,19 @@ def hardware_projections(
 
 
 def _class_grouping(y_BxC: Tensor) -> Tensor:
-    """G for 'class_mean', (C, batch): as ``dfa_torch.dfa._class_grouping`` (absent classes: zero rows)."""
+    """G for 'class_mean': row c averages the samples whose argmax label is c; (C, batch).
+
+    Rows of classes absent from the batch are all zero, so they add nothing to the
+    sum-reduced gradients; shapes stay fixed, as on JAX.
+    """
     members_BxC = F.one_hot(torch.argmax(y_BxC, dim=1), y_BxC.shape[1]).to(y_BxC.dtype)
     counts_C = torch.sum(members_BxC, dim=0)
     return members_BxC.T / torch.clamp_min(counts_C, 1)[:, None]
 
 
 def _grouping(mode: str, y: Tensor) -> Tuple[Optional[Callable[[Tensor], Tensor]], Any]:
-    """(avg, K): t (batch, *shape) -> G t (K, *shape) for ``mode`` (None for 'sample'), and K."""
+    """(avg, K): t (batch, *shape) -> G t (K, *shape) for ``mode`` (None for 'sample'), and K; MLPs
+    and blocks alike ('class_mean': K counts the classes present, ``_class_grouping``)."""
     if mode == "sample":
         return None, y.shape[0]
     if mode == "batch_mean":

@@ -20,6 +20,7 @@ from dfa_core.model import ModelSpec
 from dfa_core.spec import MLPSpec
 from dfa_torch import blocks, nn
 from dfa_torch.arrays import as_input, precision_scope
+from dfa_torch.blocks import _class_grouping, _grouping
 from dfa_torch.mlp import Activations, Params
 from dfa_torch.mlp import _loss as loss
 from dfa_torch.nn import reduce_loss
@@ -40,17 +41,6 @@ class Grouped(NamedTuple):
     h: Tuple[Tensor, ...]  # post-activations h'_0..h'_{L-1}, each (K, n_l)
     e: Tensor  # error e' = G y_hat - G y, (K, n_L)
     count: Tensor  # type: ignore[assignment]  # K, non-empty groups, (); shadows tuple.count
-
-
-def _class_grouping(y_BxC: Tensor) -> Tensor:
-    """G for 'class_mean': row c averages the samples whose argmax label is c; (C, batch).
-
-    Rows of classes absent from the batch are all zero, so they add nothing to the
-    sum-reduced gradients; shapes stay fixed, as on JAX.
-    """
-    members_BxC = torch.nn.functional.one_hot(torch.argmax(y_BxC, dim=1), y_BxC.shape[1]).to(y_BxC.dtype)
-    counts_C = torch.sum(members_BxC, dim=0)
-    return members_BxC.T / torch.clamp_min(counts_C, 1)[:, None]
 
 
 def group(spec: MLPSpec, acts: Activations, y: Tensor, mode: str) -> Grouped:
@@ -139,16 +129,6 @@ def _projector(spec: MLPSpec, feedback: Feedback, e: Tensor) -> Callable[[int], 
     if e.shape[0] * sum(spec.hidden_sizes) <= PROJECT_PER_LAYER_ELEMENTS:
         return feedback_projection(spec, feedback, e).__getitem__
     return lambda l: e @ feedback[l].T
-
-
-def _grouping(mode: str, y: Tensor) -> Tuple[Optional[Callable[[Tensor], Tensor]], Any]:
-    """(avg, K): the function t -> G t of ``mode`` (None for 'sample') and the group count K."""
-    if mode == "sample":
-        return None, y.shape[0]
-    if mode == "batch_mean":
-        return (lambda t: torch.mean(t, dim=0, keepdim=True)), 1
-    g_CxB = _class_grouping(y)
-    return (lambda t: g_CxB @ t), torch.sum(torch.any(g_CxB > 0, dim=1)).to(y.dtype)
 
 
 @torch.no_grad()
