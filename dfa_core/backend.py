@@ -273,6 +273,8 @@ class Backend(Protocol):
         donate: bool = False,
         align_every: int = 0,
         projection: Any = None,
+        parallel: Any = None,
+        kp_decay: float = 1e-3,
     ) -> Callable:
         """epoch(params, feedback, opt_state, x, y, order, step0) -> (params, opt_state, losses, angles).
 
@@ -298,16 +300,19 @@ class Backend(Protocol):
         spec: MLPSpec,
         optimizer: str = "sgd",
         nesterov: bool = False,
-        method: str = "dfa",
+        method: Any = "dfa",
         mode: str = "sample",
         batch_size: int = 200,
         align_every: int = 0,
+        projection: Any = None,
+        kp_decay: float = 1e-3,
     ) -> Callable:
         """epoch(params, feedback, opt_state, hyper, active, x, y, orders, step0) for M members at once.
 
         ``train_epoch`` per member (orders (M, N), one permutation each), all in one program;
-        inactive members compute but stay frozen. Returns (params, opt_state, losses (M, S),
-        angles (M, S, 2, L) or None).
+        inactive members compute but stay frozen. Every rule, ``projection`` (not a plug-in device:
+        it runs on the host) and ``kp_decay`` as ``train_epoch``; each member's RuleState draws as
+        its single run would. Returns (params, opt_state, losses (M, S), angles (M, S, 2, L) or None).
         """
 
     def predict_labels_many(self, spec: MLPSpec, batch_size: int = 10000) -> Callable:

@@ -255,6 +255,18 @@ def check_step_projection(method: Any, projection: Optional[Projection]) -> Opti
     return hw
 
 
+def check_many_projection(method: Any, projection: Optional[Projection]) -> Optional[Projection]:
+    """``check_step_projection`` for many members in one program: a plug-in device is refused, since it
+    runs on the host, outside that program."""
+    hw = check_step_projection(method, projection)
+    if hw is not None and hw.device is not None:
+        raise ValueError(
+            "train_epoch_many: a projection with a plug-in device runs the device on the host, outside the "
+            "members' one program; train each member with fit(..., projection=...) instead"
+        )
+    return hw
+
+
 def check_noise_state(projection: Optional[Projection], opt_state: Any) -> None:
     """A noisy projection draws from the step's ``RuleState``; anything else is refused before tracing.
 
@@ -270,6 +282,7 @@ def check_noise_state(projection: Optional[Projection], opt_state: Any) -> None:
 
 
 __all__ = [
+    "check_many_projection",
     "check_noise_state",
     "check_step_projection",
     "DEFAULT_THRESHOLD",

@@ -9,9 +9,14 @@ The learning rate, momentum, b1, b2 and eps are traced arrays, so members that d
 only in those numbers share the program; the optimizer's name (and nesterov) fixes its
 structure and keys the compilation.
 
-The math is the backend's own: ``dfa_grads_and_loss`` / ``bp_grads_and_loss`` for the
-gradients, optax's ``sgd`` / ``adam`` (as ``make_optimizer`` builds them, here from
-traced hyper-parameters) for the update, ``alignment_angles_unchecked`` for the angles.
+The math is the backend's own, ``train_step``'s own functions (``train.step_rule``): ``dfa_grads_and_loss``
+(with a ``Projection``: quantised error, noise from each member's ``RuleState`` key) for DFA,
+``bp_grads_and_loss`` for BP, ``rules.grads_and_loss`` for every other rule or a tuple of one per
+block (KP's B from the state, brsf's magnitudes from the member's key: keys are data, so
+``jax.vmap`` batches them); optax's ``sgd`` / ``adam`` (as ``make_optimizer`` builds them, here
+from traced hyper-parameters) and ``train._kp_update`` for the update;
+``alignment_angles_unchecked`` (dfa, bp) or ``update_angles`` (the update a rule or a projection
+applies) for the angles.
 """
 
 from __future__ import annotations
@@ -25,14 +30,17 @@ import numpy as np
 import optax
 from jax import lax
 
-from dfa_core import validation
+from dfa_core import hardware, validation
+from dfa_core.backend import RuleState
+from dfa_core.hardware import Projection
 from dfa_core.model import NetSpec
+from dfa_core.rules import KP_DECAY, check_kp_decay
 from dfa_core.spec import OPTIMIZERS, OptimizerSpec
-from dfa_jax import alignment
 from dfa_jax.arrays import precision_scope
-from dfa_jax.dfa import TRACE_COUNTS, bp_grads_and_loss, dfa_grads_and_loss
+from dfa_jax.dfa import TRACE_COUNTS
 from dfa_jax.mlp import Params, forward
 from dfa_jax.optim import apply_updates, with_weight_decay
+from dfa_jax.train import _kp_update, step_rule
 
 Array = jax.Array
 
@@ -98,10 +106,12 @@ def train_epoch_many(
     spec: NetSpec,
     optimizer: str = "sgd",
     nesterov: bool = False,
-    method: str = "dfa",
+    method: Any = "dfa",
     mode: str = "sample",
     batch_size: int = 200,
     align_every: int = 0,
+    projection: Optional[Projection] = None,
+    kp_decay: float = KP_DECAY,
 ) -> Callable[..., Tuple[Any, Any, Array, Optional[Array]]]:
     """Builds epoch(params, feedback, opt_state, hyper, active, x, y, orders, step0) for M members.
 
@@ -112,40 +122,54 @@ def train_epoch_many(
     whose ``active`` is False computes but keeps its params and optimizer state (frozen).
 
     The returned function takes params ((W_l, b_l), ...) with W_l (M, n_l, n_{l-1}),
-    b_l (M, n_l); feedback (B_l (M, n_l, n_L), ...) (ignored for 'bp'); opt_state from
-    ``init_opt_state_many``; hyper ``Hyper`` (M,); active (M,) bool; x (N, n_0) and y (N, n_L)
-    of spec.dtype (checked once by the caller); orders (M, N) int32, one permutation of
-    range(N) per member; step0 the global index of the epoch's first step. It returns
-    (params, opt_state, losses (M, S) each batch's loss before its update, angles
-    (M, S, 2, L) or None): S = ceil(N / batch_size); rows s with (step0 + s) % align_every
-    == 0 hold the DFA-vs-BP angles (weights, deltas) in degrees measured before that
-    step's update, other rows NaN; None when align_every == 0. The params and opt_state
-    passed in are donated (invalid after the call).
+    b_l (M, n_l); feedback: what ``grads`` takes for ``method``, each entry with a leading
+    member axis (dfa/drtp B_l (M, size of a_l, n_L); fa/frsf (M, *W_{l+1}.shape); (M, 0)
+    where a block needs nothing; () when no rule needs any; 'bp' ignores DFA's B_l);
+    opt_state from ``init_opt_state_many``, wrapped in a ``RuleState`` of (M,)-stacked fields
+    (KP's B (M, *W_{l+1}.shape) or (M, 0), rule_seed (M,) int32, rule_step (M,) int32) when a
+    rule is 'kp' or 'brsf' or the projection has noise, as ``init_rule_state`` builds it per
+    member; hyper ``Hyper`` (M,); active (M,) bool; x (N, n_0) and y (N, n_L) of spec.dtype
+    (checked once by the caller); orders (M, N) int32, one permutation of range(N) per member;
+    step0 the global index of the epoch's first step. It returns (params, opt_state,
+    losses (M, S) each batch's loss before its update, angles (M, S, 2, L) or None):
+    S = ceil(N / batch_size); rows s with (step0 + s) % align_every == 0 hold the angles to BP
+    (weights, deltas) in degrees measured before that step's update, other rows NaN;
+    None when align_every == 0. The params and opt_state passed in are donated (invalid
+    after the call).
 
     Args:
       spec: the network.
       optimizer: 'sgd', 'momentum' or 'adam' (the numbers come from ``hyper``).
       nesterov: Nesterov momentum ('momentum' only).
-      method: 'dfa' or 'bp'.
-      mode: DFA grouping, one of dfa_core.MODES ('sample' for 'bp').
+      method: a rule in dfa_core.METHODS or a tuple of one per block (``train_step``'s).
+      mode: DFA grouping, one of dfa_core.MODES ('sample' unless every rule is dfa/drtp).
       batch_size: samples per step, >= 1.
-      align_every: measure the angles every ``align_every`` global steps; 0 never.
+      align_every: measure the angles every ``align_every`` global steps (``train_step``'s
+        with_alignment angles: the exact DFA direction for 'dfa' and 'bp', the update applied for
+        every other rule and a projection); 0 never.
+      projection: ``train_step``'s hardware effects on DFA's projections (method 'dfa'); noise
+        is drawn from each member's (rule_seed, rule_step) key, as a single run draws it. Not
+        with a plug-in ``device``: it is a host call, outside the one program.
+
+      kp_decay: KP's lambda in [0, 1) (``train_step``'s), for kp blocks.
 
     Raises:
       ValueError, TypeError: bad arguments, before anything is traced.
     """
     optimizer, nesterov = _check_structure(optimizer, nesterov)
-    if method not in ("dfa", "bp"):
-        raise ValueError(f"train_epoch_many trains members by 'dfa' or 'bp' so far, got {method!r}")
     validation.check_train_step(spec, OptimizerSpec(optimizer, nesterov=nesterov), method, mode)
+    method = validation.method_key(method)
     for name, value, minimum in (("batch_size", batch_size, 1), ("align_every", align_every, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every)
+    hw = hardware.check_many_projection(method, projection)
+    kp_decay = check_kp_decay(kp_decay)
+    return _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every, hw, kp_decay)
 
 
-def _member_step(spec, optimizer, nesterov, method, mode, align_every):
+def _member_step(spec, optimizer, nesterov, method, mode, align_every, projection, kp_decay):
     """One member's step(state, feedback, hyper, x, y, idx_B, phase) -> (state, (loss, angles))."""
+    rule = step_rule(spec, method, mode, projection)
 
     def step(state, feedback, hyper, x, y, idx_B, phase):
         params, opt_state = state
@@ -155,22 +179,24 @@ def _member_step(spec, optimizer, nesterov, method, mode, align_every):
         if align_every:  # measured on the params before this step's update; phase is not vmapped
             angles = lax.cond(
                 phase % align_every == 0,
-                lambda: jnp.stack(alignment.alignment_angles_unchecked(spec, params, feedback, xb, yb, mode)),
+                lambda: jnp.stack(rule.angles(params, feedback, opt_state, xb, yb)),
                 lambda: jnp.full((2, spec.num_layers), jnp.nan, dtype=xb.dtype),
             )
-        if method == "dfa":
-            grads, batch_loss = dfa_grads_and_loss(spec, params, feedback, xb, yb, mode)
-        else:
-            grads, batch_loss = bp_grads_and_loss(spec, params, xb, yb)
-        updates, opt_state = _transform(optimizer, nesterov, hyper).update(grads, opt_state, params)
-        return (apply_updates(params, updates), opt_state), (batch_loss, angles)
+        grads, batch_loss = rule.grads_and_loss(params, feedback, opt_state, xb, yb)
+        tx = _transform(optimizer, nesterov, hyper)
+        updates, inner = tx.update(grads, opt_state.inner if rule.stateful else opt_state, params)
+        new_params, new_state = apply_updates(params, updates), inner
+        if rule.stateful:  # KP's shared update of W_{l+1} and B_l; the key's step advances
+            new_params, kp = _kp_update(params, updates, new_params, opt_state.kp_feedback, rule.kp_blocks, kp_decay)
+            new_state = RuleState(inner, kp, opt_state.rule_seed, opt_state.rule_step + 1)
+        return (new_params, new_state), (batch_loss, angles)
 
     return step
 
 
 @functools.lru_cache(maxsize=None)
-def _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every):
-    step = _member_step(spec, optimizer, nesterov, method, mode, align_every)
+def _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every, projection, kp_decay):
+    step = _member_step(spec, optimizer, nesterov, method, mode, align_every, projection, kp_decay)
 
     def member_epoch(params, feedback, opt_state, hyper, active, x, y, order_N, phase):
         num_full = x.shape[0] // batch_size
@@ -201,6 +227,7 @@ def _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_ever
 
     @functools.wraps(epoch)
     def run(params, feedback, opt_state, hyper, active, x, y, orders, step0=0):
+        hardware.check_noise_state(projection, opt_state)
         with precision_scope(spec.dtype):
             # Only step0 modulo align_every matters: keeps the int32 counter from overflowing.
             phase = jnp.asarray(step0 % align_every if align_every else 0, dtype=jnp.int32)

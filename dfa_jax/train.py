@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -107,13 +107,24 @@ def _kp_update(params, updates, new_params, kp_feedback, kp_blocks, decay):
     return tuple(new_params), tuple(kp_feedback)
 
 
+class StepRule(NamedTuple):
+    """A rule as ``train_step`` applies it: pure functions of one network's arrays (vmappable)."""
+
+    grads_and_loss: Callable[..., Any]  # (params, feedback, opt_state, x, y) -> (grads, loss)
+    angles: Callable[..., Any]  # (params, feedback, opt_state, x, y) -> alignment.Angles, before the update
+    stateful: bool  # the opt_state is a RuleState (kp, brsf, projection noise)
+    kp_blocks: Tuple[int, ...]  # hidden blocks l whose B_l KP trains
+
+
 @functools.lru_cache(maxsize=None)
-def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DECAY, projection=None, parallel=None):
-    tx = make_optimizer(opt, spec.dtype)
+def step_rule(spec: Any, method: Any, mode: str, projection: Optional[Projection] = None) -> StepRule:
+    """``train_step``'s dispatch (unchecked): DFA (with the projection; noise from the state's key), BP,
+    or ``rules.grads_and_loss`` (KP's B from the state, brsf's key from its seed and step); and the
+    angles of ``with_alignment``: the exact DFA direction for 'dfa' and 'bp', else the update applied.
+    ``dfa_jax.many`` vmaps the same functions over members."""
     rules_ = validation.method_rules(spec, method)
     noisy = projection is not None and projection.noise is not None
     stateful = any(r in validation.STATEFUL_RULES for r in rules_[:-1]) or noisy
-    kp_blocks = tuple(l for l, r in enumerate(rules_[:-1]) if r == "kp")
 
     def inputs(feedback, opt_state):
         """This step's feedback for ``grads`` (kp entries from the state) and key (brsf, noise)."""
@@ -135,26 +146,35 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
         return rules.grads_and_loss(spec, params, feedback, x, y, rules_, mode, key)
 
     def angles(params, feedback, opt_state, x, y):
-        """The angles ``with_alignment`` measures, before the update (see ``train_step``)."""
         if method == "bp" or (method == "dfa" and projection is None):
             return alignment._alignment_angles(spec, params, feedback, x, y, mode)
         feedback, key = inputs(feedback, opt_state)
         return alignment.update_angles(spec, params, feedback, x, y, rules_, mode, key, projection)
 
+    kp_blocks = tuple(l for l, r in enumerate(rules_[:-1]) if r == "kp")
+    return StepRule(grads_and_loss, angles, stateful, kp_blocks)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DECAY, projection=None, parallel=None):
+    tx = make_optimizer(opt, spec.dtype)
+    rule = step_rule(spec, method, mode, projection)
+    stateful = rule.stateful
+
     def step(params, feedback, opt_state, x, y):
         TRACE_COUNTS[f"train_step_{method}"] += 1
         if parallel is not None:  # the rows of the batch over the mesh; XLA partitions the rest
             x, y = parallel.constrain_batch(x), parallel.constrain_batch(y)
-        grads, batch_loss = grads_and_loss(params, feedback, opt_state, x, y)
+        grads, batch_loss = rule.grads_and_loss(params, feedback, opt_state, x, y)
         updates, inner = tx.update(grads, opt_state.inner if stateful else opt_state, params)
         new_params = apply_updates(params, updates)
         if stateful:
-            new_params, kp = _kp_update(params, updates, new_params, opt_state.kp_feedback, kp_blocks, kp_decay)
+            new_params, kp = _kp_update(params, updates, new_params, opt_state.kp_feedback, rule.kp_blocks, kp_decay)
             new_state = RuleState(inner, kp, opt_state.rule_seed, opt_state.rule_step + 1)
         else:
             new_state = inner
         if with_alignment:
-            return new_params, new_state, batch_loss, angles(params, feedback, opt_state, x, y)
+            return new_params, new_state, batch_loss, rule.angles(params, feedback, opt_state, x, y)
         return new_params, new_state, batch_loss
 
     donate_argnums = (0, 2) if donate else ()
@@ -174,5 +194,5 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
             return jitted(params, feedback, opt_state, x, y)
 
     run.jitted = jitted  # type: ignore[attr-defined]  # a function attribute: the bare jitted program
-    run.angles = angles  # type: ignore[attr-defined]  # the pure angles function, for the compiled epoch
+    run.angles = rule.angles  # type: ignore[attr-defined]  # the pure angles function, for the compiled epoch
     return run

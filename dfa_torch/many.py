@@ -7,11 +7,20 @@ so each step of M members is one set of batched kernels (the matmuls become ``bm
 An epoch is a Python loop over the batches, gathered on the device from the shared
 training set; nothing leaves the device until the caller reads the results.
 
-The math is the backend's own: ``dfa_grads_and_loss`` for DFA, ``torch.func.grad`` of
-``loss`` for BP (``bp_grads_and_loss`` calls ``torch.autograd.grad``, which vmap cannot
-batch; both give the same values), ``alignment_angles_unchecked`` for the angles. The
-optimizer update is ``make_optimizer``'s, in the same order of operations, written with
-tensor hyper-parameters (per member) instead of Python floats.
+The math is the backend's own, dispatched as ``train_step`` dispatches it: ``dfa_grads_and_loss``
+for DFA (with a ``Projection``), ``torch.func.grad`` of ``loss`` for BP (``bp_grads_and_loss``
+calls ``torch.autograd.grad``, which vmap cannot batch; both give the same values),
+``rules.grads_and_loss`` for every other rule or a tuple of one per block (KP's B from the
+state), ``alignment_angles_unchecked`` (dfa, bp) or ``update_angles`` (the update a rule or a
+projection applies) for the angles. The optimizer update is
+``make_optimizer``'s, in the same order of operations, written with tensor hyper-parameters
+(per member) instead of Python floats; KP's shared update is ``train._kp_update``.
+
+``torch.func.vmap`` takes no random op with a Generator, so what a single run draws inside its
+step (brsf's magnitudes |R|, projection noise z_l) is drawn outside the vmap, per member and per
+step, from that member's own generator exactly as ``train_step`` draws it
+(``rules.step_generator`` of its rule_seed and step, the same calls in the same order), and
+passed in explicitly (brsf's |R| as its feedback entry, the noise as ``noise=``).
 """
 
 from __future__ import annotations
@@ -23,15 +32,19 @@ import numpy as np
 import torch
 import torch.func
 
-from dfa_core import validation
+from dfa_core import hardware, validation
+from dfa_core.backend import RuleState
+from dfa_core.hardware import Projection
 from dfa_core.model import NetSpec
+from dfa_core.rules import KP_DECAY, as_model, check_kp_decay
 from dfa_core.spec import OPTIMIZERS, OptimizerSpec
 from dfa_core.tree import tree_map
-from dfa_torch import alignment
+from dfa_torch import alignment, blocks, rules
 from dfa_torch.arrays import torch_dtype
 from dfa_torch.dfa import dfa_grads_and_loss
 from dfa_torch.mlp import Params, forward, loss
 from dfa_torch.optim import AdamState, EmptyState, TraceState
+from dfa_torch.train import _kp_update, _rule_feedback
 
 Tensor = torch.Tensor
 
@@ -123,10 +136,12 @@ def train_epoch_many(
     spec: NetSpec,
     optimizer: str = "sgd",
     nesterov: bool = False,
-    method: str = "dfa",
+    method: Any = "dfa",
     mode: str = "sample",
     batch_size: int = 200,
     align_every: int = 0,
+    projection: Optional[Projection] = None,
+    kp_decay: float = KP_DECAY,
 ) -> Callable[..., Tuple[Any, Any, Tensor, Optional[Tensor]]]:
     """Builds epoch(params, feedback, opt_state, hyper, active, x, y, orders, step0) for M members.
 
@@ -138,49 +153,146 @@ def train_epoch_many(
     optimizer state (frozen).
 
     The returned function takes params ((W_l, b_l), ...) with W_l (M, n_l, n_{l-1}),
-    b_l (M, n_l); feedback (B_l (M, n_l, n_L), ...) (ignored for 'bp'); opt_state from
-    ``init_opt_state_many``; hyper ``Hyper`` (M,); active (M,) bool; x (N, n_0) and y (N, n_L)
-    of spec.dtype (checked once by the caller); orders (M, N) integers, one permutation
-    of range(N) per member; step0 the global index of the epoch's first step. It returns
-    (params, opt_state, losses (M, S) each batch's loss before its update, angles
-    (M, S, 2, L) or None): S = ceil(N / batch_size); rows s with (step0 + s) % align_every
-    == 0 hold the DFA-vs-BP angles (weights, deltas) in degrees measured before that
-    step's update, other rows NaN; None when align_every == 0. The tensors passed in are
-    not modified.
+    b_l (M, n_l); feedback: what ``grads`` takes for ``method``, each entry with a leading
+    member axis (dfa/drtp B_l (M, size of a_l, n_L); fa/frsf (M, *W_{l+1}.shape); (M, 0)
+    where a block needs nothing; () when no rule needs any; 'bp' ignores DFA's B_l);
+    opt_state from ``init_opt_state_many``, wrapped in a ``RuleState`` of (M,)-stacked fields
+    (KP's B (M, *W_{l+1}.shape) or (M, 0), rule_seed (M,) int32, rule_step (M,) int32) when a
+    rule is 'kp' or 'brsf' or the projection has noise, as ``init_rule_state`` builds it per
+    member (rule_seed and rule_step are read on the host once per epoch); hyper ``Hyper``
+    (M,); active (M,) bool; x (N, n_0) and y (N, n_L) of spec.dtype (checked once by the
+    caller); orders (M, N) integers, one permutation of range(N) per member; step0 the global
+    index of the epoch's first step. It returns (params, opt_state, losses (M, S) each batch's
+    loss before its update, angles (M, S, 2, L) or None): S = ceil(N / batch_size); rows s
+    with (step0 + s) % align_every == 0 hold the angles to BP (weights, deltas) in degrees
+    measured before that step's update, other rows NaN; None when align_every == 0.
+    The tensors passed in are not modified.
 
     Args:
       spec: the network.
       optimizer: 'sgd', 'momentum' or 'adam' (the numbers come from ``hyper``).
       nesterov: Nesterov momentum ('momentum' only).
-      method: 'dfa' or 'bp'.
-      mode: DFA grouping, one of dfa_core.MODES ('sample' for 'bp').
+      method: a rule in dfa_core.METHODS or a tuple of one per block (``train_step``'s).
+      mode: DFA grouping, one of dfa_core.MODES ('sample' unless every rule is dfa/drtp).
       batch_size: samples per step, >= 1.
-      align_every: measure the angles every ``align_every`` global steps; 0 never.
+      align_every: measure the angles every ``align_every`` global steps (``train_step``'s
+        with_alignment angles: the exact DFA direction for 'dfa' and 'bp', the update applied for
+        every other rule and a projection, with the step's own draws); 0 never.
+      projection: ``train_step``'s hardware effects on DFA's projections (method 'dfa'); the
+        noise of each member is drawn outside the vmap from its own generator, as a single run
+        draws it. Not with a plug-in ``device``: it is a host call per member, outside the vmap.
+
+      kp_decay: KP's lambda in [0, 1) (``train_step``'s), for kp blocks.
 
     Raises:
       ValueError, TypeError: bad arguments, before anything runs.
     """
     optimizer, nesterov = _check_structure(optimizer, nesterov)
-    if method not in ("dfa", "bp"):
-        raise ValueError(f"train_epoch_many trains members by 'dfa' or 'bp' so far, got {method!r}")
     validation.check_train_step(spec, OptimizerSpec(optimizer, nesterov=nesterov), method, mode)
+    method = validation.method_key(method)
     for name, value, minimum in (("batch_size", batch_size, 1), ("align_every", align_every, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every)
+    hw = hardware.check_many_projection(method, projection)
+    kp_decay = check_kp_decay(kp_decay)
+    return _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every, hw, kp_decay)
 
 
-def _member_step(spec, optimizer, nesterov, method):
-    """One member's step(params, feedback, opt_state, hyper, x, y, mode) -> (params, opt_state, loss)."""
+class _Draws(NamedTuple):
+    """What one member's step draws in a single run, drawn outside the vmap instead (static layout)."""
+
+    brsf_blocks: Tuple[int, ...]  # hidden blocks l whose |R| (like W_{l+1}) is drawn, top block first
+    noisy: bool  # projection noise z_l (K, size_l), l = 1..L-1 (method 'dfa': never with brsf)
+
+    @property
+    def needed(self) -> bool:
+        """Whether a step draws anything."""
+        return bool(self.brsf_blocks) or self.noisy
+
+
+def _draw_many(spec: NetSpec, draws: _Draws, mode: str, seeds, steps, rows: int, like: Tensor) -> Tuple[Tensor, ...]:
+    """Member m's step draws from ``rules.step_generator`` of (seeds[m], steps[m]), stacked: (M, ...) each.
+
+    The calls are ``train_step``'s, in its order: ``rules.brsf_magnitudes`` per brsf block, top
+    block first (the rules' loop), or ``blocks._standard_normal`` of the projection's shapes for a
+    batch of ``rows`` samples.
+    """
+    per_member = []
+    for seed, step in zip(seeds, steps):
+        gen = rules.step_generator(RuleState(None, (), seed, step), like.device)
+        drawn = [rules.brsf_magnitudes(gen, tuple(spec.param_shapes[l + 1][0]), like.dtype) for l in draws.brsf_blocks]
+        if draws.noisy:
+            drawn.extend(blocks._standard_normal(gen, hardware.projection_shapes(spec, rows, mode), like))
+        per_member.append(drawn)
+    return tuple(torch.stack(column) for column in zip(*per_member))
+
+
+class _MemberRule(NamedTuple):
+    """One member's rule, as ``train_step`` applies it (functions of one member's tensors, vmappable)."""
+
+    grads_and_loss: Callable[..., Any]  # (params, feedback, opt_state, x, y, drawn) -> (grads, loss)
+    angles: Callable[..., Any]  # (params, feedback, opt_state, x, y, drawn) -> alignment.Angles
+    stateful: bool  # the opt_state is a RuleState (kp, brsf, projection noise)
+    kp_blocks: Tuple[int, ...]  # hidden blocks l whose B_l KP trains
+    draws: _Draws  # what ``drawn`` holds
+
+
+def _member_rule(spec, method, mode, projection) -> _MemberRule:
+    """``train_step``'s dispatch for one member, with its draws passed in (``drawn``): DFA (with the
+    projection; ``drawn`` its noise), BP, or ``rules.grads_and_loss`` (KP's B from the state; brsf's
+    |R| from ``drawn`` as its feedback entries); the angles of ``with_alignment``: the exact DFA
+    direction for 'dfa' and 'bp', else the update applied, with the same draws."""
+    rules_ = validation.method_rules(spec, method)
+    noisy = projection is not None and projection.noise is not None
+    stateful = any(r in validation.STATEFUL_RULES for r in rules_[:-1]) or noisy
+    draws = _Draws(tuple(l for l in reversed(range(len(rules_) - 1)) if rules_[l] == "brsf"), noisy)
     bp = torch.func.grad_and_value(lambda p, x, y: loss(spec, p, x, y))
 
-    def step(params, feedback, opt_state, hyper, xb, yb, mode):
+    def inputs(feedback, opt_state, x, drawn):
+        """This step's feedback for ``grads``: kp entries from the state, brsf's this step's |R|."""
+        if method == "dfa" or not stateful:
+            return feedback
+        feedback = list(_rule_feedback(rules_, feedback, opt_state, x))
+        for l, magnitudes in zip(draws.brsf_blocks, drawn):
+            feedback[l] = magnitudes
+        return tuple(feedback)
+
+    def grads_and_loss(params, feedback, opt_state, x, y, drawn):
+        if method == "bp":
+            return bp(params, x, y)
+        feedback = inputs(feedback, opt_state, x, drawn)
         if method == "dfa":
-            grads, batch_loss = dfa_grads_and_loss(spec, params, feedback, xb, yb, mode)
-        else:
-            grads, batch_loss = bp(params, xb, yb)
-        updates, opt_state = _update(optimizer, nesterov, hyper, grads, opt_state, params)
-        return tree_map(torch.add, params, updates), opt_state, batch_loss
+            if projection is None:
+                return dfa_grads_and_loss(spec, params, feedback, x, y, mode)
+            return dfa_grads_and_loss(spec, params, feedback, x, y, mode, projection, drawn if noisy else None)
+        return rules.grads_and_loss(spec, params, feedback, x, y, rules_, mode)
+
+    def angles(params, feedback, opt_state, x, y, drawn):
+        if method == "bp" or (method == "dfa" and projection is None):
+            return alignment.alignment_angles_unchecked(spec, params, feedback, x, y, mode)
+        feedback = inputs(feedback, opt_state, x, drawn)
+        if noisy:  # update_angles draws its noise from a key; here it is this step's explicit draws
+            model = as_model(spec)
+            signals = blocks.dfa_signals(model, params, feedback, x, y, mode, True, projection, drawn)
+            return alignment._against_bp(model, params, x, y, mode, signals[0], signals[2])
+        return alignment.update_angles(spec, params, feedback, x, y, rules_, mode, None, projection)
+
+    kp_blocks = tuple(l for l, r in enumerate(rules_[:-1]) if r == "kp")
+    return _MemberRule(grads_and_loss, angles, stateful, kp_blocks, draws)
+
+
+def _member_step(spec, optimizer, nesterov, rule: _MemberRule, kp_decay: float):
+    """One member's step(params, feedback, opt_state, hyper, x, y, drawn) -> (params, opt_state, loss)."""
+
+    def step(params, feedback, opt_state, hyper, xb, yb, drawn):
+        grads, batch_loss = rule.grads_and_loss(params, feedback, opt_state, xb, yb, drawn)
+        inner = opt_state.inner if rule.stateful else opt_state
+        updates, inner = _update(optimizer, nesterov, hyper, grads, inner, params)
+        new_params, new_state = tree_map(torch.add, params, updates), inner
+        if rule.stateful:  # KP's shared update of W_{l+1} and B_l; the draws' step advances
+            new_params, kp = _kp_update(params, updates, new_params, opt_state.kp_feedback, rule.kp_blocks, kp_decay)
+            new_state = RuleState(inner, kp, opt_state.rule_seed, opt_state.rule_step + 1)
+        return new_params, new_state, batch_loss
 
     return step
 
@@ -197,28 +309,34 @@ def _keep_active(active: Tensor, new, old):
 
 
 @functools.lru_cache(maxsize=None)
-def _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every):
-    vstep = torch.func.vmap(_member_step(spec, optimizer, nesterov, method), in_dims=(0, 0, 0, 0, 0, 0, None))
-    vangles = torch.func.vmap(
-        lambda p, f, x, y: torch.stack(tuple(alignment.alignment_angles_unchecked(spec, p, f, x, y, mode)))
-    )
+def _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every, projection, kp_decay):
+    rule = _member_rule(spec, method, mode, projection)
+    draws = rule.draws
+    vstep = torch.func.vmap(_member_step(spec, optimizer, nesterov, rule, kp_decay))
+    vangles = torch.func.vmap(lambda p, f, s, x, y, d: torch.stack(tuple(rule.angles(p, f, s, x, y, d))))
 
     @torch.no_grad()
     def epoch(params, feedback, opt_state, hyper, active, x, y, orders, step0=0):
+        hardware.check_noise_state(projection, opt_state)
         orders = torch.as_tensor(orders, device=x.device).long()
         active = torch.as_tensor(active, device=x.device).bool()
         p, s, losses, angles = params, opt_state, [], []
+        if draws.needed:  # the members' seeds and steps, read once per epoch
+            seeds, steps0 = opt_state.rule_seed.tolist(), opt_state.rule_step.tolist()
         for i, start in enumerate(range(0, orders.shape[1], batch_size)):
             idx_MxB = orders[:, start : start + batch_size]
             xb, yb = x[idx_MxB], y[idx_MxB]  # (M, B, n_0), (M, B, n_L)
-            if align_every:  # measured on the params before this step's update
+            drawn: Tuple[Tensor, ...] = ()
+            if draws.needed:
+                drawn = _draw_many(spec, draws, mode, seeds, [t + i for t in steps0], idx_MxB.shape[1], x)
+            if align_every:  # measured on the params before this step's update, with its draws
                 if (step0 + i) % align_every == 0:
-                    angles.append(vangles(p, feedback, xb, yb))
+                    angles.append(vangles(p, feedback, s, xb, yb, drawn))
                 else:
                     angles.append(
                         torch.full((orders.shape[0], 2, spec.num_layers), float("nan"), dtype=x.dtype, device=x.device)
                     )
-            p, s, batch_loss = vstep(p, feedback, s, hyper, xb, yb, mode)
+            p, s, batch_loss = vstep(p, feedback, s, hyper, xb, yb, drawn)
             losses.append(batch_loss)
         # A stopped member keeps the params and state it stopped with.
         p, s = _keep_active(active, p, params), _keep_active(active, s, opt_state)

@@ -201,17 +201,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_training_args(p: argparse.ArgumentParser, with_method: bool, lr_list: bool) -> None:
     if with_method:
-        if lr_list:  # a sweep trains through fit_many: dfa and bp
-            p.add_argument("--method", choices=("dfa", "bp"), default=_DEFAULTS["method"], help="dfa or bp")
-        else:
-            p.add_argument(
-                "--method",
-                type=_method,
-                default=_DEFAULTS["method"],
-                metavar="RULE[,RULE...]",
-                help=f"learning rule, one of {', '.join(METHODS)}; or one per block, comma-separated "
-                "(a hybrid, e.g. dfa,bp,bp: DFA in the first block, BP above)",
-            )
+        p.add_argument(
+            "--method",
+            type=_method,
+            default=_DEFAULTS["method"],
+            metavar="RULE[,RULE...]",
+            help=f"learning rule, one of {', '.join(METHODS)}; or one per block, comma-separated "
+            "(a hybrid, e.g. dfa,bp,bp: DFA in the first block, BP above)",
+        )
     p.add_argument("--mode", choices=MODES, default=_DEFAULTS["mode"], help="DFA grouping (BP always uses sample)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=_DEFAULTS["optimizer"])
     if lr_list:
@@ -408,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(sweep)
     _add_model_args(sweep)
     _add_training_args(sweep, with_method=True, lr_list=True)
+    _add_hardware_args(sweep)
     sweep.add_argument(
         "--seeds",
         type=_argument_type(_seeds),

@@ -24,15 +24,26 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tup
 import numpy as np
 import numpy.typing as npt
 
-from dfa_core import validation
+from dfa_core import hardware, validation
+from dfa_core.backend import RuleState
 from dfa_core.init import init_feedback, init_params
 from dfa_core.model import NetSpec
 from dfa_core.registry import resolve_backend
-from dfa_core.spec import METHODS, OptimizerSpec
+from dfa_core.rules import check_kp_decay
+from dfa_core.spec import OptimizerSpec
 from dfa_core.tree import tree_map
 from dfa_train import memory, schedule
 from dfa_train.state import AlignmentRecord, History
-from dfa_train.trainer import _check_data, _feedback_options, final_confusion, fit, history_config, labels_of
+from dfa_train.trainer import (
+    _check_data,
+    _feedback_options,
+    feedback_rule,
+    final_confusion,
+    fit,
+    history_config,
+    labels_of,
+    projection_config,
+)
 
 MEMBER_KEYS = ("seed", "param_seed", "feedback_seed", "feedback_scale", "optimizer")
 """What a member may set for itself; everything else is shared by all members."""
@@ -51,12 +62,14 @@ SHARED_OPTIONS = (
     "feedback_dist",
     "feedback_scale",
     "feedback_options",
+    "projection",
     "tol",
     "patience",
     "align_every",
     "eval_batch_size",
     "lr_milestones",
     "lr_gamma",
+    "kp_decay",
 )
 """``fit``'s keyword options that ``fit_many`` takes (with ``fit``'s defaults)."""
 
@@ -84,18 +97,8 @@ class Member(NamedTuple):
     optimizer: OptimizerSpec
 
 
-MANY_METHODS = ("dfa", "bp")
-"""The rules ``fit_many`` trains (its vmapped step is written for these two)."""
-
-
 def _check_options(spec: NetSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     """fit's shared options with fit's defaults, checked as fit checks them."""
-    if fit_kwargs.get("projection") is not None:
-        raise ValueError(
-            "fit_many does not train with a hardware projection (dfa_core.hardware.Projection) yet: "
-            "train each member with fit(..., projection=...)"
-        )
-    fit_kwargs = {k: v for k, v in fit_kwargs.items() if k != "projection"}  # projection=None: exact DFA
     refused = sorted(k for k in fit_kwargs if k in REFUSED_OPTIONS)
     if refused:
         raise TypeError(
@@ -108,14 +111,11 @@ def _check_options(spec: NetSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, An
     defaults = inspect.signature(fit).parameters
     opts = {k: fit_kwargs.get(k, defaults[k].default) for k in SHARED_OPTIONS}
     validation.check_spec(spec)
-    if opts["method"] not in MANY_METHODS:
-        raise ValueError(
-            f"fit_many trains members by {list(MANY_METHODS)} so far, got method {opts['method']!r}; "
-            f"fit trains every rule in {list(METHODS)}"
-        )
-    validation.check_mode(opts["mode"])
-    if opts["method"] == "bp" and opts["mode"] != "sample":
-        raise ValueError(f"method 'bp' has no grouping mode; use mode='sample', got {opts['mode']!r}")
+    rules = validation.method_rules(spec, opts["method"])  # one rule name, or one per block
+    validation.check_rules_mode(rules, opts["mode"])
+    opts["method"] = validation.method_key(opts["method"])
+    opts["projection"] = _check_projection(opts["method"], opts["projection"])
+    opts["kp_decay"] = check_kp_decay(opts["kp_decay"])
     for name, minimum in (
         ("epochs", 1),
         ("batch_size", 1),
@@ -135,6 +135,23 @@ def _check_options(spec: NetSpec, fit_kwargs: Mapping[str, Any]) -> Dict[str, An
     if not isinstance(opts["optimizer"], OptimizerSpec):
         raise TypeError(f"optimizer must be a dfa_core.OptimizerSpec, got {type(opts['optimizer']).__name__}")
     return opts
+
+
+def _check_projection(method: Any, projection: Any) -> Any:
+    """fit's active projection (None: exact DFA), 'dfa' only; refuses a plug-in device by name."""
+    projection = hardware.active(projection)
+    if projection is not None and method != "dfa":
+        raise ValueError(
+            f"fit_many: projection (hardware effects on DFA's projection e B_l^T) applies to method 'dfa' only, "
+            f"got {method!r}"
+        )
+    if projection is not None and projection.device is not None:
+        raise ValueError(
+            "fit_many does not take a projection with a plug-in device: the device is a host call outside "
+            "the members' one compiled program (and sees one member's error at a time); train each member "
+            "with fit(..., projection=...) instead"
+        )
+    return projection
 
 
 def _check_members(members, opts: Dict[str, Any]) -> List[Member]:
@@ -192,6 +209,7 @@ def _check_memory(be, spec: NetSpec, opts, groups, n_train: int, n_test: int) ->
             name,
             opts["method"],
             bool(opts["align_every"]),
+            opts["projection"],
         )
         if est > need:
             need, worst = est, (name, len(idx))
@@ -229,6 +247,7 @@ class _Record:
     pred: Optional[np.ndarray] = None  # (N,) train labels after its last epoch
     test_pred: Optional[np.ndarray] = None  # (N_test,)
     params: Any = None  # its final ((W_l, b_l), ...) NumPy arrays
+    feedback: Tuple[np.ndarray, ...] = ()  # its final feedback (KP's trained B), NumPy
 
 
 def _stack(trees: Sequence[Any]) -> Any:
@@ -280,8 +299,17 @@ def _run_group(be, spec: NetSpec, opts, members: Sequence[Member], feedback_np, 
     feedback = be.asarray(_stack(feedback_np))
     hyper = be.stack_hyper([m.optimizer for m in members], spec.dtype)
     opt_state = be.init_opt_state_many(name, nesterov, params, hyper)
+    opt_state = _rule_state(be, spec, opts, opt_state, feedback_np, members)
     epoch_fn = be.train_epoch_many(
-        spec, name, nesterov, opts["method"], opts["mode"], opts["batch_size"], opts["align_every"]
+        spec,
+        name,
+        nesterov,
+        opts["method"],
+        opts["mode"],
+        opts["batch_size"],
+        opts["align_every"],
+        opts["projection"],
+        opts["kp_decay"],
     )
     predict = be.predict_labels_many(spec, opts["eval_batch_size"])
     rngs = [np.random.default_rng(m.seed) for m in members]
@@ -314,12 +342,40 @@ def _run_group(be, spec: NetSpec, opts, members: Sequence[Member], feedback_np, 
         if not any(r.active for r in recs):
             break
     params_np = be.to_numpy(params)
+    kp_np = be.to_numpy(tuple(getattr(opt_state, "kp_feedback", ())))  # KP's trained B, (M, ...) per block
     for m, rec in enumerate(recs):
         rec.params = tuple(tuple(np.array(t[m]) for t in block) for block in params_np)
+        rec.feedback = _final_feedback(kp_np, m, feedback_np[m])
     return recs
 
 
-def _history(be, spec: NetSpec, opts, member: Member, rec: _Record, feedback_np, data: _Data) -> History:
+def _final_feedback(kp_np: Tuple[np.ndarray, ...], m: int, drawn: Sequence[np.ndarray]) -> Tuple[np.ndarray, ...]:
+    """Member m's feedback as fit's History holds it: KP's trained B (kp_np[l][m]) where block l
+    trains one, else the matrices drawn at the start."""
+    if not kp_np:
+        return tuple(np.asarray(f) for f in drawn)
+    return tuple(np.array(b[m]) if b[m].size else np.asarray(f) for b, f in zip(kp_np, drawn))
+
+
+def _rule_state(be, spec: NetSpec, opts, inner, feedback_np, members: Sequence[Member]) -> Any:
+    """The members' stacked ``RuleState`` when a rule is 'kp' or 'brsf' or the projection draws noise
+    (else ``inner``): per member what ``init_rule_state(spec, method, inner, feedback, seed, projection)``
+    builds for fit, rule_seed being the member's seed (as fit's run seed)."""
+    rules = validation.method_rules(spec, opts["method"])
+    noisy = opts["projection"] is not None and opts["projection"].noise is not None
+    if not noisy and not any(r in validation.STATEFUL_RULES for r in rules[:-1]):
+        return inner
+    kp: Tuple[Any, ...] = ()
+    if "kp" in rules[:-1]:  # KP's B starts as the drawn feedback; (M, 0) where a block is not kp
+        kp = tuple(
+            np.stack([fb[l] for fb in feedback_np]) if r == "kp" else np.zeros((len(members), 0), spec.dtype)
+            for l, r in enumerate(rules[:-1])
+        )
+    seeds = np.array([m.seed for m in members], dtype=np.int32)
+    return RuleState(inner, be.asarray(kp), be.asarray(seeds), be.asarray(np.zeros_like(seeds)))
+
+
+def _history(be, spec: NetSpec, opts, member: Member, rec: _Record, data: _Data) -> History:
     """Member's History, with the config fit(**fit_kwargs, **member) records."""
     confusion, split = final_confusion(spec, data.labels, rec.pred, data.test_labels, rec.test_pred)
     settings = {
@@ -338,8 +394,12 @@ def _history(be, spec: NetSpec, opts, member: Member, rec: _Record, feedback_np,
         "patience": opts["patience"],
         "align_every": opts["align_every"],
     }
-    if opts["lr_milestones"]:  # as fit records it
+    if opts["projection"] is not None:  # as fit records it: only when set
+        settings["projection"] = projection_config(opts["projection"])
+    if opts["lr_milestones"]:  # likewise
         settings["lr_milestones"], settings["lr_gamma"] = list(opts["lr_milestones"]), opts["lr_gamma"]
+    if "kp" in validation.method_rules(spec, opts["method"]):  # likewise: runs without a kp block
+        settings["kp_decay"] = opts["kp_decay"]
     config = history_config(be, spec, settings, data.labels.shape[0], data.test_labels)
     return History(
         loss=tuple(rec.losses),
@@ -352,7 +412,7 @@ def _history(be, spec: NetSpec, opts, member: Member, rec: _Record, feedback_np,
         stopped_early=rec.stopped_early,
         config=config,
         params=rec.params,
-        feedback=tuple(np.asarray(b) for b in feedback_np),
+        feedback=rec.feedback,
     )
 
 
@@ -378,6 +438,12 @@ def fit_many(
     predictions, angles). With ``tol`` a member stops as fit would: its history ends
     and its params freeze at its stop epoch while the others go on.
 
+    Every learning rule fit trains (``method`` in dfa_core.METHODS, or a tuple of one per
+    block) and every ``Projection`` but a plug-in device: each member's feedback is drawn for
+    the rule as fit draws it; KP's B, brsf's draw counter and projection noise live in a
+    stacked ``RuleState`` seeded with each member's ``seed``, as fit seeds it, so brsf's
+    magnitudes and the noise are each member's own.
+
     Args:
       backend: 'torch', 'jax' or a backend module (``dfa_torch``, ``dfa_jax``).
       spec: the network (its dtype is the dtype of every member).
@@ -388,8 +454,8 @@ def fit_many(
         itself, over the shared values. ``{}`` is a member with the shared settings.
       **fit_kwargs: fit's options shared by all members: x_test, y_test, method, mode,
         optimizer, epochs, batch_size, seed, param_seed, feedback_seed, feedback_dist,
-        feedback_scale, feedback_options, tol, patience, align_every, eval_batch_size (fit's
-        defaults).
+        feedback_scale, feedback_options, projection, tol, patience, align_every,
+        eval_batch_size, lr_milestones, lr_gamma, kp_decay (fit's defaults).
 
     Returns:
       One History per member, in the members' order, each equal to
@@ -402,7 +468,8 @@ def fit_many(
         resume, on_epoch, on_batch, donate, stop_on_nonfinite, engine) or an unknown one;
         a member that is not a dict or holds a value of the wrong type.
       ValueError: a member key other than ``MEMBER_KEYS`` (naming the member's index),
-        bad options or data as fit raises them, or an estimated memory
+        bad options or data as fit raises them, a projection with a plug-in ``device`` (a
+        host call, outside the one program: train those members with fit), or an estimated memory
         (``estimate_memory``) above what the device has free (``available_memory``).
       ImportError: the backend's framework is not installed.
     """
@@ -418,7 +485,12 @@ def fit_many(
         try:
             feedback_np.append(
                 init_feedback(
-                    spec, m.feedback_seed, opts["feedback_dist"], m.feedback_scale, **opts["feedback_options"]
+                    spec,
+                    m.feedback_seed,
+                    opts["feedback_dist"],
+                    m.feedback_scale,
+                    method=feedback_rule(opts["method"]),
+                    **opts["feedback_options"],
                 )
             )
         except (TypeError, ValueError) as err:
@@ -439,9 +511,7 @@ def fit_many(
             recs = _run_group(be, spec, opts, [member_list[i] for i in idx], [feedback_np[i] for i in idx], data)
             for i, rec in zip(idx, recs):
                 records[i] = rec
-    return tuple(
-        _history(be, spec, opts, m, records[i], fb, data) for i, (m, fb) in enumerate(zip(member_list, feedback_np))
-    )
+    return tuple(_history(be, spec, opts, m, records[i], data) for i, m in enumerate(member_list))
 
 
 __all__ = [

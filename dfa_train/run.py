@@ -518,6 +518,7 @@ def run(
         config.optimizer,
         config.rule(),
         bool(config.align_every),
+        projection=config.projection(),
     )
     if launched_rank() != 0:
         return _follow(config, out_dir, resume, params, data)

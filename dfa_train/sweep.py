@@ -6,7 +6,8 @@ A member is one seed s for everything random in a run: the batch order (``seed=s
 initial weights (``param_seed=s``) and the feedback matrices (``feedback_seed=s + 1``,
 ``RunConfig.for_seed``), so member s is exactly ``dfa train --seed s --param-seed s
 --feedback-seed s+1`` and member 0 is the default single run. All members go through one
-``dfa_train.fit_many`` call (each member's History equals ``fit`` run alone).
+``dfa_train.fit_many`` call (each member's History equals ``fit`` run alone), whatever the
+config's learning rule and hardware projection (quantised error, projection noise).
 
 Writes, under ``out_dir``:
 
@@ -135,18 +136,20 @@ def _fit_members(config: RunConfig, members: Sequence[Member], data: Data) -> Tu
             members=specs,
             x_test=x_test,
             y_test=y_test,
-            method=config.method,
+            method=config.rule(),
             mode=config.mode,
             epochs=config.epochs,
             batch_size=config.batch_size,
             feedback_dist=config.feedback_dist,
             feedback_scale=config.feedback_scale,
             feedback_options=config.feedback_options(),
+            projection=config.projection(),
             tol=config.tol,
             patience=config.patience,
             align_every=config.align_every,
             lr_milestones=config.lr_milestones or (),
             lr_gamma=config.lr_gamma,
+            kp_decay=config.kp_decay,
         )
 
 
@@ -284,14 +287,9 @@ def sweep(
 
     Raises:
       ConfigError: the layer widths do not fit the data.
-      ValueError: no seeds, ``out_dir`` already holds a sweep, or the config asks for hardware effects.
+      ValueError: no seeds, or ``out_dir`` already holds a sweep.
     """
     lrs = (config.lr,) if lrs is None else tuple(float(lr) for lr in lrs)
-    if config.projection() is not None:
-        raise ValueError(
-            "sweep trains its members through fit_many, which takes no hardware projection "
-            "(quantize/noise); train those runs one by one with dfa train"
-        )
     check_new_folder(out_dir)
     members = members_of(config, seeds, lrs, out_dir)
     if os.path.exists(os.path.join(out_dir, "summary.json")) or any(

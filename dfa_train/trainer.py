@@ -901,6 +901,7 @@ def fit(
         run.optimizer.name,
         method,
         bool(run.align_every),
+        projection=run.projection,
     )
     params_np = init_params(spec, param_seed) if params is None else params
     validation.check_params(spec, params_np)

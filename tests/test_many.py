@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from history_checks import assert_same_history
 
 import dfa_train.memory as memory
 from dfa_core import MLPSpec, OptimizerSpec
@@ -66,26 +67,6 @@ CASES = {
 }
 
 
-def _assert_same_history(h, ref):
-    """float64: losses, accuracies, params, angles within rtol 1e-10; identical error counts and confusion."""
-    assert len(h.loss) == len(ref.loss) and h.stopped_early == ref.stopped_early
-    np.testing.assert_allclose(h.loss, ref.loss, rtol=1e-10)
-    assert h.train_error == ref.train_error
-    np.testing.assert_allclose(h.test_accuracy, ref.test_accuracy, rtol=1e-10)
-    np.testing.assert_array_equal(h.confusion, ref.confusion)
-    assert h.confusion_split == ref.confusion_split
-    for (w, b), (w_ref, b_ref) in zip(h.params, ref.params, strict=True):
-        np.testing.assert_allclose(w, w_ref, rtol=1e-10, atol=1e-13)
-        np.testing.assert_allclose(b, b_ref, rtol=1e-10, atol=1e-13)
-    for f, f_ref in zip(h.feedback, ref.feedback, strict=True):
-        np.testing.assert_array_equal(f, f_ref)
-    assert [(r.step, r.epoch) for r in h.alignment] == [(r.step, r.epoch) for r in ref.alignment]
-    for r, r_ref in zip(h.alignment, ref.alignment):
-        np.testing.assert_allclose(r.weights, r_ref.weights, rtol=1e-10, atol=1e-9)
-        np.testing.assert_allclose(r.deltas, r_ref.deltas, rtol=1e-10, atol=1e-9)
-    assert h.config == ref.config
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_members_equal_single_fit_runs(backend, case):
@@ -95,7 +76,7 @@ def test_members_equal_single_fit_runs(backend, case):
     histories = fit_many(backend, spec, X_TRAIN, Y_TRAIN, members=members, **shared)
     assert len(histories) == len(members)
     for member, h in zip(members, histories):
-        _assert_same_history(h, fit(backend, spec, X_TRAIN, Y_TRAIN, **{**shared, **member}))
+        assert_same_history(h, fit(backend, spec, X_TRAIN, Y_TRAIN, **{**shared, **member}))
     # Members differ: the test would pass trivially if they all trained the same network.
     assert not np.allclose(histories[0].params[0][0], histories[-1].params[0][0])
 
@@ -109,7 +90,7 @@ def test_tol_stops_one_member_and_freezes_it(backend):
     histories = fit_many(backend, SPEC64, X_TRAIN, Y_TRAIN, members=members, **shared)
     refs = [fit(backend, SPEC64, X_TRAIN, Y_TRAIN, **{**shared, **m}) for m in members]
     for h, ref in zip(histories, refs):
-        _assert_same_history(h, ref)
+        assert_same_history(h, ref)
     assert histories[0].stopped_early and histories[0].epochs_run == 2
     assert histories[1].epochs_run > 2
 

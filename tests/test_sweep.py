@@ -221,3 +221,26 @@ def test_sweep_through_the_real_fit_many_matches_the_loop_of_fits(tmp_path, back
             ):
                 for key in p.files:
                     np.testing.assert_allclose(p[key], q[key], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["--method", "kp", "--kp-decay", "0.1"], ["--method", "dfa", "--noise", "additive", "--noise-sigma", "0.3"]],
+    ids=["kp", "noisy-dfa"],
+)
+def test_a_sweep_of_another_rule_or_a_projection_equals_its_single_runs(tmp_path, options):
+    """dfa sweep --method kp (with --kp-decay) and DFA with projection noise, through the real fit_many:
+    member (lr, s) equals ``run`` of its config (float64, rtol 1e-9), which records the option."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", *XOR, "--backend", "jax", "--dtype", "float64", "--seeds", "0,3", "--lr", "0.5", *options]
+    assert cli.main([*argv, "--no-plots", "--out", str(out)]) == 0
+    member = out / "lr=0.5" / "seed=3"
+    config = RunConfig.from_json((member / "config.json").read_text())
+    assert config.method == options[1] and (config.kp_decay == 0.1 or config.projection() is not None)
+    single = run(config, str(tmp_path / "single"))
+    a = _read(member / "metrics.json")
+    np.testing.assert_allclose(a["loss"], single.metrics["loss"], rtol=1e-9)
+    assert a["train_error"] == single.metrics["train_error"]
+    with np.load(member / "params.npz") as p, np.load(tmp_path / "single" / "params.npz") as q:
+        for key in p.files:
+            np.testing.assert_allclose(p[key], q[key], rtol=1e-9, atol=1e-12)
