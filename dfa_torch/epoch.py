@@ -58,7 +58,7 @@ def train_epoch(
 
     and returns params and opt_state after the epoch, ``losses`` (num_batches,) (each
     batch's loss before its update, on the device) and ``angles`` (num_batches, 2, L):
-    rows i with (step0 + i) % align_every == 0 hold the DFA-vs-BP angles (weights,
+    rows i with (step0 + i) % align_every == 0 hold the angles to BP (weights,
     deltas) in degrees measured before that step's update; other rows are NaN.
     ``angles`` is None when align_every == 0.
 

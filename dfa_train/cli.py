@@ -289,7 +289,7 @@ def _add_training_args(p: argparse.ArgumentParser, with_method: bool, lr_list: b
         "--align-every",
         type=_non_negative_int,
         default=_DEFAULTS["align_every"],
-        help="measure DFA-vs-BP angles every K steps (0: never)",
+        help="measure the angles of each block's update to BP's gradient every K steps (0: never)",
     )
     p.add_argument("--no-plots", action="store_true")
 

@@ -184,7 +184,7 @@ class RunConfig:
     patience: int = 1  # consecutive epochs within tol needed to stop, >= 1
     limit_train: Optional[int] = None  # use the first N training samples; None: all
     limit_test: Optional[int] = None  # use the first N test samples; None: all
-    align_every: int = 50  # measure DFA-vs-BP angles every K steps; 0: never
+    align_every: int = 50  # angles of each block's update to BP's every K steps; 0: never
     standardize: bool = False  # standardise inputs with the training mean/std instead of [0, 1]
     checkpoint_every: str = "auto"  # 'N' epochs, 'Ns' seconds or 'auto' (checkpoints cost < 5% of the run)
     no_download: bool = False  # never download MNIST

@@ -427,7 +427,7 @@ def _epoch_by_steps(run: _Settings, data: _Data, loop: _Loop, epoch: int, order:
         idx = order[start : start + run.batch_size]
         xb, yb = data.x[idx], data.y[idx]
         if align_step is not None and loop.global_step % run.align_every == 0:
-            # One compiled step that also measures DFA-vs-BP angles before updating.
+            # One compiled step that also measures the angles to BP before updating.
             loop.params, loop.opt_state, batch_loss, angles = align_step(
                 loop.params, data.feedback, loop.opt_state, xb, yb
             )
