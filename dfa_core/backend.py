@@ -238,7 +238,7 @@ class Backend(Protocol):
         mode: str = "sample",
         donate: bool = False,
         with_alignment: bool = False,
-        kp_decay: float = 1e-3,
+        kp_decay: float = 1e-4,
         projection: Any = None,
     ) -> Callable:
         """step(params, feedback, opt_state, x, y) -> (params, opt_state, loss[, angles]), compiled once.
@@ -274,7 +274,7 @@ class Backend(Protocol):
         align_every: int = 0,
         projection: Any = None,
         parallel: Any = None,
-        kp_decay: float = 1e-3,
+        kp_decay: float = 1e-4,
     ) -> Callable:
         """epoch(params, feedback, opt_state, x, y, order, step0) -> (params, opt_state, losses, angles).
 
@@ -305,7 +305,7 @@ class Backend(Protocol):
         batch_size: int = 200,
         align_every: int = 0,
         projection: Any = None,
-        kp_decay: float = 1e-3,
+        kp_decay: float = 1e-4,
     ) -> Callable:
         """epoch(params, feedback, opt_state, hyper, active, x, y, orders, step0) for M members at once.
 

@@ -239,7 +239,7 @@ def _add_training_args(p: argparse.ArgumentParser, with_method: bool, lr_list: b
         "--kp-decay",
         type=float,
         default=_DEFAULTS["kp_decay"],
-        help="Kolen-Pollack's lambda in [0, 1): W_{l+1} and B_l of kp blocks decay by lambda per step (1e-3)",
+        help="Kolen-Pollack's lambda in [0, 1): W_{l+1} and B_l of kp blocks decay by lambda per step (1e-4)",
     )
     p.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS["batch_size"])
     p.add_argument("--epochs", type=_positive_int, default=_DEFAULTS["epochs"])

@@ -52,7 +52,7 @@ ADDED_IN: Dict[int, Dict[str, Any]] = {
         "lr_milestones": None,
         "lr_gamma": 0.1,
     },
-    6: {"kp_decay": 1e-3},
+    6: {"kp_decay": 1e-3},  # the default before version 6
 }
 """The fields each config version added, with the value that means "as before"."""
 
@@ -159,7 +159,7 @@ class RunConfig:
     weight_decay: float = 0.0  # L2 coefficient >= 0 added to every gradient (lambda * p); 0: none
     lr_milestones: Optional[Tuple[int, ...]] = None  # epochs at which lr is multiplied by lr_gamma; None: fixed lr
     lr_gamma: float = 0.1  # the factor at each milestone, > 0
-    kp_decay: float = 1e-3  # Kolen-Pollack's weight decay lambda in [0, 1) per step (kp blocks only)
+    kp_decay: float = 1e-4  # Kolen-Pollack's weight decay lambda in [0, 1) per step (kp blocks only)
     batch_size: int = 200  # samples per step, >= 1
     epochs: int = 80  # total epochs (a resumed run counts the ones already run), >= 1
     seed: int = 0  # seed of the batch order, >= 0

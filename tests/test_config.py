@@ -217,23 +217,24 @@ def test_version_1_to_5_configs_still_read_as_the_same_run():
     assert set(ADDED_IN) == {2, 3, 4, 5, 6} and CONFIG_VERSION == 6
     v5 = {k: v for k, v in CUSTOM.to_dict().items() if k not in ADDED_IN[6]}
     v5["version"] = 5
-    assert RunConfig.from_json(json.dumps(v5)) == CUSTOM and RunConfig.from_json(v5).kp_decay == KP_DECAY
+    before = CUSTOM.replace(kp_decay=1e-3)  # the KP decay runs had before version 6
+    assert RunConfig.from_json(json.dumps(v5)) == before and KP_DECAY == CUSTOM.kp_decay == 1e-4
     v4 = {k: v for k, v in v5.items() if k not in ADDED_IN[5]}
     v4["version"] = 4
-    assert RunConfig.from_json(json.dumps(v4)) == CUSTOM and RunConfig.from_json(v4).devices is None
+    assert RunConfig.from_json(json.dumps(v4)) == before and RunConfig.from_json(v4).devices is None
     v3 = {k: v for k, v in v4.items() if k not in ADDED_IN[4]}
     v3["version"] = 3
-    assert RunConfig.from_json(json.dumps(v3)) == CUSTOM and RunConfig.from_json(v3).projection() is None
+    assert RunConfig.from_json(json.dumps(v3)) == before and RunConfig.from_json(v3).projection() is None
     v2 = {k: v for k, v in v3.items() if k not in ADDED_IN[3]}
     v2["version"] = 2
-    assert RunConfig.from_json(json.dumps(v2)) == CUSTOM
+    assert RunConfig.from_json(json.dumps(v2)) == before
     old = dict(v2, version=2, feedback_dist="normal", feedback_scale=1.9)  # what a version-2 default run wrote
     config = RunConfig.from_json(old)
     assert (config.feedback_dist, config.feedback_scale, config.feedback_options()) == ("normal", 1.9, {})
     v1 = {k: v for k, v in v2.items() if k != "arch"}
     v1["version"] = 1
-    assert RunConfig.from_json(v1) == CUSTOM
-    assert RunConfig.from_json(dict(v2, feedback_k=None)) == CUSTOM  # only the missing fields are filled in
+    assert RunConfig.from_json(v1) == before
+    assert RunConfig.from_json(dict(v2, feedback_k=None)) == before  # only the missing fields are filled in
     assert set(FEEDBACK_DISTS) >= {"normal", "uniform", "shared", "sparse", "ternary", "lowrank", "orthogonal"}
 
 
