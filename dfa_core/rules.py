@@ -17,6 +17,12 @@ not scaled by the learning rate (as in Akrout et al.'s code): with Adam at a ste
 decay overtake the updates after the rate dropped and LeNet-5 collapsed to 11.7% (README, KP's decay)."""
 
 
+def frozen_blocks(rules: Tuple[str, ...]) -> Tuple[int, ...]:
+    """The hidden blocks a 'shallow' rule freezes: their updates are zeroed after the optimizer, so that
+    no weight decay (nor any optimizer's arithmetic on zero gradients) moves them."""
+    return tuple(l for l, rule in enumerate(rules[:-1]) if rule == "shallow")
+
+
 def check_kp_decay(kp_decay: object) -> float:
     """``kp_decay`` as a float in [0, 1), or a ValueError naming what arrived."""
     if isinstance(kp_decay, bool) or not isinstance(kp_decay, (int, float)) or not 0.0 <= float(kp_decay) < 1.0:
@@ -51,4 +57,4 @@ def brsf_bound(w_shape: Tuple[int, ...]) -> float:
     return math.sqrt(6.0 / (fan_in + fan_out))
 
 
-__all__ = ["KP_DECAY", "as_model", "brsf_bound", "check_kp_decay", "usf_scale"]
+__all__ = ["KP_DECAY", "as_model", "brsf_bound", "check_kp_decay", "frozen_blocks", "usf_scale"]

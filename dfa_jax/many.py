@@ -40,7 +40,7 @@ from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS
 from dfa_jax.mlp import Params, forward
 from dfa_jax.optim import apply_updates, with_weight_decay
-from dfa_jax.train import _kp_update, step_rule
+from dfa_jax.train import _kp_update, freeze, step_rule
 
 Array = jax.Array
 
@@ -185,6 +185,7 @@ def _member_step(spec, optimizer, nesterov, method, mode, align_every, projectio
         grads, batch_loss = rule.grads_and_loss(params, feedback, opt_state, xb, yb)
         tx = _transform(optimizer, nesterov, hyper)
         updates, inner = tx.update(grads, opt_state.inner if rule.stateful else opt_state, params)
+        updates = freeze(updates, rule.frozen)
         new_params, new_state = apply_updates(params, updates), inner
         if rule.stateful:  # KP's shared update of W_{l+1} and B_l; the key's step advances
             new_params, kp = _kp_update(params, updates, new_params, opt_state.kp_feedback, rule.kp_blocks, kp_decay)

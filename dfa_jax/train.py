@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from dfa_core import hardware, validation
 from dfa_core.backend import RuleState
 from dfa_core.hardware import Projection
-from dfa_core.rules import KP_DECAY, check_kp_decay
+from dfa_core.rules import KP_DECAY, check_kp_decay, frozen_blocks
 from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec  # noqa: F401  (METHODS re-exported)
 from dfa_jax import alignment, rules
 from dfa_jax.arrays import precision_scope
@@ -114,6 +114,7 @@ class StepRule(NamedTuple):
     angles: Callable[..., Any]  # (params, feedback, opt_state, x, y) -> alignment.Angles, before the update
     stateful: bool  # the opt_state is a RuleState (kp, brsf, projection noise)
     kp_blocks: Tuple[int, ...]  # hidden blocks l whose B_l KP trains
+    frozen: Tuple[int, ...]  # hidden blocks a 'shallow' rule freezes (``freeze``)
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,7 +153,14 @@ def step_rule(spec: Any, method: Any, mode: str, projection: Optional[Projection
         return alignment.update_angles(spec, params, feedback, x, y, rules_, mode, key, projection)
 
     kp_blocks = tuple(l for l, r in enumerate(rules_[:-1]) if r == "kp")
-    return StepRule(grads_and_loss, angles, stateful, kp_blocks)
+    return StepRule(grads_and_loss, angles, stateful, kp_blocks, frozen_blocks(rules_))
+
+
+def freeze(updates: Any, frozen: Tuple[int, ...]) -> Any:
+    """``updates`` with the blocks in ``frozen`` zeroed (a 'shallow' block stays as initialised)."""
+    if not frozen:
+        return updates
+    return tuple(tuple(jnp.zeros_like(u) for u in block) if l in frozen else block for l, block in enumerate(updates))
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,6 +175,7 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
             x, y = parallel.constrain_batch(x), parallel.constrain_batch(y)
         grads, batch_loss = rule.grads_and_loss(params, feedback, opt_state, x, y)
         updates, inner = tx.update(grads, opt_state.inner if stateful else opt_state, params)
+        updates = freeze(updates, rule.frozen)
         new_params = apply_updates(params, updates)
         if stateful:
             new_params, kp = _kp_update(params, updates, new_params, opt_state.kp_feedback, rule.kp_blocks, kp_decay)

@@ -36,7 +36,7 @@ from dfa_core import hardware, validation
 from dfa_core.backend import RuleState
 from dfa_core.hardware import Projection
 from dfa_core.model import NetSpec
-from dfa_core.rules import KP_DECAY, as_model, check_kp_decay
+from dfa_core.rules import KP_DECAY, as_model, check_kp_decay, frozen_blocks
 from dfa_core.spec import OPTIMIZERS, OptimizerSpec
 from dfa_core.tree import tree_map
 from dfa_torch import alignment, blocks, rules
@@ -44,7 +44,7 @@ from dfa_torch.arrays import torch_dtype
 from dfa_torch.dfa import dfa_grads_and_loss
 from dfa_torch.mlp import Params, forward, loss
 from dfa_torch.optim import AdamState, EmptyState, TraceState
-from dfa_torch.train import _kp_update, _rule_feedback
+from dfa_torch.train import _kp_update, _rule_feedback, freeze
 
 Tensor = torch.Tensor
 
@@ -234,6 +234,7 @@ class _MemberRule(NamedTuple):
     angles: Callable[..., Any]  # (params, feedback, opt_state, x, y, drawn) -> alignment.Angles
     stateful: bool  # the opt_state is a RuleState (kp, brsf, projection noise)
     kp_blocks: Tuple[int, ...]  # hidden blocks l whose B_l KP trains
+    frozen: Tuple[int, ...]  # hidden blocks a 'shallow' rule freezes (``train.freeze``)
     draws: _Draws  # what ``drawn`` holds
 
 
@@ -278,7 +279,7 @@ def _member_rule(spec, method, mode, projection) -> _MemberRule:
         return alignment.update_angles(spec, params, feedback, x, y, rules_, mode, None, projection)
 
     kp_blocks = tuple(l for l, r in enumerate(rules_[:-1]) if r == "kp")
-    return _MemberRule(grads_and_loss, angles, stateful, kp_blocks, draws)
+    return _MemberRule(grads_and_loss, angles, stateful, kp_blocks, frozen_blocks(rules_), draws)
 
 
 def _member_step(spec, optimizer, nesterov, rule: _MemberRule, kp_decay: float):
@@ -288,6 +289,7 @@ def _member_step(spec, optimizer, nesterov, rule: _MemberRule, kp_decay: float):
         grads, batch_loss = rule.grads_and_loss(params, feedback, opt_state, xb, yb, drawn)
         inner = opt_state.inner if rule.stateful else opt_state
         updates, inner = _update(optimizer, nesterov, hyper, grads, inner, params)
+        updates = freeze(updates, rule.frozen)
         new_params, new_state = tree_map(torch.add, params, updates), inner
         if rule.stateful:  # KP's shared update of W_{l+1} and B_l; the draws' step advances
             new_params, kp = _kp_update(params, updates, new_params, opt_state.kp_feedback, rule.kp_blocks, kp_decay)

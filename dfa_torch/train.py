@@ -10,7 +10,7 @@ import torch
 from dfa_core import hardware, validation
 from dfa_core.backend import RuleState
 from dfa_core.hardware import Projection
-from dfa_core.rules import KP_DECAY, check_kp_decay
+from dfa_core.rules import KP_DECAY, check_kp_decay, frozen_blocks
 from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec  # noqa: F401  (METHODS re-exported)
 from dfa_core.tree import tree_map
 from dfa_torch import alignment, rules
@@ -96,6 +96,13 @@ def _rule_feedback(rules_: Tuple[str, ...], feedback: Any, opt_state: Any, like:
     )
 
 
+def freeze(updates: Any, frozen: Tuple[int, ...]) -> Any:
+    """``updates`` with the blocks in ``frozen`` zeroed (a 'shallow' block stays as initialised)."""
+    if not frozen:
+        return updates
+    return tuple(tuple(torch.zeros_like(u) for u in block) if l in frozen else block for l, block in enumerate(updates))
+
+
 def _kp_update(params, updates, new_params, kp_feedback, kp_blocks, decay):
     """W_{l+1} and B_l of each kp block l: the same update u, plus weight decay: x + u - decay x."""
     new_params, kp_feedback = list(new_params), list(kp_feedback)
@@ -113,6 +120,7 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
     noisy = projection is not None and projection.noise is not None
     stateful = any(r in validation.STATEFUL_RULES for r in rules_[:-1]) or noisy
     kp_blocks = tuple(l for l, r in enumerate(rules_[:-1]) if r == "kp")
+    frozen = frozen_blocks(rules_)
 
     _apply = apply_updates_ if donate else apply_updates
 
@@ -124,11 +132,12 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
                 return params, opt_state
             return _unflatten(torch._foreach_add(flat_p, flat_g, alpha=-opt.learning_rate), params), opt_state
         updates, opt_state = tx.update(grads, opt_state, params)
-        return _apply(params, updates), opt_state
+        return _apply(params, freeze(updates, frozen)), opt_state
 
     def rule_update(params, grads, opt_state):
         """The optimizer's update, then KP's shared update and decay; the state's step advances."""
         updates, inner = tx.update(grads, opt_state.inner, params)
+        updates = freeze(updates, frozen)
         new_params, kp = _kp_update(
             params, updates, apply_updates(params, updates), opt_state.kp_feedback, kp_blocks, kp_decay
         )

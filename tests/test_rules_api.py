@@ -7,6 +7,7 @@ import pytest
 from dfa_core import METHODS, MLPSpec, OptimizerSpec, get_backend
 from dfa_core.backend import RuleState
 from dfa_core.model import Conv2d, Dense, Flatten, ModelSpec, Sequential
+from dfa_core.rules import KP_DECAY
 from dfa_core.validation import check_train_step, method_rules
 from dfa_train.state import opt_state_from_numpy, opt_state_to_numpy
 
@@ -94,7 +95,7 @@ def test_train_step_takes_every_rule(be_name):
         if rule == "kp":  # KP's decay on W_{l+1}
             for l in range(SPEC.num_hidden):
                 w = PARAMS[l + 1][0]
-                want[l + 1][0] = w - 0.1 * g[l + 1][0] - 1e-3 * w
+                want[l + 1][0] = w - 0.1 * g[l + 1][0] - KP_DECAY * w
         got = be.to_numpy(new)
         for pair, wpair in zip(got, want):
             for a, b in zip(pair, wpair):

@@ -24,7 +24,8 @@ def _data(n=40, seed=0):
 
 def _fit(backend, method, **kw):
     x, y = _data()
-    return fit(backend, SPEC, x, y, x_test=x, y_test=y, method=method, optimizer=OPT, epochs=3, batch_size=8, **kw)
+    kw = {"optimizer": OPT, **kw}
+    return fit(backend, SPEC, x, y, x_test=x, y_test=y, method=method, epochs=3, batch_size=8, **kw)
 
 
 @pytest.mark.parametrize("method", DETERMINISTIC)
@@ -38,13 +39,25 @@ def test_every_rule_trains_the_same_on_both_backends(method):
     assert h_jax.loss[-1] < h_jax.loss[0]  # it learns
 
 
-def test_shallow_trains_the_output_block_only():
-    h = _fit("jax", "shallow")
+@pytest.mark.parametrize("engine", ["epoch", "step"])
+def test_shallow_blocks_stay_frozen_under_any_optimizer_and_weight_decay(engine):
+    """A 'shallow' block is never updated: not by SGD, nor by Adam turning weight decay's gradient into
+    full-size steps (which had shrunk LeNet-5's frozen blocks to nothing); fit and fit_many, both backends."""
     from dfa_core import init_params
+    from dfa_train import fit_many
 
     start = init_params(SPEC, 0)
-    np.testing.assert_array_equal(h.params[0][0], start[0][0])
-    assert not np.allclose(h.params[-1][0], start[-1][0])
+    adam_wd = OptimizerSpec("adam", 1e-2, weight_decay=1e-2)
+    x, y = _data()
+    for backend in ("jax", "torch"):
+        for method, frozen in (("shallow", (0, 1)), (("shallow", "dfa", "bp"), (0,))):
+            runs = [_fit(backend, method, engine=engine), _fit(backend, method, engine=engine, optimizer=adam_wd)]
+            if engine == "epoch":
+                runs += fit_many(backend, SPEC, x, y, members=[{}], method=method, optimizer=adam_wd, epochs=2)
+            for h in runs:
+                for l, (block, block0) in enumerate(zip(h.params, start)):
+                    moved = not all(np.array_equal(t, t0) for t, t0 in zip(block, block0))
+                    assert moved == (l not in frozen), (backend, method, l)
 
 
 def test_kp_history_holds_the_trained_feedback():
