@@ -1,9 +1,11 @@
 """torch vs JAX vs the NumPy closed form: every building block and dfa_grads / bp_grads.
 
-Grid: every activation x every output x every mode x both reductions, at depths 0, 1, 3 in
-float64 (rtol 1e-10, atol 1e-12) and at depth 3 in float32 (rtol 1e-5, atol 1e-6): float32
-checks the precision handling, which the depth does not change, so its shallow cases added
-only suite time.
+Grid (every mode in each case): the full product activation x output x reduction at depth 1 in
+float64 (rtol 1e-10, atol 1e-12); every pair of (activation, output, reduction) at depth 3 in
+float64 and in float32 (rtol 1e-5, atol 1e-6; float32 checks the precision handling); every
+(output, reduction) at depth 0, which has no hidden activation. The full product at every depth
+(120 cases per test) added suite time, not coverage: depth chains the same layer math, which the
+depth-1 product already exercises in every combination.
 """
 
 import itertools
@@ -15,9 +17,22 @@ from dfa_core import ACTIVATIONS, MODES, OUTPUTS, REDUCTIONS
 from parity_tests import numpy_reference as ref
 from parity_tests.helpers import BACKENDS, DEPTHS, TOLERANCES, assert_tree_close, backend, make_case
 
-GRID = list(itertools.product(ACTIVATIONS, OUTPUTS, REDUCTIONS, DEPTHS, ("float64",))) + list(
-    itertools.product(ACTIVATIONS, OUTPUTS, REDUCTIONS, (max(DEPTHS),), ("float32",))
+
+def _pairwise():
+    """(activation, output, reduction) covering every pair: each (activation, output) once, the
+    reduction alternating so that each activation and each output meets both reductions."""
+    n = len(REDUCTIONS)
+    return [(a, o, REDUCTIONS[(i + j) % n]) for i, a in enumerate(ACTIVATIONS) for j, o in enumerate(OUTPUTS)]
+
+
+DEEP = max(DEPTHS)
+GRID = (
+    [(*c, 1, "float64") for c in itertools.product(ACTIVATIONS, OUTPUTS, REDUCTIONS)]
+    + [(*c, DEEP, dtype) for c in _pairwise() for dtype in ("float64", "float32")]
+    + [(ACTIVATIONS[0], o, r, 0, "float64") for o, r in itertools.product(OUTPUTS, REDUCTIONS)]
 )
+assert {(a, r) for a, _, r in _pairwise()} == set(itertools.product(ACTIVATIONS, REDUCTIONS))
+assert {(o, r) for _, o, r in _pairwise()} == set(itertools.product(OUTPUTS, REDUCTIONS))
 
 
 def _id(case):

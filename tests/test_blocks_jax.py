@@ -96,17 +96,6 @@ def test_dense_model_forward_and_loss_equal_the_mlp(activation, output, reductio
     _tree_close(acts.y_hat, mlp_acts.y_hat, "y_hat", **EXACT)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("activation,output,reduction", MLP_CASES)
-def test_dense_model_dfa_and_bp_grads_equal_the_mlp(activation, output, reduction, mode):
-    """dfa_grads (every mode) and bp_grads of Dense(...) layers equal MLPSpec's, float64, rtol 1e-12."""
-    mlp, model = _twins(activation, output, reduction)
-    params, feedback, x, y = _case(mlp, seed=3)
-    got = be.dfa_grads(model, params, feedback, x, y, mode=mode)
-    _tree_close(got, be.dfa_grads(mlp, params, feedback, x, y, mode=mode), f"dfa {mode}", **EXACT)
-    _tree_close(be.bp_grads(model, params, x, y), be.bp_grads(mlp, params, x, y), "bp", **EXACT)
-
-
 # -- conv/pool semantics are torch.nn's ----------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ import pytest
 from history_checks import assert_same_history
 
 import dfa_train.memory as memory
-from dfa_core import METHODS, MLPSpec, OptimizerSpec
+from dfa_core import MLPSpec, OptimizerSpec
 from dfa_core.hardware import Projection
 from dfa_core.init import init_feedback
 from dfa_core.model import Conv2d, Dense, Flatten, MaxPool2d, ModelSpec
@@ -53,11 +53,13 @@ NOISY = Projection(quantize="ternary", noise="additive", sigma=0.3)
 # name: (spec, inputs, shared fit options, members). Batch 16 over 40 samples leaves a ragged last
 # batch of 8; every case runs 2 epochs.
 CASES = {
-    **{rule: (MLP, X, dict(method=rule, optimizer=SGD), SEEDS) for rule in METHODS if rule not in ("dfa", "bp")},
-    "fa_scaled_feedback_momentum_align": (
+    # fa and shallow alone; kp, brsf, usf, frsf and drtp in the cases and hybrids below.
+    **{rule: (MLP, X, dict(method=rule, optimizer=SGD), SEEDS) for rule in ("fa", "shallow")},
+    "mixed_usf_frsf_bp": (MLP, X, dict(method=("usf", "frsf", "bp"), optimizer=SGD), SEEDS[:2]),
+    "fa_scaled_feedback_momentum": (
         MLP,
         X,
-        dict(method="fa", optimizer=OptimizerSpec("momentum", 0.02), align_every=2),
+        dict(method="fa", optimizer=OptimizerSpec("momentum", 0.02)),
         [
             {"feedback_scale": 0.5},
             {"seed": 4, "optimizer": OptimizerSpec("momentum", 0.05, momentum=0.5)},
