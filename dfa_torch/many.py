@@ -7,20 +7,18 @@ so each step of M members is one set of batched kernels (the matmuls become ``bm
 An epoch is a Python loop over the batches, gathered on the device from the shared
 training set; nothing leaves the device until the caller reads the results.
 
-The math is the backend's own, dispatched as ``train_step`` dispatches it: ``dfa_grads_and_loss``
-for DFA (with a ``Projection``), ``torch.func.grad`` of ``loss`` for BP (``bp_grads_and_loss``
-calls ``torch.autograd.grad``, which vmap cannot batch; both give the same values),
-``rules.grads_and_loss`` for every other rule or a tuple of one per block (KP's B from the
-state), ``alignment_angles_unchecked`` (dfa, bp) or ``update_angles`` (the update a rule or a
-projection applies) for the angles. The optimizer update is
-``make_optimizer``'s, in the same order of operations, written with tensor hyper-parameters
-(per member) instead of Python floats; KP's shared update is ``train._kp_update``.
+The math is the backend's own: ``train.step_rule(..., vmappable=True)``, the very functions
+``train_step`` runs (``dfa_grads_and_loss`` with a ``Projection`` for DFA, ``torch.func.grad`` of
+``loss`` for BP, ``rules.grads_and_loss`` for every other rule or a tuple of one per block, KP's B
+from the state; the angles of ``with_alignment``). The optimizer update is ``make_optimizer``'s,
+in the same order of operations, written with tensor hyper-parameters (per member) instead of
+Python floats; KP's shared update is ``train._kp_update``.
 
 ``torch.func.vmap`` takes no random op with a Generator, so what a single run draws inside its
 step (brsf's magnitudes |R|, projection noise z_l) is drawn outside the vmap, per member and per
 step, from that member's own generator exactly as ``train_step`` draws it
 (``rules.step_generator`` of its rule_seed and step, the same calls in the same order), and
-passed in explicitly (brsf's |R| as its feedback entry, the noise as ``noise=``).
+passed in as the step rule's ``drawn`` (``train.Draws``: brsf's |R| become its feedback entries).
 """
 
 from __future__ import annotations
@@ -36,15 +34,14 @@ from dfa_core import hardware, validation
 from dfa_core.backend import RuleState
 from dfa_core.hardware import Projection
 from dfa_core.model import NetSpec
-from dfa_core.rules import KP_DECAY, as_model, check_kp_decay, frozen_blocks
+from dfa_core.rules import KP_DECAY, check_kp_decay
 from dfa_core.spec import OPTIMIZERS, OptimizerSpec
 from dfa_core.tree import tree_map
-from dfa_torch import alignment, blocks, rules
+from dfa_torch import blocks, rules
 from dfa_torch.arrays import torch_dtype
-from dfa_torch.dfa import dfa_grads_and_loss
-from dfa_torch.mlp import Params, forward, loss
+from dfa_torch.mlp import Params, forward
 from dfa_torch.optim import AdamState, EmptyState, TraceState
-from dfa_torch.train import _kp_update, _rule_feedback, freeze
+from dfa_torch.train import Draws, StepRule, _kp_update, freeze, step_rule
 
 Tensor = torch.Tensor
 
@@ -198,19 +195,7 @@ def train_epoch_many(
     return _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every, hw, kp_decay)
 
 
-class _Draws(NamedTuple):
-    """What one member's step draws in a single run, drawn outside the vmap instead (static layout)."""
-
-    brsf_blocks: Tuple[int, ...]  # hidden blocks l whose |R| (like W_{l+1}) is drawn, top block first
-    noisy: bool  # projection noise z_l (K, size_l), l = 1..L-1 (method 'dfa': never with brsf)
-
-    @property
-    def needed(self) -> bool:
-        """Whether a step draws anything."""
-        return bool(self.brsf_blocks) or self.noisy
-
-
-def _draw_many(spec: NetSpec, draws: _Draws, mode: str, seeds, steps, rows: int, like: Tensor) -> Tuple[Tensor, ...]:
+def _draw_many(spec: NetSpec, draws: Draws, mode: str, seeds, steps, rows: int, like: Tensor) -> Tuple[Tensor, ...]:
     """Member m's step draws from ``rules.step_generator`` of (seeds[m], steps[m]), stacked: (M, ...) each.
 
     The calls are ``train_step``'s, in its order: ``rules.brsf_magnitudes`` per brsf block, top
@@ -227,62 +212,7 @@ def _draw_many(spec: NetSpec, draws: _Draws, mode: str, seeds, steps, rows: int,
     return tuple(torch.stack(column) for column in zip(*per_member))
 
 
-class _MemberRule(NamedTuple):
-    """One member's rule, as ``train_step`` applies it (functions of one member's tensors, vmappable)."""
-
-    grads_and_loss: Callable[..., Any]  # (params, feedback, opt_state, x, y, drawn) -> (grads, loss)
-    angles: Callable[..., Any]  # (params, feedback, opt_state, x, y, drawn) -> alignment.Angles
-    stateful: bool  # the opt_state is a RuleState (kp, brsf, projection noise)
-    kp_blocks: Tuple[int, ...]  # hidden blocks l whose B_l KP trains
-    frozen: Tuple[int, ...]  # hidden blocks a 'shallow' rule freezes (``train.freeze``)
-    draws: _Draws  # what ``drawn`` holds
-
-
-def _member_rule(spec, method, mode, projection) -> _MemberRule:
-    """``train_step``'s dispatch for one member, with its draws passed in (``drawn``): DFA (with the
-    projection; ``drawn`` its noise), BP, or ``rules.grads_and_loss`` (KP's B from the state; brsf's
-    |R| from ``drawn`` as its feedback entries); the angles of ``with_alignment``: the exact DFA
-    direction for 'dfa' and 'bp', else the update applied, with the same draws."""
-    rules_ = validation.method_rules(spec, method)
-    noisy = projection is not None and projection.noise is not None
-    stateful = any(r in validation.STATEFUL_RULES for r in rules_[:-1]) or noisy
-    draws = _Draws(tuple(l for l in reversed(range(len(rules_) - 1)) if rules_[l] == "brsf"), noisy)
-    bp = torch.func.grad_and_value(lambda p, x, y: loss(spec, p, x, y))
-
-    def inputs(feedback, opt_state, x, drawn):
-        """This step's feedback for ``grads``: kp entries from the state, brsf's this step's |R|."""
-        if method == "dfa" or not stateful:
-            return feedback
-        feedback = list(_rule_feedback(rules_, feedback, opt_state, x))
-        for l, magnitudes in zip(draws.brsf_blocks, drawn):
-            feedback[l] = magnitudes
-        return tuple(feedback)
-
-    def grads_and_loss(params, feedback, opt_state, x, y, drawn):
-        if method == "bp":
-            return bp(params, x, y)
-        feedback = inputs(feedback, opt_state, x, drawn)
-        if method == "dfa":
-            if projection is None:
-                return dfa_grads_and_loss(spec, params, feedback, x, y, mode)
-            return dfa_grads_and_loss(spec, params, feedback, x, y, mode, projection, drawn if noisy else None)
-        return rules.grads_and_loss(spec, params, feedback, x, y, rules_, mode)
-
-    def angles(params, feedback, opt_state, x, y, drawn):
-        if method == "bp" or (method == "dfa" and projection is None):
-            return alignment.alignment_angles_unchecked(spec, params, feedback, x, y, mode)
-        feedback = inputs(feedback, opt_state, x, drawn)
-        if noisy:  # update_angles draws its noise from a key; here it is this step's explicit draws
-            model = as_model(spec)
-            signals = blocks.dfa_signals(model, params, feedback, x, y, mode, True, projection, drawn)
-            return alignment._against_bp(model, params, x, y, mode, signals[0], signals[2])
-        return alignment.update_angles(spec, params, feedback, x, y, rules_, mode, None, projection)
-
-    kp_blocks = tuple(l for l, r in enumerate(rules_[:-1]) if r == "kp")
-    return _MemberRule(grads_and_loss, angles, stateful, kp_blocks, frozen_blocks(rules_), draws)
-
-
-def _member_step(spec, optimizer, nesterov, rule: _MemberRule, kp_decay: float):
+def _member_step(spec, optimizer, nesterov, rule: StepRule, kp_decay: float):
     """One member's step(params, feedback, opt_state, hyper, x, y, drawn) -> (params, opt_state, loss)."""
 
     def step(params, feedback, opt_state, hyper, xb, yb, drawn):
@@ -312,7 +242,7 @@ def _keep_active(active: Tensor, new, old):
 
 @functools.lru_cache(maxsize=None)
 def _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every, projection, kp_decay):
-    rule = _member_rule(spec, method, mode, projection)
+    rule = step_rule(spec, method, mode, projection, vmappable=True)
     draws = rule.draws
     vstep = torch.func.vmap(_member_step(spec, optimizer, nesterov, rule, kp_decay))
     vangles = torch.func.vmap(lambda p, f, s, x, y, d: torch.stack(tuple(rule.angles(p, f, s, x, y, d))))

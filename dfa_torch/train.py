@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import torch
 
 from dfa_core import hardware, validation
 from dfa_core.backend import RuleState
 from dfa_core.hardware import Projection
-from dfa_core.rules import KP_DECAY, check_kp_decay, frozen_blocks
+from dfa_core.rules import KP_DECAY, as_model, check_kp_decay, frozen_blocks
 from dfa_core.spec import METHODS, MLPSpec, OptimizerSpec  # noqa: F401  (METHODS re-exported)
 from dfa_core.tree import tree_map
-from dfa_torch import alignment, rules
+from dfa_torch import alignment, blocks, rules
 from dfa_torch.arrays import as_input
 from dfa_torch.dfa import bp_grads_and_loss, dfa_grads_and_loss
+from dfa_torch.mlp import loss
 from dfa_torch.optim import _flatten, _unflatten, apply_updates, apply_updates_, make_optimizer
 from dfa_torch.parallel import DataParallel, _check_parallel, _refuse
 
@@ -113,14 +114,97 @@ def _kp_update(params, updates, new_params, kp_feedback, kp_blocks, decay):
     return tuple(new_params), tuple(kp_feedback)
 
 
+class Draws(NamedTuple):
+    """What one step of a rule draws at random (static layout): ``drawn``'s entries, in this order."""
+
+    brsf_blocks: Tuple[int, ...]  # hidden blocks l whose |R| (like W_{l+1}) is drawn, top block first
+    noisy: bool  # projection noise z_l (K, size_l), l = 1..L-1 (method 'dfa': never with brsf)
+
+    @property
+    def needed(self) -> bool:
+        """Whether a step draws anything."""
+        return bool(self.brsf_blocks) or self.noisy
+
+
+class StepRule(NamedTuple):
+    """A rule as ``train_step`` applies it: functions of one network's tensors (vmappable with
+    ``vmappable=True`` and the draws passed in); the twin of ``dfa_jax.train.StepRule``."""
+
+    grads_and_loss: Callable[..., Any]  # (params, feedback, opt_state, x, y, drawn=None) -> (grads, loss)
+    angles: Callable[..., Any]  # (params, feedback, opt_state, x, y, drawn=None) -> alignment.Angles
+    stateful: bool  # the opt_state is a RuleState (kp, brsf, projection noise)
+    kp_blocks: Tuple[int, ...]  # hidden blocks l whose B_l KP trains
+    frozen: Tuple[int, ...]  # hidden blocks a 'shallow' rule freezes (``freeze``)
+    draws: Draws  # what a step draws: from the state's generator (drawn=None), or given as ``drawn``
+
+
 @functools.lru_cache(maxsize=None)
-def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DECAY, projection=None, parallel=None):
-    tx = make_optimizer(opt, spec.dtype)
+def step_rule(spec: Any, method: Any, mode: str, projection: Optional[Projection] = None, vmappable: bool = False):
+    """``train_step``'s dispatch (unchecked): DFA (with the projection), BP, or ``rules.grads_and_loss``
+    (KP's B from the state); and the angles of ``with_alignment``: the exact DFA direction for 'dfa'
+    and 'bp', else the update applied.
+
+    What a step draws (brsf's |R|, projection noise) comes from ``rules.step_generator`` of the
+    state's seed and step when ``drawn`` is None (a new generator per call, so every call draws the
+    same numbers), or is passed in as ``drawn`` (``draws``' layout, drawn by the caller with the
+    same calls in the same order): ``torch.func.vmap`` takes no random op with a Generator, so
+    ``dfa_torch.many`` draws per member outside the vmap. ``vmappable`` takes BP's gradient with
+    ``torch.func.grad`` (``bp_grads_and_loss`` calls ``torch.autograd.grad``, which vmap cannot
+    batch; both give the same values)."""
     rules_ = validation.method_rules(spec, method)
     noisy = projection is not None and projection.noise is not None
     stateful = any(r in validation.STATEFUL_RULES for r in rules_[:-1]) or noisy
+    draws = Draws(tuple(l for l in reversed(range(len(rules_) - 1)) if rules_[l] == "brsf"), noisy)
+    if vmappable:
+        bp = torch.func.grad_and_value(lambda p, x, y: loss(spec, p, x, y))
+    else:
+        bp = functools.partial(bp_grads_and_loss, spec)
+
+    def inputs(feedback, opt_state, x, drawn):
+        """This step's feedback for ``grads`` (kp entries from the state; brsf's |R| when drawn is
+        given) and generator (brsf, noise; None when drawn is given)."""
+        if method == "dfa":
+            return feedback, (rules.step_generator(opt_state, x.device) if noisy and drawn is None else None)
+        if not stateful:
+            return feedback, None
+        feedback = _rule_feedback(rules_, feedback, opt_state, x)
+        if drawn is None:
+            return feedback, (rules.step_generator(opt_state, x.device) if draws.brsf_blocks else None)
+        feedback = list(feedback)
+        for l, magnitudes in zip(draws.brsf_blocks, drawn):
+            feedback[l] = magnitudes
+        return tuple(feedback), None
+
+    def grads_and_loss(params, feedback, opt_state, x, y, drawn=None):
+        if method == "bp":
+            return bp(params, x, y)
+        feedback, key = inputs(feedback, opt_state, x, drawn)
+        if method == "dfa":
+            if projection is None:
+                return dfa_grads_and_loss(spec, params, feedback, x, y, mode)
+            noise = drawn if noisy and drawn is not None else None
+            return dfa_grads_and_loss(spec, params, feedback, x, y, mode, projection, noise, key)
+        return rules.grads_and_loss(spec, params, feedback, x, y, rules_, mode, key)
+
+    def angles(params, feedback, opt_state, x, y, drawn=None):
+        if method == "bp" or (method == "dfa" and projection is None):
+            return alignment.alignment_angles_unchecked(spec, params, feedback, x, y, mode)
+        feedback, key = inputs(feedback, opt_state, x, drawn)
+        if noisy and drawn is not None:  # update_angles draws its noise from a generator; here it is given
+            model = as_model(spec)
+            signals = blocks.dfa_signals(model, params, feedback, x, y, mode, True, projection, drawn)
+            return alignment._against_bp(model, params, x, y, mode, signals[0], signals[2])
+        return alignment.update_angles(spec, params, feedback, x, y, rules_, mode, key, projection)
+
     kp_blocks = tuple(l for l, r in enumerate(rules_[:-1]) if r == "kp")
-    frozen = frozen_blocks(rules_)
+    return StepRule(grads_and_loss, angles, stateful, kp_blocks, frozen_blocks(rules_), draws)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DECAY, projection=None, parallel=None):
+    tx = make_optimizer(opt, spec.dtype)
+    rule = step_rule(spec, method, mode, projection)
+    stateful, kp_blocks, frozen = rule.stateful, rule.kp_blocks, rule.frozen
 
     _apply = apply_updates_ if donate else apply_updates
 
@@ -148,43 +232,17 @@ def _build_step(spec, opt, method, mode, donate, with_alignment, kp_decay=KP_DEC
         return new_params, RuleState(inner, kp, opt_state.rule_seed, opt_state.rule_step + 1)
 
     if parallel is not None:
+        rules_ = validation.method_rules(spec, method)
         return _sharded_step(
             spec, method, rules_, mode, stateful, parallel, rule_update if stateful else update, with_alignment
         )
-
-    def inputs(feedback, opt_state, x):
-        """This step's feedback for ``grads`` (kp entries from the state) and generator (brsf, noise);
-        a new generator per call, seeded from the state, so every call draws the same numbers."""
-        if method == "dfa":
-            return feedback, (rules.step_generator(opt_state, x.device) if noisy else None)
-        if not stateful:
-            return feedback, None
-        key = rules.step_generator(opt_state, x.device) if "brsf" in rules_[:-1] else None
-        return _rule_feedback(rules_, feedback, opt_state, x), key
-
-    def grads_and_loss(params, feedback, opt_state, x, y):
-        if method == "bp":
-            return bp_grads_and_loss(spec, params, x, y)
-        feedback, key = inputs(feedback, opt_state, x)
-        if method == "dfa":
-            if projection is None:
-                return dfa_grads_and_loss(spec, params, feedback, x, y, mode)
-            return dfa_grads_and_loss(spec, params, feedback, x, y, mode, projection, None, key)
-        return rules.grads_and_loss(spec, params, feedback, x, y, rules_, mode, key)
-
-    def angles(params, feedback, opt_state, x, y):
-        """The angles ``with_alignment`` measures, before the update (see ``train_step``)."""
-        if method == "bp" or (method == "dfa" and projection is None):
-            return alignment.alignment_angles_unchecked(spec, params, feedback, x, y, mode)
-        feedback, key = inputs(feedback, opt_state, x)
-        return alignment.update_angles(spec, params, feedback, x, y, rules_, mode, key, projection)
 
     def step(params, feedback, opt_state, x, y):
         hardware.check_noise_state(projection, opt_state)
         params, feedback, x, y = _as_tensors(spec, params, feedback, x, y)
         # Measured before the update, which may write into params (donate=True).
-        measured = angles(params, feedback, opt_state, x, y) if with_alignment else None
-        grads, batch_loss = grads_and_loss(params, feedback, opt_state, x, y)
+        measured = rule.angles(params, feedback, opt_state, x, y) if with_alignment else None
+        grads, batch_loss = rule.grads_and_loss(params, feedback, opt_state, x, y)
         with torch.no_grad():
             params, opt_state = (rule_update if stateful else update)(params, grads, opt_state)
         if with_alignment:
