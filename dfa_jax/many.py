@@ -22,20 +22,20 @@ applies) for the angles.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
 from dfa_core import hardware, validation
 from dfa_core.backend import RuleState
 from dfa_core.hardware import Projection
+from dfa_core.members import Hyper, check_epoch_many, check_structure, hyper_columns
 from dfa_core.model import NetSpec
-from dfa_core.rules import KP_DECAY, check_kp_decay
-from dfa_core.spec import OPTIMIZERS, OptimizerSpec
+from dfa_core.rules import KP_DECAY
+from dfa_core.spec import OptimizerSpec
 from dfa_jax.arrays import precision_scope
 from dfa_jax.dfa import TRACE_COUNTS
 from dfa_jax.mlp import Params, forward
@@ -45,30 +45,10 @@ from dfa_jax.train import _kp_update, freeze, step_rule
 Array = jax.Array
 
 
-class Hyper(NamedTuple):
-    """Optimizer hyper-parameters of M members, each (M,) of the run's dtype (unused ones too)."""
-
-    learning_rate: Array  # (M,): step size
-    momentum: Array  # (M,): 'momentum' decay of the trace
-    b1: Array  # (M,): 'adam' first-moment decay
-    b2: Array  # (M,): 'adam' second-moment decay
-    eps: Array  # (M,): 'adam' denominator offset
-    weight_decay: Array  # (M,): L2 coefficient added to the gradients (0: none)
-
-
 def stack_hyper(opts: Sequence[OptimizerSpec], dtype: str = "float32") -> Hyper:
     """The hyper-parameters of ``opts`` (one OptimizerSpec per member) as ``Hyper`` arrays (M,)."""
-    fields = [[getattr(o, f) for o in opts] for f in Hyper._fields]
     with precision_scope(dtype):
-        return Hyper(*(jnp.asarray(np.asarray(v, dtype=np.float64), dtype=dtype) for v in fields))
-
-
-def _check_structure(optimizer: str, nesterov: bool) -> Tuple[str, bool]:
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
-    if not isinstance(nesterov, bool):
-        raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
-    return optimizer, nesterov and optimizer == "momentum"
+        return Hyper(*(jnp.asarray(column, dtype=dtype) for column in hyper_columns(opts)))
 
 
 def _transform(optimizer: str, nesterov: bool, hyper: Hyper) -> optax.GradientTransformation:
@@ -97,7 +77,7 @@ def init_opt_state_many(optimizer: str, nesterov: bool, params: Params, hyper: H
     Returns:
       The optax state with a leading member axis on every leaf (Adam's count is (M,)).
     """
-    optimizer, nesterov = _check_structure(optimizer, nesterov)
+    optimizer, nesterov = check_structure(optimizer, nesterov)
     with precision_scope(validation.dtype_name(params[0][0])):
         return jax.vmap(lambda p, h: _transform(optimizer, nesterov, h).init(p))(params, hyper)
 
@@ -156,15 +136,8 @@ def train_epoch_many(
     Raises:
       ValueError, TypeError: bad arguments, before anything is traced.
     """
-    optimizer, nesterov = _check_structure(optimizer, nesterov)
-    validation.check_train_step(spec, OptimizerSpec(optimizer, nesterov=nesterov), method, mode)
-    method = validation.method_key(method)
-    for name, value, minimum in (("batch_size", batch_size, 1), ("align_every", align_every, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    hw = hardware.check_many_projection(method, projection)
-    kp_decay = check_kp_decay(kp_decay)
-    return _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every, hw, kp_decay)
+    checked = check_epoch_many(spec, optimizer, nesterov, method, mode, batch_size, align_every, projection, kp_decay)
+    return _build_epoch(*checked)
 
 
 def _member_step(spec, optimizer, nesterov, method, mode, align_every, projection, kp_decay):

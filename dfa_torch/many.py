@@ -24,18 +24,18 @@ passed in as the step rule's ``drawn`` (``train.Draws``: brsf's |R| become its f
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.func
 
 from dfa_core import hardware, validation
 from dfa_core.backend import RuleState
 from dfa_core.hardware import Projection
+from dfa_core.members import Hyper, check_epoch_many, check_structure, hyper_columns
 from dfa_core.model import NetSpec
-from dfa_core.rules import KP_DECAY, check_kp_decay
-from dfa_core.spec import OPTIMIZERS, OptimizerSpec
+from dfa_core.rules import KP_DECAY
+from dfa_core.spec import OptimizerSpec
 from dfa_core.tree import tree_map
 from dfa_torch import blocks, rules
 from dfa_torch.arrays import torch_dtype
@@ -46,32 +46,10 @@ from dfa_torch.train import Draws, StepRule, _kp_update, freeze, step_rule
 Tensor = torch.Tensor
 
 
-class Hyper(NamedTuple):
-    """Optimizer hyper-parameters of M members, each (M,) of the run's dtype (unused ones too)."""
-
-    learning_rate: Tensor  # (M,): step size
-    momentum: Tensor  # (M,): 'momentum' decay of the trace
-    b1: Tensor  # (M,): 'adam' first-moment decay
-    b2: Tensor  # (M,): 'adam' second-moment decay
-    eps: Tensor  # (M,): 'adam' denominator offset
-    weight_decay: Tensor  # (M,): L2 coefficient added to the gradients (0: none)
-
-
 def stack_hyper(opts: Sequence[OptimizerSpec], dtype: str = "float32") -> Hyper:
     """The hyper-parameters of ``opts`` (one OptimizerSpec per member) as ``Hyper`` tensors (M,)."""
-    fields = [[getattr(o, f) for o in opts] for f in Hyper._fields]
     device = torch.get_default_device()
-    return Hyper(
-        *(torch.as_tensor(np.asarray(v, dtype=np.float64), device=device).to(torch_dtype(dtype)) for v in fields)
-    )
-
-
-def _check_structure(optimizer: str, nesterov: bool) -> Tuple[str, bool]:
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
-    if not isinstance(nesterov, bool):
-        raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
-    return optimizer, nesterov and optimizer == "momentum"
+    return Hyper(*(torch.as_tensor(column, device=device).to(torch_dtype(dtype)) for column in hyper_columns(opts)))
 
 
 def _init(optimizer: str, params: Params) -> Any:
@@ -119,7 +97,7 @@ def init_opt_state_many(optimizer: str, nesterov: bool, params: Params, hyper: H
       The ``dfa_torch.optim`` state with a leading member axis on every tensor (Adam's
       count is (M,)).
     """
-    optimizer, nesterov = _check_structure(optimizer, nesterov)
+    optimizer, nesterov = check_structure(optimizer, nesterov)
     del nesterov
     state = _init(optimizer, params)
     if optimizer == "adam":  # the count is per member, as jax.vmap gives it on JAX
@@ -184,15 +162,8 @@ def train_epoch_many(
     Raises:
       ValueError, TypeError: bad arguments, before anything runs.
     """
-    optimizer, nesterov = _check_structure(optimizer, nesterov)
-    validation.check_train_step(spec, OptimizerSpec(optimizer, nesterov=nesterov), method, mode)
-    method = validation.method_key(method)
-    for name, value, minimum in (("batch_size", batch_size, 1), ("align_every", align_every, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    hw = hardware.check_many_projection(method, projection)
-    kp_decay = check_kp_decay(kp_decay)
-    return _build_epoch(spec, optimizer, nesterov, method, mode, batch_size, align_every, hw, kp_decay)
+    checked = check_epoch_many(spec, optimizer, nesterov, method, mode, batch_size, align_every, projection, kp_decay)
+    return _build_epoch(*checked)
 
 
 def _draw_many(spec: NetSpec, draws: Draws, mode: str, seeds, steps, rows: int, like: Tensor) -> Tuple[Tensor, ...]:
