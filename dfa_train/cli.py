@@ -482,11 +482,26 @@ _RESUME_SETTABLE = (
 )
 
 
+def _not_resumable(run_dir: str) -> str:
+    """Why ``run_dir`` cannot be resumed, naming what it holds instead of a run's checkpoint."""
+    if os.path.isfile(os.path.join(run_dir, "summary.json")):
+        return (
+            f"{run_dir!r} holds a sweep (summary.json); a sweep is rerun, not resumed (its member "
+            "folders hold finished runs: config.json, metrics.json, params.npz)"
+        )
+    if os.path.isfile(os.path.join(run_dir, "config.json")):
+        return (
+            f"{run_dir!r} has config.json but no {CHECKPOINT_NAME}: a sweep member (finished, "
+            "written without a checkpoint) or a run stopped before its first checkpoint"
+        )
+    return f"no config.json and {CHECKPOINT_NAME} in {run_dir!r}"
+
+
 def _resume_config(parser, args, argv: Sequence[str], run_dir: str) -> RunConfig:
     from dfa_train.run_files import read_config
 
     if not all(os.path.isfile(os.path.join(run_dir, name)) for name in ("config.json", CHECKPOINT_NAME)):
-        parser.error(f"--resume {args.resume!r}: no config.json and checkpoint.npz in {run_dir!r}")
+        parser.error(f"--resume {args.resume!r}: {_not_resumable(run_dir)}")
     config = read_config(run_dir)
     given = {k: v for k, v in _explicit_options(parser, argv).items() if k not in _RESUME_FREE}
     saved = config.to_dict()

@@ -449,6 +449,22 @@ def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, opti
     assert (out / "config.json").read_text() == before
 
 
+@pytest.mark.parametrize(
+    "files,says",
+    [
+        ((), "no config.json and checkpoint.npz in"),
+        (("config.json",), "has config.json but no checkpoint.npz: a sweep member"),
+        (("summary.json",), "holds a sweep (summary.json); a sweep is rerun, not resumed"),
+    ],
+)
+def test_resume_says_what_the_folder_holds_instead_of_a_checkpoint(tmp_path, capsys, files, says):
+    for name in files:
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(SystemExit) as err:
+        cli.main(["train", "--resume", str(tmp_path)])
+    assert err.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_resume_accepts_repeating_the_runs_own_options(tmp_path):
     out = tmp_path / "r"
     assert cli.main(["train", *XOR, "--epochs", "2", "--out", str(out)]) == 0
