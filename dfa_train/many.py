@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import numbers
+import os
 import time
 from types import ModuleType
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
@@ -32,8 +33,9 @@ from dfa_core.registry import resolve_backend
 from dfa_core.rules import check_kp_decay
 from dfa_core.spec import OptimizerSpec
 from dfa_core.tree import tree_map
-from dfa_train import memory, schedule
-from dfa_train.state import AlignmentRecord, History
+from dfa_train import many_checkpoint, memory, schedule
+from dfa_train.cadence import CheckpointEvery, checkpoint_due, parse_checkpoint_every
+from dfa_train.state import AlignmentRecord, History, opt_state_from_numpy, opt_state_to_numpy
 from dfa_train.trainer import (
     _check_data,
     _feedback_options,
@@ -292,8 +294,53 @@ def _record_epoch(
             rec.active = False
 
 
-def _run_group(be, spec: NetSpec, opts, members: Sequence[Member], feedback_np, data: _Data) -> List[_Record]:
-    """Trains one group (members of one optimizer structure) as one program; returns their records."""
+class _GroupCheckpoint(NamedTuple):
+    """Where and how often a group writes its checkpoint (``many_checkpoint``)."""
+
+    path: str  # the group's .npz
+    digest: str  # ``many_checkpoint.fingerprint`` of the call
+    every: CheckpointEvery  # the cadence
+
+
+def _save_group(be, ckpt: _GroupCheckpoint, epoch: int, done: bool, params, opt_state, rngs, recs) -> None:
+    records = [
+        {name: getattr(rec, name) for name in ("losses", "errors", "accuracies", "times", "alignment", "pred")}
+        | {"test_pred": rec.test_pred, "within_tol": rec.within_tol, "stopped_early": rec.stopped_early}
+        | {"active": rec.active}
+        for rec in recs
+    ]
+    saved = many_checkpoint.Saved(
+        epoch,
+        done,
+        be.to_numpy(params),
+        opt_state_to_numpy(be, opt_state),
+        [rng.bit_generator.state for rng in rngs],
+        records,
+    )
+    many_checkpoint.save(ckpt.path, ckpt.digest, saved)
+
+
+def _restore_group(be, saved: many_checkpoint.Saved, opt_state, rngs) -> Tuple[Any, Any, List[_Record]]:
+    """(params, opt_state, records) of a group's checkpoint; its generators take their saved states."""
+    for rng, state in zip(rngs, saved.rng_states):
+        rng.bit_generator.state = state
+    recs = [_Record(**rec) for rec in saved.records]
+    return be.asarray(saved.params), opt_state_from_numpy(be, opt_state, saved.opt_arrays), recs
+
+
+def _run_group(
+    be,
+    spec: NetSpec,
+    opts,
+    members: Sequence[Member],
+    feedback_np,
+    data: _Data,
+    ckpt: Optional[_GroupCheckpoint] = None,
+) -> List[_Record]:
+    """Trains one group (members of one optimizer structure) as one program; returns their records.
+
+    With ``ckpt``, starts from the group's checkpoint when there is one (a finished group only
+    returns its records) and writes it as ``ckpt.every`` says and at the end."""
     name, nesterov = _structure(members[0].optimizer)
     params = be.asarray(_stack([init_params(spec, m.param_seed) for m in members]))
     feedback = be.asarray(_stack(feedback_np))
@@ -314,9 +361,14 @@ def _run_group(be, spec: NetSpec, opts, members: Sequence[Member], feedback_np, 
     predict = be.predict_labels_many(spec, opts["eval_batch_size"])
     rngs = [np.random.default_rng(m.seed) for m in members]
     recs = [_Record() for _ in members]
+    first, last_write_s, written_at = 0, 0.0, time.perf_counter()
+    saved = many_checkpoint.load(ckpt.path, ckpt.digest) if ckpt is not None else None
+    if saved is not None:
+        params, opt_state, recs = _restore_group(be, saved, opt_state, rngs)
+        first = opts["epochs"] if saved.done else saved.epoch
     n = data.labels.shape[0]
     num_batches = -(-n // opts["batch_size"])
-    for epoch in range(opts["epochs"]):
+    for epoch in range(first, opts["epochs"]):
         # Each member keeps fit's batch order: one permutation per epoch from its own seed.
         orders = be.asarray(np.stack([rng.permutation(n) for rng in rngs]).astype(np.int32))
         active = np.array([r.active for r in recs])
@@ -341,6 +393,13 @@ def _run_group(be, spec: NetSpec, opts, members: Sequence[Member], feedback_np, 
                 _record_epoch(spec, rec, m, epoch, step0, host, opts, data, seconds)
         if not any(r.active for r in recs):
             break
+        if ckpt is not None and checkpoint_due(ckpt.every, epoch + 1, time.perf_counter() - written_at, last_write_s):
+            start = time.perf_counter()
+            _save_group(be, ckpt, epoch + 1, False, params, opt_state, rngs, recs)
+            written_at = time.perf_counter()
+            last_write_s = written_at - start
+    if ckpt is not None and (saved is None or not saved.done):
+        _save_group(be, ckpt, opts["epochs"], True, params, opt_state, rngs, recs)
     params_np = be.to_numpy(params)
     kp_np = be.to_numpy(tuple(getattr(opt_state, "kp_feedback", ())))  # KP's trained B, (M, ...) per block
     for m, rec in enumerate(recs):
@@ -423,6 +482,8 @@ def fit_many(
     y_train: npt.ArrayLike,
     *,
     members: Sequence[Mapping[str, Any]],
+    checkpoint_dir: Optional[str] = None,
+    checkpoint_every: Union[str, int] = "auto",
     **fit_kwargs: Any,
 ) -> Tuple[History, ...]:
     """Trains M members of ``spec`` together; member m's History equals fit's for it alone.
@@ -452,6 +513,12 @@ def fit_many(
       members: non-empty sequence of dicts; each may set ``seed``, ``param_seed``,
         ``feedback_seed``, ``feedback_scale`` and ``optimizer`` (an OptimizerSpec) for
         itself, over the shared values. ``{}`` is a member with the shared settings.
+      checkpoint_dir: a folder for the groups' checkpoints (``many_checkpoint``: one file per
+        group, written atomically), or None for none. A call that finds checkpoints there
+        from the same settings continues from them (a finished group is not rerun), so a
+        crashed call, repeated, resumes; the histories equal an uninterrupted call's.
+      checkpoint_every: when a group writes: 'auto' (under 5% of its time), N epochs, or 'Ns'
+        seconds (``cadence.parse_checkpoint_every``); always at a group's end.
       **fit_kwargs: fit's options shared by all members: x_test, y_test, method, mode,
         optimizer, epochs, batch_size, seed, param_seed, feedback_seed, feedback_dist,
         feedback_scale, feedback_options, projection, tol, patience, align_every,
@@ -476,6 +543,9 @@ def fit_many(
     be = resolve_backend(backend)
     opts = _check_options(spec, fit_kwargs)
     member_list = _check_members(members, opts)
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir must be a folder path or None, got {type(checkpoint_dir).__name__}")
+    every = parse_checkpoint_every(checkpoint_every)
     x_np, y_np = _check_data(spec, x_train, y_train, opts["mode"], "training")
     test = None
     if opts["x_test"] is not None:
@@ -507,8 +577,13 @@ def fit_many(
             be.asarray(test[0]) if test is not None else None,
             labels_of(test[1]) if test is not None else None,
         )
-        for idx in groups.values():
-            recs = _run_group(be, spec, opts, [member_list[i] for i in idx], [feedback_np[i] for i in idx], data)
+        digest = many_checkpoint.fingerprint(spec, member_list, opts, x_np.shape[0])
+        for g, idx in enumerate(groups.values()):
+            ckpt = None
+            if checkpoint_dir is not None:
+                ckpt = _GroupCheckpoint(many_checkpoint.group_path(os.fspath(checkpoint_dir), g), digest, every)
+            group = [member_list[i] for i in idx]
+            recs = _run_group(be, spec, opts, group, [feedback_np[i] for i in idx], data, ckpt)
             for i, rec in zip(idx, recs):
                 records[i] = rec
     return tuple(_history(be, spec, opts, m, records[i], data) for i, m in enumerate(member_list))
