@@ -409,10 +409,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--seeds",
         type=_argument_type(_seeds),
-        required=True,
-        help="member seeds: 0-7, 0,3,5 or 4; seed s trains with seed s, param seed s, feedback seed s+1",
+        default=None,
+        help="member seeds (required unless --resume): 0-7, 0,3,5 or 4; seed s trains with seed s, "
+        "param seed s, feedback seed s+1",
     )
     sweep.add_argument("--out", default=None, help="folder (default runs/<timestamp>-sweep-<backend>)")
+    sweep.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="finish the interrupted sweep in DIR from its checkpoints, with the settings of DIR/sweep.json "
+        "(no other option)",
+    )
     summary = sub.add_parser("summary", help="print the model table (layers, shapes, parameters, feedback, FLOPs)")
     _add_model_args(summary)
     summary.add_argument(
@@ -484,10 +492,13 @@ _RESUME_SETTABLE = (
 
 def _not_resumable(run_dir: str) -> str:
     """Why ``run_dir`` cannot be resumed, naming what it holds instead of a run's checkpoint."""
-    if os.path.isfile(os.path.join(run_dir, "summary.json")):
+    finished = os.path.isfile(os.path.join(run_dir, "summary.json"))
+    if not finished and os.path.isfile(os.path.join(run_dir, "sweep.json")):
+        return f"{run_dir!r} holds an unfinished sweep; continue it with dfa sweep --resume {run_dir}"
+    if finished:
         return (
-            f"{run_dir!r} holds a sweep (summary.json); a sweep is rerun, not resumed (its member "
-            "folders hold finished runs: config.json, metrics.json, params.npz)"
+            f"{run_dir!r} holds a finished sweep (summary.json); its member folders hold finished runs "
+            "(config.json, metrics.json, params.npz)"
         )
     if os.path.isfile(os.path.join(run_dir, "config.json")):
         return (
@@ -581,14 +592,29 @@ def cmd_compare(parser: argparse.ArgumentParser, args: argparse.Namespace, argv:
 
 def cmd_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> int:
     from dfa_train.run import resolve_dataset
-    from dfa_train.sweep import sweep
+    from dfa_train.sweep import resume_sweep, sweep
     from dfa_train.tables import sweep_table
 
     _refuse_torchrun(parser, "sweep")
+    if args.resume is not None:
+        others = sorted(k for k in _explicit_options(parser, argv) if k not in ("command", "resume"))
+        if others:
+            parser.error(
+                f"--resume finishes a sweep with the settings of its sweep.json; it takes no other option, "
+                f"got {', '.join(_option(k) for k in others)}"
+            )
+        args.run_dir = args.resume
+        summary = resume_sweep(args.resume)
+        print(sweep_table(summary), end="")
+        print(f"sweep folder: {args.resume}")
+        return 0
+    if args.seeds is None:
+        parser.error("the following arguments are required: --seeds (or --resume DIR)")
     config = resolve_dataset(_config_from_args(args, lr=args.lr[0]))
     out = args.out or os.path.join("runs", f"{_timestamp()}-sweep-{config.backend}")
     if os.path.exists(os.path.join(out, "summary.json")):
         parser.error(f"--out {out!r} already holds a sweep; choose another folder")
+    args.run_dir = out
     summary = sweep(config, args.seeds, out, lrs=args.lr)
     print(sweep_table(summary), end="")
     print(f"sweep folder: {out}")
@@ -610,8 +636,8 @@ def _interrupted_message(command: str, run_dir: Optional[str]) -> str:
             f"interrupted: the checkpoint of the last finished epoch is kept; continue with "
             f"dfa {command} --resume {run_dir}"
         )
-    if command == "sweep":
-        return "interrupted: a sweep cannot be resumed; finished member folders are kept"
+    if command == "sweep" and run_dir and os.path.isfile(os.path.join(run_dir, "sweep.json")):
+        return f"interrupted: the last checkpoint of each group is kept; continue with dfa sweep --resume {run_dir}"
     return "interrupted before any epoch was saved: nothing was kept; start again"
 
 

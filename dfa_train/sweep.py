@@ -16,8 +16,13 @@ Writes, under ``out_dir``:
                         per-epoch mean and std; every member's finals
     sweep.png           per setting, the mean +- std band of test accuracy per epoch and each member's curve
 
-A sweep is not checkpointed: an interrupted sweep is rerun. A member's ``time_s`` (and so its
-``samples_per_s`` and ``wall_s``) is that of its whole ``fit_many`` group, all members together.
+    sweep.json          the sweep's settings (config, seeds, lrs), written before training
+    checkpoints/        ``fit_many``'s checkpoints while the sweep trains (removed once it has finished)
+
+A crashed or interrupted sweep resumes from its last checkpoint: ``resume_sweep(out_dir)``
+(``dfa sweep --resume DIR``), and each member's History equals an uninterrupted sweep's.
+A member's ``time_s`` (and so its ``samples_per_s`` and ``wall_s``) is that of its whole
+``fit_many`` group, all members together.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -37,6 +43,9 @@ from dfa_train.run_dir import check_new_folder
 from dfa_train.state import History
 
 SUMMARY_VERSION = 1
+SWEEP_VERSION = 1
+SWEEP_NAME = "sweep.json"
+CHECKPOINTS = "checkpoints"
 SEEDS_FORMS = "a range such as 0-7, a list such as 0,3,5, or one seed such as 4 (seeds are ints >= 0)"
 
 
@@ -108,8 +117,11 @@ def members_of(config: RunConfig, seeds: Sequence[int], lrs: Sequence[float], ou
     return out
 
 
-def _fit_members(config: RunConfig, members: Sequence[Member], data: Data) -> Tuple[History, ...]:
-    """One ``dfa_train.fit_many`` call for all members; returns their Histories in order."""
+def _fit_members(
+    config: RunConfig, members: Sequence[Member], data: Data, checkpoint_dir: Optional[str] = None
+) -> Tuple[History, ...]:
+    """One ``dfa_train.fit_many`` call for all members (checkpointed in ``checkpoint_dir``); returns
+    their Histories in order."""
     import dfa_train
 
     fit_many = getattr(dfa_train, "fit_many", None)  # looked up per call: tests may replace it
@@ -136,6 +148,7 @@ def _fit_members(config: RunConfig, members: Sequence[Member], data: Data) -> Tu
             members=specs,
             x_test=x_test,
             y_test=y_test,
+            checkpoint_dir=checkpoint_dir,
             method=config.rule(),
             mode=config.mode,
             epochs=config.epochs,
@@ -154,7 +167,7 @@ def _fit_members(config: RunConfig, members: Sequence[Member], data: Data) -> Tu
 
 
 def _write_member(member: Member, history, data: Data) -> Dict[str, Any]:
-    """The member's run folder (no checkpoint: a sweep is rerun, not resumed). Returns its metrics."""
+    """The member's run folder (finished: no checkpoint of its own). Returns its metrics."""
     n_train, n_test = data[0].shape[0], data[2].shape[0]
     os.makedirs(member.run_dir, exist_ok=True)
     run_files.write_config(member.run_dir, member.config)
@@ -292,19 +305,57 @@ def sweep(
     lrs = (config.lr,) if lrs is None else tuple(float(lr) for lr in lrs)
     check_new_folder(out_dir)
     members = members_of(config, seeds, lrs, out_dir)
+    if os.path.exists(os.path.join(out_dir, SWEEP_NAME)):
+        raise ValueError(f"{out_dir!r} holds an unfinished sweep; continue it with dfa sweep --resume {out_dir}")
     if os.path.exists(os.path.join(out_dir, "summary.json")) or any(
         os.path.exists(os.path.join(m.run_dir, run_files.CONFIG_NAME)) for m in members
     ):
         raise ValueError(f"{out_dir!r} already holds a sweep; choose another folder")
     data = load_data(config) if data is None else data
     check_widths(config, data)
-    histories = _fit_members(config, members, data)
+    settings = {"version": SWEEP_VERSION, "config": config.to_dict(), "seeds": list(seeds), "lrs": list(lrs)}
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write_text(os.path.join(out_dir, SWEEP_NAME), json.dumps(settings, indent=1))
+    return _train_and_write(config, seeds, lrs, members, out_dir, data)
+
+
+def resume_sweep(out_dir: str, *, data: Optional[Data] = None) -> Dict[str, Any]:
+    """Finishes the sweep in ``out_dir`` from its checkpoints, with the settings of its sweep.json.
+
+    Returns:
+      The summary written to summary.json (equal to an uninterrupted sweep's but for times).
+
+    Raises:
+      ValueError: ``out_dir`` holds no sweep to resume (no sweep.json), a finished one, or
+        checkpoints of other settings.
+    """
+    path = os.path.join(out_dir, SWEEP_NAME)
+    if os.path.exists(os.path.join(out_dir, "summary.json")):
+        raise ValueError(f"{out_dir!r} holds a finished sweep (summary.json): nothing to resume")
+    if not os.path.isfile(path):
+        raise ValueError(f"{out_dir!r} holds no sweep to resume (no {SWEEP_NAME})")
+    with open(path) as f:
+        settings = json.load(f)
+    if settings.get("version") != SWEEP_VERSION:
+        raise ValueError(f"{path}: sweep format {settings.get('version')!r}, this version reads {SWEEP_VERSION}")
+    config = RunConfig.from_json(json.dumps(settings["config"]))
+    seeds, lrs = tuple(settings["seeds"]), tuple(float(lr) for lr in settings["lrs"])
+    members = members_of(config, seeds, lrs, out_dir)
+    data = load_data(config) if data is None else data
+    check_widths(config, data)
+    return _train_and_write(config, seeds, lrs, members, out_dir, data)
+
+
+def _train_and_write(config, seeds, lrs, members: Sequence[Member], out_dir: str, data: Data) -> Dict[str, Any]:
+    """Trains the members (checkpointed under out_dir), writes their folders, summary and plot."""
+    checkpoints = os.path.join(out_dir, CHECKPOINTS)
+    histories = _fit_members(config, members, data, checkpoints)
     metrics = [_write_member(m, h, data) for m, h in zip(members, histories)]
     summary = summarize(config, seeds, lrs, members, metrics)
-    os.makedirs(out_dir, exist_ok=True)
     atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1, allow_nan=False))
     if not config.no_plots:
         _plot(summary, os.path.join(out_dir, "sweep.png"))
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the results are written: the checkpoints have served
     return summary
 
 
@@ -315,6 +366,7 @@ __all__ = [
     "parse_floats",
     "parse_seeds",
     "per_epoch_mean_std",
+    "resume_sweep",
     "setting_name",
     "summarize",
     "sweep",

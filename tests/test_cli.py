@@ -454,7 +454,8 @@ def test_resume_refuses_options_that_would_change_the_run(tmp_path, capsys, opti
     [
         ((), "no config.json and checkpoint.npz in"),
         (("config.json",), "has config.json but no checkpoint.npz: a sweep member"),
-        (("summary.json",), "holds a sweep (summary.json); a sweep is rerun, not resumed"),
+        (("summary.json",), "holds a finished sweep (summary.json)"),
+        (("sweep.json",), "holds an unfinished sweep; continue it with dfa sweep --resume"),
     ],
 )
 def test_resume_says_what_the_folder_holds_instead_of_a_checkpoint(tmp_path, capsys, files, says):

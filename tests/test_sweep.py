@@ -47,8 +47,8 @@ SMALL_MNIST = [
 ]
 
 
-def _loop_fit_many(backend, spec, x_train, y_train, *, members, **fit_kwargs):
-    """fit_many's contract, the slow way: one fit per member."""
+def _loop_fit_many(backend, spec, x_train, y_train, *, members, checkpoint_dir=None, **fit_kwargs):
+    """fit_many's contract, the slow way: one fit per member (not checkpointed)."""
     return tuple(fit(backend, spec, x_train, y_train, **{**fit_kwargs, **m}) for m in members)
 
 
@@ -95,7 +95,7 @@ def test_parse_seeds_refuses(text):
         (["--seeds", "0", "--lr", "1e-4,abc"], "--lr"),
         (["--seeds", "0", "--lr", "0"], "--lr"),
         (["--seeds", "0", "--lr", "1e-3,1e-3"], "--lr"),
-        ([], "--seeds"),  # required
+        ([], "--seeds (or --resume DIR)"),  # required
     ],
 )
 def test_bad_sweep_arguments_exit_2_naming_the_option(argv, expected, capsys):
@@ -244,3 +244,51 @@ def test_a_sweep_of_another_rule_or_a_projection_equals_its_single_runs(tmp_path
     with np.load(member / "params.npz") as p, np.load(tmp_path / "single" / "params.npz") as q:
         for key in p.files:
             np.testing.assert_allclose(p[key], q[key], rtol=1e-9, atol=1e-12)
+
+
+def test_an_interrupted_sweep_resumes_to_the_summary_of_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the third of six epochs leaves sweep.json and the checkpoint; `dfa sweep --resume`
+    finishes the sweep, its summary and member metrics equal an uninterrupted sweep's (the real
+    fit_many, float64), and removes the checkpoints; a finished sweep is not resumed."""
+    import dfa_train.many as many
+
+    argv = [*XOR, "--seeds", "0-1", "--lr", "0.5,0.1", "--no-plots", "--backend", "jax"]
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert cli.main(["sweep", *argv, "--out", str(straight)]) == 0
+    record, seen = many._record_epoch, []
+
+    def interrupt(spec, rec, m, epoch, *args):
+        seen.append(epoch)
+        if len(seen) == 9:  # 4 members a epoch: the first member's third epoch
+            raise KeyboardInterrupt
+        return record(spec, rec, m, epoch, *args)
+
+    monkeypatch.setattr(many, "_record_epoch", interrupt)
+    rc = cli.main(["sweep", *argv, "--out", str(cut)])
+    assert rc == cli.EXIT_INTERRUPTED
+    assert f"continue with dfa sweep --resume {cut}" in capsys.readouterr().err
+    assert (cut / "sweep.json").exists() and (cut / "checkpoints").is_dir() and not (cut / "summary.json").exists()
+    resumed = []
+
+    def counting(spec, rec, m, epoch, *args):
+        resumed.append(epoch)
+        return record(spec, rec, m, epoch, *args)
+
+    monkeypatch.setattr(many, "_record_epoch", counting)
+    with pytest.raises(SystemExit) as err:
+        cli.main(["sweep", "--resume", str(cut), "--epochs", "3"])
+    assert err.value.code == 2 and "takes no other option, got --epochs" in capsys.readouterr().err
+    assert cli.main(["sweep", "--resume", str(cut)]) == 0
+    assert not (cut / "checkpoints").exists()
+    # it resumed (the first epoch is always checkpointed; 'auto' may have written later ones too)
+    assert 0 < len(resumed) <= 4 * 5 and 0 not in resumed
+    a, b = (json.loads((out / "summary.json").read_text()) for out in (cut, straight))
+    assert json.dumps(a["settings"], sort_keys=True) == json.dumps(b["settings"], sort_keys=True)
+    for setting in ("lr=0.5", "lr=0.1"):
+        for seed in (0, 1):
+            m_cut = json.loads((cut / setting / f"seed={seed}" / "metrics.json").read_text())
+            m_ref = json.loads((straight / setting / f"seed={seed}" / "metrics.json").read_text())
+            for key in ("loss", "train_error", "test_accuracy_per_epoch", "confusion", "epochs_run"):
+                assert m_cut[key] == m_ref[key], key
+    assert cli.main(["sweep", "--resume", str(cut)]) == cli.EXIT_FAILURE
+    assert "holds a finished sweep (summary.json): nothing to resume" in capsys.readouterr().err
