@@ -38,7 +38,7 @@ import numpy as np
 from dfa_train import run_files
 from dfa_train.checkpoint import atomic_write_text
 from dfa_train.config import FEEDBACK_SEED_OFFSET, RunConfig
-from dfa_train.run import Data, check_widths, device_scope, load_data
+from dfa_train.run import Data, Interrupts, check_widths, device_scope, load_data
 from dfa_train.run_dir import check_new_folder
 from dfa_train.state import History
 
@@ -349,7 +349,8 @@ def resume_sweep(out_dir: str, *, data: Optional[Data] = None) -> Dict[str, Any]
 def _train_and_write(config, seeds, lrs, members: Sequence[Member], out_dir: str, data: Data) -> Dict[str, Any]:
     """Trains the members (checkpointed under out_dir), writes their folders, summary and plot."""
     checkpoints = os.path.join(out_dir, CHECKPOINTS)
-    histories = _fit_members(config, members, data, checkpoints)
+    with Interrupts():  # SIGTERM, as Ctrl-C, ends the sweep with its checkpoints whole
+        histories = _fit_members(config, members, data, checkpoints)
     metrics = [_write_member(m, h, data) for m, h in zip(members, histories)]
     summary = summarize(config, seeds, lrs, members, metrics)
     atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1, allow_nan=False))
