@@ -341,6 +341,10 @@ def _add_single_run_args(p: argparse.ArgumentParser) -> None:
         "time since the last write is >= 20x its duration (< 5%% of the run); always at the end, "
         "before a divergence stop and on Ctrl-C / SIGTERM",
     )
+    _add_progress_arg(p)
+
+
+def _add_progress_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--progress",
         choices=("auto", "on", "off"),
@@ -419,8 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="DIR",
         help="finish the interrupted sweep in DIR from its checkpoints, with the settings of DIR/sweep.json "
-        "(no other option)",
+        "(no other option but --progress)",
     )
+    _add_progress_arg(sweep)
     summary = sub.add_parser("summary", help="print the model table (layers, shapes, parameters, feedback, FLOPs)")
     _add_model_args(summary)
     summary.add_argument(
@@ -597,14 +602,14 @@ def cmd_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: S
 
     _refuse_torchrun(parser, "sweep")
     if args.resume is not None:
-        others = sorted(k for k in _explicit_options(parser, argv) if k not in ("command", "resume"))
+        others = sorted(k for k in _explicit_options(parser, argv) if k not in ("command", "resume", "progress"))
         if others:
             parser.error(
                 f"--resume finishes a sweep with the settings of its sweep.json; it takes no other option, "
                 f"got {', '.join(_option(k) for k in others)}"
             )
         args.run_dir = args.resume
-        summary = resume_sweep(args.resume)
+        summary = resume_sweep(args.resume, progress=_progress_enabled(args))
         print(sweep_table(summary), end="")
         print(f"sweep folder: {args.resume}")
         return 0
@@ -615,7 +620,7 @@ def cmd_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: S
     if os.path.exists(os.path.join(out, "summary.json")):
         parser.error(f"--out {out!r} already holds a sweep; choose another folder")
     args.run_dir = out
-    summary = sweep(config, args.seeds, out, lrs=args.lr)
+    summary = sweep(config, args.seeds, out, lrs=args.lr, progress=_progress_enabled(args))
     print(sweep_table(summary), end="")
     print(f"sweep folder: {out}")
     return 0

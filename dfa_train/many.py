@@ -15,12 +15,13 @@ nor JAX: the backend's ``train_epoch_many`` / ``predict_labels_many`` do the ari
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import numbers
 import os
 import time
 from types import ModuleType
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -336,6 +337,7 @@ def _run_group(
     feedback_np,
     data: _Data,
     ckpt: Optional[_GroupCheckpoint] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
 ) -> List[_Record]:
     """Trains one group (members of one optimizer structure) as one program; returns their records.
 
@@ -391,6 +393,8 @@ def _run_group(
         for m, rec in enumerate(recs):
             if rec.active:
                 _record_epoch(spec, rec, m, epoch, step0, host, opts, data, seconds)
+        if progress is not None:
+            progress(epoch + 1, opts["epochs"])
         if not any(r.active for r in recs):
             break
         if ckpt is not None and checkpoint_due(ckpt.every, epoch + 1, time.perf_counter() - written_at, last_write_s):
@@ -484,6 +488,7 @@ def fit_many(
     members: Sequence[Mapping[str, Any]],
     checkpoint_dir: Optional[str] = None,
     checkpoint_every: Union[str, int] = "auto",
+    progress: Optional[Callable[[int, int, int, int], None]] = None,
     **fit_kwargs: Any,
 ) -> Tuple[History, ...]:
     """Trains M members of ``spec`` together; member m's History equals fit's for it alone.
@@ -519,6 +524,8 @@ def fit_many(
         crashed call, repeated, resumes; the histories equal an uninterrupted call's.
       checkpoint_every: when a group writes: 'auto' (under 5% of its time), N epochs, or 'Ns'
         seconds (``cadence.parse_checkpoint_every``); always at a group's end.
+      progress: called as progress(group, groups, epoch, epochs) after each epoch of a group
+        (group 0-based, epoch 1-based: the epochs it has run), or None.
       **fit_kwargs: fit's options shared by all members: x_test, y_test, method, mode,
         optimizer, epochs, batch_size, seed, param_seed, feedback_seed, feedback_dist,
         feedback_scale, feedback_options, projection, tol, patience, align_every,
@@ -583,7 +590,8 @@ def fit_many(
             if checkpoint_dir is not None:
                 ckpt = _GroupCheckpoint(many_checkpoint.group_path(os.fspath(checkpoint_dir), g), digest, every)
             group = [member_list[i] for i in idx]
-            recs = _run_group(be, spec, opts, group, [feedback_np[i] for i in idx], data, ckpt)
+            report = None if progress is None else functools.partial(progress, g, len(groups))
+            recs = _run_group(be, spec, opts, group, [feedback_np[i] for i in idx], data, ckpt, report)
             for i, rec in zip(idx, recs):
                 records[i] = rec
     return tuple(_history(be, spec, opts, m, records[i], data) for i, m in enumerate(member_list))

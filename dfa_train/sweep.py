@@ -31,7 +31,8 @@ import json
 import math
 import os
 import shutil
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+import sys
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -117,8 +118,29 @@ def members_of(config: RunConfig, seeds: Sequence[int], lrs: Sequence[float], ou
     return out
 
 
+class _EpochBar:
+    """A tqdm bar over the epochs of every group of ``fit_many`` (its ``progress`` callback)."""
+
+    def __init__(self, label: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=0, desc=label, unit="epoch", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, group: int, groups: int, epoch: int, epochs: int) -> None:
+        self.bar.total = groups * epochs
+        self.bar.n = group * epochs + epoch  # a resumed group starts where its checkpoint stopped
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _fit_members(
-    config: RunConfig, members: Sequence[Member], data: Data, checkpoint_dir: Optional[str] = None
+    config: RunConfig,
+    members: Sequence[Member],
+    data: Data,
+    checkpoint_dir: Optional[str] = None,
+    progress: Optional[Callable[[int, int, int, int], None]] = None,
 ) -> Tuple[History, ...]:
     """One ``dfa_train.fit_many`` call for all members (checkpointed in ``checkpoint_dir``); returns
     their Histories in order."""
@@ -149,6 +171,7 @@ def _fit_members(
             x_test=x_test,
             y_test=y_test,
             checkpoint_dir=checkpoint_dir,
+            progress=progress,
             method=config.rule(),
             mode=config.mode,
             epochs=config.epochs,
@@ -285,6 +308,7 @@ def sweep(
     *,
     lrs: Optional[Sequence[float]] = None,
     data: Optional[Data] = None,
+    progress: bool = False,
 ) -> Dict[str, Any]:
     """Trains every (lr, seed) member of ``config`` through one ``fit_many`` call; writes the sweep folder.
 
@@ -294,6 +318,7 @@ def sweep(
       out_dir: the sweep folder (must not hold a sweep).
       lrs: learning rates, one setting each; default ``(config.lr,)``.
       data: (x_train, y_train, x_test, y_test) instead of ``load_data(config)``.
+      progress: a tqdm bar on stderr over the epochs of every group of members.
 
     Returns:
       The summary written to summary.json.
@@ -316,10 +341,10 @@ def sweep(
     settings = {"version": SWEEP_VERSION, "config": config.to_dict(), "seeds": list(seeds), "lrs": list(lrs)}
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_text(os.path.join(out_dir, SWEEP_NAME), json.dumps(settings, indent=1))
-    return _train_and_write(config, seeds, lrs, members, out_dir, data)
+    return _train_and_write(config, seeds, lrs, members, out_dir, data, progress)
 
 
-def resume_sweep(out_dir: str, *, data: Optional[Data] = None) -> Dict[str, Any]:
+def resume_sweep(out_dir: str, *, data: Optional[Data] = None, progress: bool = False) -> Dict[str, Any]:
     """Finishes the sweep in ``out_dir`` from its checkpoints, with the settings of its sweep.json.
 
     Returns:
@@ -343,14 +368,21 @@ def resume_sweep(out_dir: str, *, data: Optional[Data] = None) -> Dict[str, Any]
     members = members_of(config, seeds, lrs, out_dir)
     data = load_data(config) if data is None else data
     check_widths(config, data)
-    return _train_and_write(config, seeds, lrs, members, out_dir, data)
+    return _train_and_write(config, seeds, lrs, members, out_dir, data, progress)
 
 
-def _train_and_write(config, seeds, lrs, members: Sequence[Member], out_dir: str, data: Data) -> Dict[str, Any]:
+def _train_and_write(
+    config, seeds, lrs, members: Sequence[Member], out_dir: str, data: Data, progress: bool = False
+) -> Dict[str, Any]:
     """Trains the members (checkpointed under out_dir), writes their folders, summary and plot."""
     checkpoints = os.path.join(out_dir, CHECKPOINTS)
-    with Interrupts():  # SIGTERM, as Ctrl-C, ends the sweep with its checkpoints whole
-        histories = _fit_members(config, members, data, checkpoints)
+    bar = _EpochBar(f"sweep {config.method} x{len(members)}") if progress else None
+    try:
+        with Interrupts():  # SIGTERM, as Ctrl-C, ends the sweep with its checkpoints whole
+            histories = _fit_members(config, members, data, checkpoints, bar)
+    finally:
+        if bar is not None:
+            bar.close()
     metrics = [_write_member(m, h, data) for m, h in zip(members, histories)]
     summary = summarize(config, seeds, lrs, members, metrics)
     atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1, allow_nan=False))

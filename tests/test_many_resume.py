@@ -103,3 +103,18 @@ def test_checkpoint_dir_must_be_a_path(tmp_path):
     x, y, _, _ = _data()
     with pytest.raises(TypeError, match="checkpoint_dir must be a folder path or None, got int"):
         fit_many("torch", SPEC, x, y, members=MEMBERS, checkpoint_dir=3, **SHARED)
+
+
+def test_progress_reports_each_epoch_of_each_group_and_a_resume_starts_where_it_stopped(tmp_path, monkeypatch):
+    x, y, _, _ = _data()
+    calls = []
+    fit_many("torch", SPEC, x, y, members=MEMBERS, progress=lambda *a: calls.append(a), **SHARED)
+    assert calls == [(g, 2, e, 4) for g in (0, 1) for e in (1, 2, 3, 4)]
+    ckpt = dict(checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every="1", **SHARED)
+    with monkeypatch.context() as patch:
+        _crash_at(patch, 1, 2)
+        with pytest.raises(Crash):
+            fit_many("torch", SPEC, x, y, members=MEMBERS, **ckpt)
+    calls.clear()
+    fit_many("torch", SPEC, x, y, members=MEMBERS, progress=lambda *a: calls.append(a), **ckpt)
+    assert calls == [(1, 2, 3, 4), (1, 2, 4, 4)]  # group 0 was done; group 1 had run 2 epochs

@@ -48,7 +48,7 @@ SMALL_MNIST = [
 ]
 
 
-def _loop_fit_many(backend, spec, x_train, y_train, *, members, checkpoint_dir=None, **fit_kwargs):
+def _loop_fit_many(backend, spec, x_train, y_train, *, members, checkpoint_dir=None, progress=None, **fit_kwargs):
     """fit_many's contract, the slow way: one fit per member (not checkpointed)."""
     return tuple(fit(backend, spec, x_train, y_train, **{**fit_kwargs, **m}) for m in members)
 
@@ -282,7 +282,8 @@ def test_an_interrupted_sweep_resumes_to_the_summary_of_an_uninterrupted_one(tmp
     with pytest.raises(SystemExit) as err:
         cli.main(["sweep", "--resume", str(cut), "--epochs", "3"])
     assert err.value.code == 2 and "takes no other option, got --epochs" in capsys.readouterr().err
-    assert cli.main(["sweep", "--resume", str(cut)]) == 0
+    assert cli.main(["sweep", "--resume", str(cut), "--progress", "on"]) == 0
+    assert "sweep dfa x4" in capsys.readouterr().err  # the bar
     assert not (cut / "checkpoints").exists()
     # it resumed (the first epoch is always checkpointed; 'auto' may have written later ones too)
     assert 0 < len(resumed) <= 4 * 5 and 0 not in resumed
