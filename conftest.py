@@ -8,6 +8,11 @@ import pytest
 # Fail on implicit rank promotion in JAX code (chex/equinox test convention).
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite compiles thousands of tiny XLA programs and runs each a few times: compile time, not
+# run time, is what it waits for, and XLA:CPU's optimisation passes cost a third of the suite's
+# wall time (parity_tests/test_parity_grads.py: 71 s -> 48 s without them, same results). Tests
+# compare numbers with tolerances and never time anything. A user's own XLA_FLAGS are kept.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
 # DFA_TEST_DEVICE=cuda runs the suite with torch tensors on the GPU (set JAX_PLATFORMS=cuda
 # and JAX_DEFAULT_MATMUL_PRECISION=highest alongside, so float32 tolerances hold on JAX too).
