@@ -304,12 +304,8 @@ class _GroupCheckpoint(NamedTuple):
 
 
 def _save_group(be, ckpt: _GroupCheckpoint, epoch: int, done: bool, params, opt_state, rngs, recs) -> None:
-    records = [
-        {name: getattr(rec, name) for name in ("losses", "errors", "accuracies", "times", "alignment", "pred")}
-        | {"test_pred": rec.test_pred, "within_tol": rec.within_tol, "stopped_early": rec.stopped_early}
-        | {"active": rec.active}
-        for rec in recs
-    ]
+    kept = [f.name for f in dataclasses.fields(_Record) if f.name not in ("params", "feedback")]  # set at the end
+    records = [{name: getattr(rec, name) for name in kept} for rec in recs]
     saved = many_checkpoint.Saved(
         epoch,
         done,
@@ -397,7 +393,9 @@ def _run_group(
             progress(epoch + 1, opts["epochs"])
         if not any(r.active for r in recs):
             break
-        if ckpt is not None and checkpoint_due(ckpt.every, epoch + 1, time.perf_counter() - written_at, last_write_s):
+        last = epoch + 1 == opts["epochs"]  # the write after the loop covers the last epoch
+        since = time.perf_counter() - written_at
+        if ckpt is not None and not last and checkpoint_due(ckpt.every, epoch + 1, since, last_write_s):
             start = time.perf_counter()
             _save_group(be, ckpt, epoch + 1, False, params, opt_state, rngs, recs)
             written_at = time.perf_counter()
